@@ -1,0 +1,132 @@
+"""Loading labelled image sets (``.npz`` or a folder with one sub-folder per class) and the
+per-class selections that fitting and evaluation need."""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BadInputError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Images x: [N, C, H, W] float32 in the model's input range; labels y: [N] int64."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def of_classes(self, classes: list[int] | np.ndarray) -> np.ndarray:
+        """Indices of the samples whose label is in ``classes``."""
+        return np.flatnonzero(np.isin(self.y, np.asarray(classes, dtype=np.int64)))
+
+
+def _as_images(x: np.ndarray, source: str) -> np.ndarray:
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / 255.0
+    elif np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float32)
+    else:
+        raise BadInputError(f"{source}: x has dtype {x.dtype}; expected float32 or uint8")
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4:
+        raise BadInputError(f"{source}: x has shape {x.shape}; expected N×C×H×W")
+    if x.shape[0] == 0:
+        raise BadInputError(f"{source}: the data set is empty")
+    if not np.isfinite(x).all():
+        raise BadInputError(f"{source}: x holds NaN or Inf values")
+    return np.ascontiguousarray(x)
+
+
+def _as_labels(y: np.ndarray, n: int, source: str) -> np.ndarray:
+    if not np.issubdtype(y.dtype, np.integer):
+        raise BadInputError(f"{source}: y has dtype {y.dtype}; expected integers")
+    y = y.reshape(-1).astype(np.int64)
+    if y.shape[0] != n:
+        raise BadInputError(f"{source}: {n} images but {y.shape[0]} labels")
+    if (y < 0).any():
+        raise BadInputError(f"{source}: negative labels")
+    return y
+
+
+def load_npz(path: str | Path, *, extra: tuple[str, ...] = ()) -> tuple[Dataset, dict]:
+    """Read ``x`` and ``y`` (and the named ``extra`` arrays) from an ``.npz`` without pickle."""
+    source = str(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in ("x", "y", *extra) if k not in f.files]
+            if missing:
+                raise BadInputError(f"{source}: missing array(s) {', '.join(missing)}; "
+                                    f"found {', '.join(f.files) or 'none'}")
+            x, y = f["x"], f["y"]
+            more = {k: f[k] for k in extra}
+    except FileNotFoundError as exc:
+        raise BadInputError(f"{source}: no such file") from exc
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise BadInputError(f"{source}: not a readable .npz file ({exc})") from exc
+    xs = _as_images(x, source)
+    ys = _as_labels(y, xs.shape[0], source)
+    for k, v in more.items():
+        more[k] = _as_labels(v, xs.shape[0], f"{source}[{k}]")
+    return Dataset(xs, ys), more
+
+
+def load_folder(path: str | Path) -> Dataset:
+    """Read a folder with one sub-folder per class (sorted names are classes 0, 1, ...)."""
+    try:
+        from PIL import Image
+    except ImportError as exc:  # pragma: no cover - pillow is a dependency
+        raise BadInputError("reading image folders needs pillow (pip install pillow)") from exc
+    root = Path(path)
+    classes = sorted(p for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise BadInputError(f"{root}: no class sub-folders")
+    images, labels = [], []
+    for label, folder in enumerate(classes):
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise BadInputError(f"{folder}: class {label} has no images")
+        for file in files:
+            try:
+                with Image.open(file) as im:
+                    arr = np.asarray(im)
+            except Exception as exc:
+                raise BadInputError(f"{file}: not a readable image ({exc})") from exc
+            arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+            images.append(arr)
+            labels.append(label)
+    shapes = {a.shape for a in images}
+    if len(shapes) != 1:
+        raise BadInputError(f"{root}: images of different shapes {sorted(shapes)[:3]}")
+    x = np.stack(images)
+    return Dataset(_as_images(x, str(root)), np.asarray(labels, dtype=np.int64))
+
+
+def load_data(path: str | Path) -> Dataset:
+    """Load a labelled set from an ``.npz`` file or an image folder."""
+    p = Path(path)
+    if p.is_dir():
+        return load_folder(p)
+    if not p.exists():
+        raise BadInputError(f"{p}: no such file or folder")
+    return load_npz(p)[0]
+
+
+def check_against_model(data: Dataset, input_shape: tuple[int, ...], n_classes: int,
+                        source: str) -> None:
+    """Fail when images or labels do not fit a model of ``input_shape`` (C, H, W), K classes."""
+    if tuple(data.x.shape[1:]) != tuple(input_shape):
+        raise BadInputError(f"{source}: images are {tuple(data.x.shape[1:])} but the model takes "
+                            f"{tuple(input_shape)}")
+    if data.y.max() >= n_classes:
+        raise BadInputError(f"{source}: label {int(data.y.max())} but the model has only "
+                            f"{n_classes} classes")

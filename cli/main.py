@@ -1,0 +1,341 @@
+"""The ``bna-export`` command line: parse, call the library, print. Errors from the library
+(:class:`bna_export.BnaError`) become one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from bna_export import __version__, artifact
+from bna_export.data import Dataset, check_against_model, load_data, load_npz
+from bna_export.defend import Mitigation, fit_defence
+from bna_export.errors import BadInputError, BnaError
+from bna_export.fit import predict_mitigated
+from bna_export.metrics import compute_metrics
+from bna_export.model import BnaModel, load_model
+from bna_export.settings import FitSettings, ReverseSettings, Settings
+
+
+class BnaGroup(click.Group):
+    """Turns library errors into one line on stderr and exit 2, Ctrl-C into exit 130."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BnaError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing was written", err=True)
+            ctx.exit(130)
+
+
+class Progress:
+    """One click progress bar per stage on stderr; silent when quiet or not a terminal."""
+
+    LABELS = {"reverse": "reverse-engineering triggers", "fit": "fitting Θ"}
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+        self.stage: str | None = None
+        self.done = 0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if stage != self.stage:
+            self.close()
+            self.stage, self.done = stage, 0
+            self.bar = click.progressbar(length=total, label=self.LABELS.get(stage, stage),
+                                         file=sys.stderr, show_eta=True)
+            self.bar.__enter__()
+        self.bar.update(max(0, done - self.done))
+        self.done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+def common(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The flags every command shares: --json, --quiet."""
+
+    @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+    @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
+def _int_list(value: str | None, what: str) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError as exc:
+        raise BadInputError(f"{what} {value!r}: expected comma-separated class numbers") from exc
+
+
+def _pairs(value: str | None) -> list[tuple[int, int]] | None:
+    if value is None:
+        return None
+    out = []
+    for item in value.split(","):
+        s, sep, t = item.strip().partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            out.append((int(s), int(t)))
+        except ValueError as exc:
+            raise BadInputError(f"--pairs item {item!r}: expected SOURCE:TARGET") from exc
+    return out
+
+
+def _range(value: str | None) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in value.split(","))
+    except ValueError as exc:
+        raise BadInputError(f"--input-range {value!r}: expected LO,HI") from exc
+    return lo, hi
+
+
+def _load(model: str, weights: str | None, data: Dataset) -> BnaModel:
+    import torch
+
+    return load_model(model, weights, torch.from_numpy(data.x[:2]))
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True))
+
+
+@click.group(cls=BnaGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="bna-export")
+def cli() -> None:
+    """Find a backdoor in an image classifier, repair it without changing a trained weight
+    (BNA), and check the repair.
+
+    \b
+    Typical use:
+      bna-export fit --model net.pt2 --data clean.npz --targets 7 -o net.bna
+      bna-export inspect net.bna
+      bna-export evaluate net.pt2 --fit net.bna --clean test.npz --triggered trig.npz
+    """
+
+
+@cli.command()
+@click.option("--model", "model_spec", required=True,
+              help="A .pt2 file (torch.export.save) or package.module:callable.")
+@click.option("--weights", type=click.Path(dir_okay=False),
+              help="State dict (.pt, loaded with weights_only=True) for package.module:callable.")
+@click.option("--data", "data_path", required=True, type=click.Path(),
+              help="Clean labelled images: .npz with x (N×C×H×W) and y, or a folder per class.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Fit file to write (.bna).")
+@click.option("--targets", help="Target classes to repair, e.g. 3,5 (sources: all others).")
+@click.option("--pairs", help="Source:target pairs to repair, e.g. 0:1,4:5.")
+@click.option("--trigger-type", type=click.Choice(["patch", "perturbation", "both"]),
+              default="both", show_default=True, help="Trigger families to reverse-engineer.")
+@click.option("--divergence", type=click.Choice(["tv", "js", "kl"]), default="tv",
+              show_default=True, help="Divergence between clean and corrected histograms.")
+@click.option("--mad-threshold", type=float, default=7.0, show_default=True,
+              help="Anomaly-score threshold for detection (3 suits warping triggers).")
+@click.option("--epochs", type=click.IntRange(1), default=FitSettings.epochs, show_default=True,
+              help="Epochs of Θ fitting.")
+@click.option("--restarts", type=click.IntRange(1), default=ReverseSettings.restarts,
+              show_default=True, help="Independent trigger estimates per target and family.")
+@click.option("--device", type=click.Choice(["cpu"]), default="cpu", show_default=True,
+              help="Where to compute.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random "
+              "choice; the same inputs and seed give the same fit file.")
+@click.option("--input-range", help="LO,HI of the model's input (default: 0,1 widened to the "
+              "data's range).")
+@common
+def fit(model_spec: str, weights: str | None, data_path: str, output: str, targets: str | None,
+        pairs: str | None, trigger_type: str, divergence: str, mad_threshold: float,
+        epochs: int, restarts: int, device: str, seed: int, input_range: str | None,
+        as_json: bool, quiet: bool) -> None:
+    """Reverse-engineer triggers and fit the BNA correction Θ_t for each target class."""
+    import dataclasses
+
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    tlist, plist = _int_list(targets, "--targets"), _pairs(pairs)
+    if tlist is None and plist is None:
+        raise BadInputError("detection over all class pairs is not available yet: pass "
+                            "--targets or --pairs")
+    if not Path(output).resolve().parent.is_dir():
+        raise BadInputError(f"{output}: the folder does not exist")
+    base = Settings()
+    settings = dataclasses.replace(
+        base, trigger_type=trigger_type, seed=seed,
+        fit=dataclasses.replace(base.fit, divergence=divergence, epochs=epochs),
+        reverse=dataclasses.replace(base.reverse, restarts=restarts),
+        detect=dataclasses.replace(base.detect, mad_threshold=mad_threshold))
+    data = load_data(data_path)
+    model = _load(model_spec, weights, data)
+    progress = Progress(enabled=not quiet and sys.stderr.isatty())
+    start = time.perf_counter()
+    try:
+        outcome = fit_defence(model, data, targets=tlist, pairs=plist, settings=settings,
+                              input_range=_range(input_range), progress=progress)
+    finally:
+        progress.close()
+    digest = artifact.save(output, outcome.fit)
+    h = outcome.fit.header
+    seconds = time.perf_counter() - start
+    if as_json:
+        _emit({"output": output, "sha256": digest, "seconds": round(seconds, 2),
+               "attacked": h["attacked"], "targets": h["targets"], "pairs": h["pairs"],
+               "sources": h["sources"], "families": h["families"]})
+        return
+    click.echo(f"fitted {len(h['targets'])} target(s) in {seconds:.1f}s -> {output}")
+    for t in h["targets"]:
+        used = [tr for tr in h["triggers"] if tr["target"] == t and tr["used"]]
+        sizes = ", ".join(f"{tr['size']:.2f}" for tr in used)
+        click.echo(f"  target {t}: sources {h['sources'][str(t)]}, {h['families'][str(t)]} "
+                   f"trigger(s) of size {sizes}, success {used[0]['success']:.2f}")
+
+
+def _summary(fit: artifact.FitFile, path: str) -> dict[str, Any]:
+    h = fit.header
+    scores: dict[str, list[dict[str, Any]]] = h.get("scores", {})
+    return {
+        "file": path,
+        "tool_version": h.get("tool_version"),
+        "mode": h.get("mode"),
+        "attacked": h.get("attacked"),
+        "targets": h.get("targets"),
+        "pairs": h.get("pairs"),
+        "sources": h.get("sources"),
+        "families": h.get("families"),
+        "scores": scores,
+        "triggers": h.get("triggers"),
+        "settings": h.get("settings"),
+        "layers": h.get("layers"),
+        "n_classes": h.get("n_classes"),
+        "input_shape": h.get("input_shape"),
+        "input_range": h.get("input_range"),
+    }
+
+
+@cli.command()
+@click.argument("fit_path", metavar="FIT.bna", type=click.Path())
+@common
+def inspect(fit_path: str, as_json: bool, quiet: bool) -> None:
+    """Show what a fit file holds: targets, pairs, triggers, layers and settings."""
+    fit = artifact.load(fit_path)
+    s = _summary(fit, fit_path)
+    if as_json:
+        _emit(s)
+        return
+    click.echo(f"{fit_path}: made by bna-export {s['tool_version']} ({s['mode']} mode)")
+    click.echo(f"attacked: {'yes' if s['attacked'] else 'no'}; targets: {s['targets']}")
+    for t, src in (s["sources"] or {}).items():
+        click.echo(f"  target {t} <- sources {src} ({(s['families'] or {}).get(t)} trigger)")
+    click.echo("triggers:")
+    click.echo(f"  {'target':>6} {'family':<12} {'size':>8} {'rel.':>7} {'success':>8} used")
+    for tr in s["triggers"] or []:
+        click.echo(f"  {tr['target']:>6} {tr['family']:<12} {tr['size']:>8.3f} "
+                   f"{tr['relative_size']:>7.4f} {tr['success']:>8.3f} "
+                   f"{'yes' if tr['used'] else ''}")
+    n_ch = sum(la["channels"] for la in s["layers"] or [])
+    click.echo(f"layers: {len(s['layers'] or [])} BatchNorm layers, {n_ch} channels")
+    st = s["settings"] or {}
+    f = st.get("fit", {})
+    click.echo(f"settings: divergence {f.get('divergence')}, epochs {f.get('epochs')}, "
+               f"lr {f.get('lr')}, seed {st.get('seed')}, trigger type {st.get('trigger_type')}")
+
+
+@cli.command()
+@click.argument("model_spec", metavar="MODEL")
+@click.option("--weights", type=click.Path(dir_okay=False),
+              help="State dict for a package.module:callable MODEL.")
+@click.option("--clean", "clean_path", required=True, type=click.Path(),
+              help="Clean test images (.npz with x, y, or a folder per class).")
+@click.option("--triggered", "trig_path", type=click.Path(),
+              help=".npz with triggered x, true source y, and attack_label.")
+@click.option("--fit", "fit_path", type=click.Path(), help="Fit file: evaluate the mitigated "
+              "classifier (PyTorch reference) instead of the model alone.")
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
+@common
+def evaluate(model_spec: str, weights: str | None, clean_path: str, trig_path: str | None,
+             fit_path: str | None, batch_size: int, as_json: bool, quiet: bool) -> None:
+    """ACC, ASR, SIA, TPR, FPR of a model, or of its BNA-mitigated version with --fit.
+
+    FPR is the share of clean images of the attack's target classes (the attack labels of
+    --triggered; without it the fit's targets) that get flagged.
+    """
+    if model_spec.endswith(".onnx"):
+        raise BadInputError("evaluating a built .onnx graph is not available yet; pass the "
+                            "original model with --fit")
+    clean = load_data(clean_path)
+    trig, attack = None, None
+    if trig_path is not None:
+        trig, more = load_npz(trig_path, extra=("attack_label",))
+        attack = more["attack_label"]
+    model = _load(model_spec, weights, clean)
+    fit = artifact.load(fit_path) if fit_path is not None else None
+    mit = Mitigation.from_fit(fit) if fit is not None else None
+    if mit is not None and fit is not None:
+        mit.check_model(model, fit)
+    n_classes = mit.n_classes if mit else None
+    with __import__("torch").no_grad():
+        k = int(model(__import__("torch").from_numpy(clean.x[:1])).shape[1])
+    for name, ds in (("--clean", clean), ("--triggered", trig)):
+        if ds is not None:
+            check_against_model(ds, clean.x.shape[1:], n_classes or k, name)
+    if attack is not None and attack.max() >= k:
+        raise BadInputError(f"--triggered: attack label {int(attack.max())} but the model has "
+                            f"{k} classes")
+    targets = sorted(set(attack.tolist())) if attack is not None else (mit.targets if mit else [])
+
+    def run(targets_fit: list[int], thetas: Any, x: np.ndarray) -> Any:
+        return predict_mitigated(model, targets_fit, thetas, x, batch=batch_size)
+
+    results = {}
+    variants = [("model", [], None)]
+    if mit is not None:
+        variants.append(("mitigated", mit.targets, mit.thetas))
+    for name, tf, th in variants:
+        pc = run(tf, th, clean.x)
+        pt = run(tf, th, trig.x) if trig is not None else None
+        results[name] = compute_metrics(
+            pc.label, clean.y, pc.triggered if th is not None else None,
+            pt.label if pt else None, trig.y if trig else None, attack,
+            pt.triggered if (pt and th is not None) else None, targets)
+    main = results["mitigated" if mit else "model"]
+    if as_json:
+        _emit({**main, "model": results["model"], "evaluated": "mitigated" if mit else "model",
+               "targets": targets, "clean_images": len(clean),
+               "triggered_images": len(trig) if trig else 0})
+        return
+    cols = list(results)
+    click.echo(f"{'metric':<8}" + "".join(f"{c:>12}" for c in cols))
+    for key in ("acc", "asr", "sia", "tpr", "fpr"):
+        cells = "".join(f"{'-' if results[c][key] is None else f'{results[c][key]:.4f}':>12}"
+                        for c in cols)
+        click.echo(f"{key.upper():<8}{cells}")
+
+
+def main() -> None:
+    cli(prog_name="bna-export")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
