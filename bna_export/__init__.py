@@ -3,17 +3,19 @@ weight (BNA), and evaluate the repaired classifier."""
 
 __version__ = "0.1.0"
 
-from .artifact import FitFile, load as load_fit, save as save_fit  # noqa: E402
-from .attacks import Trigger, all_to_all, all_to_one, poison, triggered_set  # noqa: E402
-from .data import Dataset, load_data, load_npz  # noqa: E402
-from .defend import FitOutcome, Mitigation, fit_defence  # noqa: E402
-from .errors import BadInputError, BnaError, FitFileError, ModelError  # noqa: E402
-from .fit import Prediction, fit_thetas, predict_mitigated  # noqa: E402
-from .histogram import divergence, soft_histogram  # noqa: E402
-from .metrics import compute_metrics  # noqa: E402
-from .model import BnaModel, BnaNorm, load_model  # noqa: E402
-from .reverse import Problem, TriggerEstimate, reverse_engineer  # noqa: E402
-from .settings import (  # noqa: E402
+from .artifact import FitFile
+from .artifact import load as load_fit
+from .artifact import save as save_fit
+from .attacks import Trigger, all_to_all, all_to_one, poison, triggered_set
+from .data import Dataset, load_data, load_npz
+from .defend import FitOutcome, Mitigation, fit_defence
+from .errors import BadInputError, BnaError, FitFileError, ModelError
+from .fit import Prediction, fit_thetas, predict_mitigated
+from .histogram import divergence, soft_histogram
+from .metrics import compute_metrics
+from .model import BnaModel, BnaNorm, load_model
+from .reverse import Problem, TriggerEstimate, reverse_engineer
+from .settings import (
     DetectSettings,
     FitSettings,
     HistogramSettings,

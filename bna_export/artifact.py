@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import tempfile
@@ -45,8 +46,11 @@ def encode(fit: FitFile) -> bytes:
         if dtype not in _DTYPES:
             raise FitFileError(f"tensor {name!r} has unsupported dtype {dtype}")
         raw = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
-        entries[name] = {"dtype": dtype, "shape": list(arr.shape),
-                         "offsets": [offset, offset + len(raw)]}
+        entries[name] = {
+            "dtype": dtype,
+            "shape": list(arr.shape),
+            "offsets": [offset, offset + len(raw)],
+        }
         chunks.append(raw)
         offset += len(raw)
     header = dict(fit.header)
@@ -64,8 +68,10 @@ def decode(buf: bytes, source: str = "fit file") -> FitFile:
         raise FitFileError(f"{source}: not a .bna fit file (bad magic)")
     n = int.from_bytes(buf[8:16], "little")
     if n > MAX_HEADER or 16 + n > len(buf):
-        raise FitFileError(f"{source}: header length {n} does not fit the file "
-                           f"({len(buf)} bytes); the file is truncated or corrupt")
+        raise FitFileError(
+            f"{source}: header length {n} does not fit the file "
+            f"({len(buf)} bytes); the file is truncated or corrupt"
+        )
     try:
         header = json.loads(buf[16 : 16 + n].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
@@ -74,8 +80,9 @@ def decode(buf: bytes, source: str = "fit file") -> FitFile:
         raise FitFileError(f"{source}: header is not a JSON object")
     version = header.get("format_version")
     if version != FORMAT_VERSION:
-        raise FitFileError(f"{source}: format version {version!r}; this tool reads "
-                           f"{FORMAT_VERSION}")
+        raise FitFileError(
+            f"{source}: format version {version!r}; this tool reads {FORMAT_VERSION}"
+        )
     entries = header.pop("tensors", None)
     if not isinstance(entries, dict):
         raise FitFileError(f"{source}: header has no tensor table")
@@ -86,21 +93,27 @@ def decode(buf: bytes, source: str = "fit file") -> FitFile:
             dtype = _DTYPES[e["dtype"]]
             shape = tuple(e["shape"])
             begin, end = e["offsets"]
-            ok = (all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-                  and isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end)
+            ok = (
+                all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+                and isinstance(begin, int)
+                and isinstance(end, int)
+                and 0 <= begin <= end
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise FitFileError(f"{source}: malformed entry for tensor {name!r}") from exc
         if not ok:
             raise FitFileError(f"{source}: malformed shape or offsets for tensor {name!r}")
         count = int(np.prod(shape, dtype=np.int64)) if shape else 1
         if end > len(data) or end - begin != count * np.dtype(dtype).itemsize:
-            raise FitFileError(f"{source}: tensor {name!r} does not fit its byte range; the "
-                               "file is truncated or corrupt")
+            raise FitFileError(
+                f"{source}: tensor {name!r} does not fit its byte range; the "
+                "file is truncated or corrupt"
+            )
         spans.append((begin, end, name))
         arr = np.frombuffer(data[begin:end], dtype=np.dtype(dtype).newbyteorder("<"))
         tensors[name] = arr.reshape(shape).astype(dtype)
     spans.sort()
-    for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:], strict=False):
+    for (_, e0, n0), (b1, _, n1) in itertools.pairwise(spans):
         if b1 < e0:
             raise FitFileError(f"{source}: tensors {n0!r} and {n1!r} overlap")
     return FitFile(header, tensors)

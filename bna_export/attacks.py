@@ -82,15 +82,16 @@ class Trigger:
     def _warp(self, x: np.ndarray) -> np.ndarray:
         _, _, h, w = x.shape
         noise = torch.from_numpy(self.pattern)
-        up = torch.nn.functional.interpolate(noise, size=(h, w), mode="bicubic",
-                                             align_corners=True).permute(0, 2, 3, 1)
-        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w),
-                                indexing="ij")
+        up = torch.nn.functional.interpolate(
+            noise, size=(h, w), mode="bicubic", align_corners=True
+        ).permute(0, 2, 3, 1)
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
         identity = torch.stack([xs, ys], -1)[None]
         grid = torch.clamp(identity + self.strength * up / h, -1, 1)
         xt = torch.from_numpy(x)
-        out = torch.nn.functional.grid_sample(xt, grid.expand(x.shape[0], -1, -1, -1),
-                                              align_corners=True)
+        out = torch.nn.functional.grid_sample(
+            xt, grid.expand(x.shape[0], -1, -1, -1), align_corners=True
+        )
         return out.numpy()
 
 
@@ -104,21 +105,31 @@ def all_to_all(y: np.ndarray, n_classes: int) -> np.ndarray:
     return (y + 1) % n_classes
 
 
-def poison(x: np.ndarray, y: np.ndarray, trigger: Trigger, attack_labels: np.ndarray,
-           rate: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def poison(
+    x: np.ndarray,
+    y: np.ndarray,
+    trigger: Trigger,
+    attack_labels: np.ndarray,
+    rate: float,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Training set with ``rate`` of the eligible samples (label != attack label) stamped with
     the trigger and relabelled; the clean originals are kept too."""
     rng = np.random.default_rng(seed)
     eligible = np.flatnonzero(attack_labels != y)
-    chosen = rng.choice(eligible, size=int(round(rate * eligible.size)), replace=False)
+    chosen = rng.choice(eligible, size=round(rate * eligible.size), replace=False)
     xp = trigger.apply(x[chosen])
     return np.concatenate([x, xp]), np.concatenate([y, attack_labels[chosen]])
 
 
-def triggered_set(x: np.ndarray, y: np.ndarray, trigger: Trigger,
-                  attack_labels: np.ndarray) -> dict[str, np.ndarray]:
+def triggered_set(
+    x: np.ndarray, y: np.ndarray, trigger: Trigger, attack_labels: np.ndarray
+) -> dict[str, np.ndarray]:
     """The arrays of a TRIG.npz: triggered ``x``, true ``y``, and ``attack_label``; samples whose
     class already is their attack label are left out."""
     keep = attack_labels != y
-    return {"x": trigger.apply(x[keep]), "y": y[keep].astype(np.int64),
-            "attack_label": attack_labels[keep].astype(np.int64)}
+    return {
+        "x": trigger.apply(x[keep]),
+        "y": y[keep].astype(np.int64),
+        "attack_label": attack_labels[keep].astype(np.int64),
+    }

@@ -65,8 +65,10 @@ def load_npz(path: str | Path, *, extra: tuple[str, ...] = ()) -> tuple[Dataset,
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("x", "y", *extra) if k not in f.files]
             if missing:
-                raise BadInputError(f"{source}: missing array(s) {', '.join(missing)}; "
-                                    f"found {', '.join(f.files) or 'none'}")
+                raise BadInputError(
+                    f"{source}: missing array(s) {', '.join(missing)}; "
+                    f"found {', '.join(f.files) or 'none'}"
+                )
             x, y = f["x"], f["y"]
             more = {k: f[k] for k in extra}
     except FileNotFoundError as exc:
@@ -121,12 +123,16 @@ def load_data(path: str | Path) -> Dataset:
     return load_npz(p)[0]
 
 
-def check_against_model(data: Dataset, input_shape: tuple[int, ...], n_classes: int,
-                        source: str) -> None:
+def check_against_model(
+    data: Dataset, input_shape: tuple[int, ...], n_classes: int, source: str
+) -> None:
     """Fail when images or labels do not fit a model of ``input_shape`` (C, H, W), K classes."""
     if tuple(data.x.shape[1:]) != tuple(input_shape):
-        raise BadInputError(f"{source}: images are {tuple(data.x.shape[1:])} but the model takes "
-                            f"{tuple(input_shape)}")
+        raise BadInputError(
+            f"{source}: images are {tuple(data.x.shape[1:])} but the model takes "
+            f"{tuple(input_shape)}"
+        )
     if data.y.max() >= n_classes:
-        raise BadInputError(f"{source}: label {int(data.y.max())} but the model has only "
-                            f"{n_classes} classes")
+        raise BadInputError(
+            f"{source}: label {int(data.y.max())} but the model has only {n_classes} classes"
+        )

@@ -21,8 +21,14 @@ from .data import Dataset
 from .errors import BadInputError, FitFileError, ModelError
 from .fit import fit_thetas, g_logits, predict_mitigated
 from .model import BnaModel
-from .reverse import FAMILIES, Problem, TriggerEstimate, choose_family, relative_size
-from .reverse import reverse_engineer
+from .reverse import (
+    FAMILIES,
+    Problem,
+    TriggerEstimate,
+    choose_family,
+    relative_size,
+    reverse_engineer,
+)
 from .settings import Settings
 
 StageProgress = Callable[[str, int, int], None]
@@ -46,16 +52,19 @@ def default_input_range(x: np.ndarray) -> tuple[float, float]:
     return float(min(0.0, x.min())), float(max(1.0, x.max()))
 
 
-def resolve_sources(n_classes: int, targets: Sequence[int] | None,
-                    pairs: Sequence[tuple[int, int]] | None) -> dict[int, list[int]]:
+def resolve_sources(
+    n_classes: int, targets: Sequence[int] | None, pairs: Sequence[tuple[int, int]] | None
+) -> dict[int, list[int]]:
     """S(t) for every target: all other classes (targets) or the given pairs' sources."""
     if (targets is None) == (pairs is None):
         raise BadInputError("give exactly one of --targets and --pairs")
     bad = [c for c in (targets or []) if not 0 <= c < n_classes]
     bad += [c for p in (pairs or []) for c in p if not 0 <= c < n_classes]
     if bad:
-        raise BadInputError(f"class {bad[0]} does not exist: the model has {n_classes} classes "
-                            f"(0 to {n_classes - 1})")
+        raise BadInputError(
+            f"class {bad[0]} does not exist: the model has {n_classes} classes "
+            f"(0 to {n_classes - 1})"
+        )
     if targets is not None:
         if n_classes < 2:
             raise BadInputError("the model has fewer than 2 classes")
@@ -78,57 +87,102 @@ class FitOutcome:
     triggers: dict[int, list[TriggerEstimate]]
 
 
-def fit_defence(model: BnaModel, data: Dataset, *, targets: Sequence[int] | None = None,
-                pairs: Sequence[tuple[int, int]] | None = None,
-                settings: Settings = Settings(),
-                input_range: tuple[float, float] | None = None,
-                progress: StageProgress | None = None) -> FitOutcome:
+def fit_defence(
+    model: BnaModel,
+    data: Dataset,
+    *,
+    targets: Sequence[int] | None = None,
+    pairs: Sequence[tuple[int, int]] | None = None,
+    settings: Settings = Settings(),
+    input_range: tuple[float, float] | None = None,
+    progress: StageProgress | None = None,
+) -> FitOutcome:
     """Reverse-engineer triggers for the given targets or pairs and fit Θ_t for each."""
     torch.manual_seed(settings.seed)
     n_classes = model_output_classes(model, data.x)
     if data.y.max() >= n_classes:
-        raise BadInputError(f"label {int(data.y.max())} in the data but the model has "
-                            f"{n_classes} classes")
+        raise BadInputError(
+            f"label {int(data.y.max())} in the data but the model has {n_classes} classes"
+        )
     sources = resolve_sources(n_classes, targets, pairs)
     needed = sorted({*sources, *(s for v in sources.values() for s in v)})
     counts = np.bincount(data.y, minlength=n_classes)
     empty = [c for c in needed if counts[c] == 0]
     if empty:
-        raise BadInputError(f"class {empty[0]} has no clean image in the data; BNA needs "
-                            "clean images of every source and target class")
+        raise BadInputError(
+            f"class {empty[0]} has no clean image in the data; BNA needs "
+            "clean images of every source and target class"
+        )
     lo, hi = input_range if input_range is not None else default_input_range(data.x)
     if not lo < hi:
         raise BadInputError(f"input range {lo},{hi} is empty")
     if data.x.min() < lo - 1e-6 or data.x.max() > hi + 1e-6:
-        raise BadInputError(f"data lies in [{data.x.min():.3g}, {data.x.max():.3g}], outside "
-                            f"the input range [{lo:g}, {hi:g}]; pass --input-range")
+        raise BadInputError(
+            f"data lies in [{data.x.min():.3g}, {data.x.max():.3g}], outside "
+            f"the input range [{lo:g}, {hi:g}]; pass --input-range"
+        )
     families = list(FAMILIES) if settings.trigger_type == "both" else [settings.trigger_type]
     tlist = list(sources)
-    problems = [Problem(f, t, tuple(sources[t]), r) for t in tlist for f in families
-                for r in range(settings.reverse.restarts)]
+    problems = [
+        Problem(f, t, tuple(sources[t]), r)
+        for t in tlist
+        for f in families
+        for r in range(settings.reverse.restarts)
+    ]
 
     def stage(name: str) -> Callable[[int, int], None] | None:
         return None if progress is None else (lambda d, n: progress(name, d, n))
 
-    estimates = reverse_engineer(model, data, problems, (lo, hi), settings.reverse,
-                                 seed=settings.seed, progress=stage("reverse"))
+    estimates = reverse_engineer(
+        model,
+        data,
+        problems,
+        (lo, hi),
+        settings.reverse,
+        seed=settings.seed,
+        progress=stage("reverse"),
+    )
     chosen: dict[int, list[TriggerEstimate]] = {}
     for t in tlist:
         mine = [e for e in estimates if e.problem.target == t]
         best = choose_family(mine, (lo, hi), settings.reverse.success)
         chosen[t] = [e for e in mine if e.family == best.family]
-    result = fit_thetas(model, data, tlist, sources, chosen, (lo, hi), settings.fit,
-                        settings.histogram, seed=settings.seed, progress=stage("fit"))
-    fit = _record(model, data, settings, n_classes, (lo, hi), sources, estimates, chosen,
-                  result.thetas, result.history, mode="targets" if pairs is None else "pairs")
+    result = fit_thetas(
+        model,
+        data,
+        tlist,
+        sources,
+        chosen,
+        (lo, hi),
+        settings.fit,
+        settings.histogram,
+        seed=settings.seed,
+        progress=stage("fit"),
+    )
+    fit = _record(
+        model,
+        data,
+        settings,
+        n_classes,
+        (lo, hi),
+        sources,
+        estimates,
+        chosen,
+        result.thetas,
+        result.history,
+        mode="targets" if pairs is None else "pairs",
+    )
     return FitOutcome(fit, chosen)
 
 
-def _probe_inputs(data: Dataset, sources: dict[int, list[int]],
-                  chosen: dict[int, list[TriggerEstimate]], input_range: tuple[float, float],
-                  n_classes: int) -> np.ndarray:
-    idx = np.concatenate([np.flatnonzero(data.y == c)[:PROBES_PER_CLASS]
-                          for c in range(n_classes)])
+def _probe_inputs(
+    data: Dataset,
+    sources: dict[int, list[int]],
+    chosen: dict[int, list[TriggerEstimate]],
+    input_range: tuple[float, float],
+    n_classes: int,
+) -> np.ndarray:
+    idx = np.concatenate([np.flatnonzero(data.y == c)[:PROBES_PER_CLASS] for c in range(n_classes)])
     parts = [data.x[idx]]
     for t, ests in chosen.items():
         src = data.of_classes(sources[t])[:PROBES_PER_TARGET]
@@ -137,10 +191,19 @@ def _probe_inputs(data: Dataset, sources: dict[int, list[int]],
     return np.concatenate(parts).astype(np.float32)
 
 
-def _record(model: BnaModel, data: Dataset, settings: Settings, n_classes: int,
-            input_range: tuple[float, float], sources: dict[int, list[int]],
-            estimates: list[TriggerEstimate], chosen: dict[int, list[TriggerEstimate]],
-            thetas: list[torch.Tensor], history: list[float], mode: str) -> FitFile:
+def _record(
+    model: BnaModel,
+    data: Dataset,
+    settings: Settings,
+    n_classes: int,
+    input_range: tuple[float, float],
+    sources: dict[int, list[int]],
+    estimates: list[TriggerEstimate],
+    chosen: dict[int, list[TriggerEstimate]],
+    thetas: list[torch.Tensor],
+    history: list[float],
+    mode: str,
+) -> FitFile:
     targets = list(sources)
     tensors: dict[str, np.ndarray] = {}
     layers = []
@@ -152,10 +215,20 @@ def _record(model: BnaModel, data: Dataset, settings: Settings, n_classes: int,
     triggers = []
     for j, e in enumerate(estimates):
         used = any(e is u for u in chosen[e.problem.target])
-        triggers.append({"index": j, "family": e.family, "target": e.problem.target,
-                         "sources": list(e.problem.sources), "restart": e.problem.restart,
-                         "size": e.size, "relative_size": relative_size(e, input_range),
-                         "success": e.success, "steps": e.steps, "used": used})
+        triggers.append(
+            {
+                "index": j,
+                "family": e.family,
+                "target": e.problem.target,
+                "sources": list(e.problem.sources),
+                "restart": e.problem.restart,
+                "size": e.size,
+                "relative_size": relative_size(e, input_range),
+                "success": e.success,
+                "steps": e.steps,
+                "used": used,
+            }
+        )
         tensors[f"trigger.{j}.pattern"] = e.pattern.astype(np.float32)
         if e.mask is not None:
             tensors[f"trigger.{j}.mask"] = e.mask.astype(np.float32)
@@ -169,10 +242,20 @@ def _record(model: BnaModel, data: Dataset, settings: Settings, n_classes: int,
     tensors["probe.label"] = pred.label.astype(np.int64)
     tensors["probe.triggered"] = pred.triggered.astype(np.bool_)
     tensors["probe.logits"] = pred.logits.astype(np.float32)
-    scores = {f: [{"source": None if len(t["sources"]) != 1 else t["sources"][0],
-                   "target": t["target"], "size": t["size"], "statistic": 1.0 / max(t["size"],
-                   1e-12), "score": None} for t in triggers if t["family"] == f]
-              for f in FAMILIES}
+    scores = {
+        f: [
+            {
+                "source": None if len(t["sources"]) != 1 else t["sources"][0],
+                "target": t["target"],
+                "size": t["size"],
+                "statistic": 1.0 / max(t["size"], 1e-12),
+                "score": None,
+            }
+            for t in triggers
+            if t["family"] == f
+        ]
+        for f in FAMILIES
+    }
     header = {
         "tool": "bna-export",
         "tool_version": __version__,
@@ -186,14 +269,19 @@ def _record(model: BnaModel, data: Dataset, settings: Settings, n_classes: int,
         "pairs": [[s, t] for t in targets for s in sources[t]],
         "families": {str(t): chosen[t][0].family for t in targets},
         "scores": scores,
-        "mad": {"consistency": settings.detect.consistency,
-                "threshold": settings.detect.mad_threshold, "scores_computed": False},
+        "mad": {
+            "consistency": settings.detect.consistency,
+            "threshold": settings.detect.mad_threshold,
+            "scores_computed": False,
+        },
         "triggers": triggers,
         "layers": layers,
         "settings": settings.to_dict(),
         "history": history,
-        "data": {"images": len(data), "sha256": hashlib.sha256(data.x.tobytes()
-                                                               + data.y.tobytes()).hexdigest()},
+        "data": {
+            "images": len(data),
+            "sha256": hashlib.sha256(data.x.tobytes() + data.y.tobytes()).hexdigest(),
+        },
     }
     return FitFile(header, tensors)
 
@@ -214,26 +302,39 @@ class Mitigation:
         try:
             layers = h["layers"]
             thetas = [torch.from_numpy(np.array(t[f"theta.{i}"])) for i in range(len(layers))]
-            out = cls([int(x) for x in h["targets"]], thetas, int(h["n_classes"]),
-                      tuple(int(d) for d in h["input_shape"]),
-                      (float(h["input_range"][0]), float(h["input_range"][1])))
+            out = cls(
+                [int(x) for x in h["targets"]],
+                thetas,
+                int(h["n_classes"]),
+                tuple(int(d) for d in h["input_shape"]),
+                (float(h["input_range"][0]), float(h["input_range"][1])),
+            )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise FitFileError(f"fit file lacks a field or tensor: {exc}") from exc
         for i, (th, la) in enumerate(zip(thetas, layers, strict=True)):
             if th.shape != (len(out.targets), 4, int(la["channels"])):
-                raise FitFileError(f"theta.{i} has shape {tuple(th.shape)}; expected "
-                                   f"({len(out.targets)}, 4, {la['channels']})")
+                raise FitFileError(
+                    f"theta.{i} has shape {tuple(th.shape)}; expected "
+                    f"({len(out.targets)}, 4, {la['channels']})"
+                )
         return out
 
     def check_model(self, model: BnaModel, fit: FitFile) -> None:
         """Fail unless ``model`` has the BN layers (same statistics) the fit was made on."""
         layers = fit.header["layers"]
         if len(layers) != len(model.layers):
-            raise ModelError(f"the fit file has {len(layers)} BatchNorm layers, the model "
-                             f"{len(model.layers)}: this is not the model that was fitted")
+            raise ModelError(
+                f"the fit file has {len(layers)} BatchNorm layers, the model "
+                f"{len(model.layers)}: this is not the model that was fitted"
+            )
         for i, (rec, la) in enumerate(zip(layers, model.layers, strict=True)):
             mean = fit.tensors.get(f"layer.{i}.running_mean")
-            if mean is None or mean.shape != (la.channels,) or not np.allclose(
-                    mean, la.running_mean.numpy(), rtol=1e-5, atol=1e-6):
-                raise ModelError(f"BatchNorm layer {i} ({rec['name']}) differs from the fit "
-                                 "file's: this is not the model that was fitted")
+            if (
+                mean is None
+                or mean.shape != (la.channels,)
+                or not np.allclose(mean, la.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+            ):
+                raise ModelError(
+                    f"BatchNorm layer {i} ({rec['name']}) differs from the fit "
+                    "file's: this is not the model that was fitted"
+                )

@@ -13,6 +13,7 @@ Parametrisation (for Adam's step size to mean the same in every channel): Âµ = Â
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -60,6 +61,25 @@ def _rows(route: Tensor, a: Tensor) -> Tensor:
     shape = (a.shape[0], c) + (1,) * (a.dim() - 2)
     r = route.view(-1, *([1] * (a.dim() - 1))) * c + torch.arange(c).view(1, c, *shape[2:])
     return r.expand_as(a).reshape(-1)
+
+
+def _jitter(x: Tensor, pixels: int, rng: np.random.Generator) -> Tensor:
+    """Shift each image by up to ``pixels`` in each direction (edge-replicated): augmentation
+    so the few clean target images generalise. x: (N, C, H, W)."""
+    if pixels <= 0:
+        return x
+    n, _, h, w = x.shape
+    pad = torch.nn.functional.pad(x, (pixels,) * 4, mode="replicate")
+    dy = torch.from_numpy(rng.integers(0, 2 * pixels + 1, n))
+    dx = torch.from_numpy(rng.integers(0, 2 * pixels + 1, n))
+    rows = (
+        (dy[:, None] + torch.arange(h)[None])
+        .view(n, 1, h, 1)
+        .expand(n, x.shape[1], h, w + 2 * pixels)
+    )
+    out = pad.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w)[None]).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
+    return out.gather(3, cols)
 
 
 def fit_thetas(
@@ -116,8 +136,10 @@ def fit_thetas(
     clip_lo, clip_hi = [], []
     for la, z, b in zip(layers, z_clean, base, strict=True):
         if settings.clip_init == "clean":
-            zn = _channels_last((z - b[0].view(1, -1, *[1] * (z.dim() - 2)))
-                                / b[1].view(1, -1, *[1] * (z.dim() - 2)))
+            zn = _channels_last(
+                (z - b[0].view(1, -1, *[1] * (z.dim() - 2)))
+                / b[1].view(1, -1, *[1] * (z.dim() - 2))
+            )
             lo_c, hi_c = zn.min(1).values, zn.max(1).values
         else:
             lo_c = torch.full((la.channels,), -settings.wide_clip)
@@ -142,8 +164,8 @@ def fit_thetas(
     y_all = torch.from_numpy(data.y)
     with torch.no_grad():
         for ti, t in enumerate(targets):
-            for est in triggers[t]:
-                trig_x.append(est.apply(x_all[src_idx[ti]], lo_x, hi_x))
+            for est, scale in itertools.product(triggers[t], settings.trigger_scales):
+                trig_x.append(est.apply(x_all[src_idx[ti]], lo_x, hi_x, scale))
                 trig_route.append(torch.full((len(src_idx[ti]),), ti))
                 trig_y.append(y_all[src_idx[ti]])
     per_target = [torch.nonzero(torch.cat(trig_route) == ti).flatten() for ti in range(n_t)]
@@ -152,9 +174,17 @@ def fit_thetas(
     b = settings.batch_size
     steps_per_epoch = max(1, -(-max(len(p) for p in per_target) // b))
     total = settings.epochs * steps_per_epoch
-    ce_x = torch.cat([x_all[i] for i in tgt_idx])
-    ce_route = torch.cat([torch.full((len(i),), ti) for ti, i in enumerate(tgt_idx)])
-    ce_y = torch.tensor([targets[int(r)] for r in ce_route], dtype=torch.int64)
+    # Clean images of t (and, with target_triggered, t's images with t's triggers): g_t keeps t.
+    ce_parts, ce_routes = [], []
+    with torch.no_grad():
+        for ti, t in enumerate(targets):
+            ce_parts.append(x_all[tgt_idx[ti]])
+            if settings.target_triggered:
+                ce_parts += [e.apply(x_all[tgt_idx[ti]], lo_x, hi_x) for e in triggers[t]]
+            n_t_imgs = sum(len(p) for p in ce_parts) - sum(len(r) for r in ce_routes)
+            ce_routes.append(torch.full((n_t_imgs,), ti))
+    ce_x, ce_route = torch.cat(ce_parts), torch.cat(ce_routes)
+    ce_y = torch.tensor(targets, dtype=torch.int64)[ce_route]
     keep_idx = torch.cat([torch.from_numpy(data.of_classes(list(sources[t]))) for t in targets])
     keep_route = torch.cat([torch.full((len(s),), ti) for ti, s in enumerate(src_idx)])
     keep_x, keep_y = x_all[keep_idx], torch.from_numpy(data.y)[keep_idx]
@@ -173,7 +203,8 @@ def fit_thetas(
             loss = torch.zeros(())
             if settings.source_ce_weight > 0:
                 loss = loss + settings.source_ce_weight * torch.nn.functional.cross_entropy(
-                    logits_b, trig_y_all[sel])
+                    logits_b, trig_y_all[sel]
+                )
             for li, outs in enumerate(cap):
                 a = outs[0]
                 rows = _rows(rb, a)
@@ -184,14 +215,16 @@ def fit_thetas(
                 loss = loss + (d * (totals > 0)).sum()
             if settings.target_ce_weight > 0 and len(ce_x):
                 with model.mitigated(th, ce_route):
-                    logits = model(ce_x)
+                    logits = model(_jitter(ce_x, settings.jitter, rng))
                 loss = loss + settings.target_ce_weight * torch.nn.functional.cross_entropy(
-                    logits, ce_y)
+                    logits, ce_y
+                )
             if settings.clean_ce_weight > 0:
                 with model.mitigated(th, keep_route):
                     logits = model(keep_x)
                 loss = loss + settings.clean_ce_weight * torch.nn.functional.cross_entropy(
-                    logits, keep_y)
+                    logits, keep_y
+                )
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -219,8 +252,13 @@ class Prediction:
     logits: np.ndarray
 
 
-def predict_mitigated(model: BnaModel, targets: Sequence[int], thetas: Sequence[Tensor] | None,
-                      x: np.ndarray, batch: int = 256) -> Prediction:
+def predict_mitigated(
+    model: BnaModel,
+    targets: Sequence[int],
+    thetas: Sequence[Tensor] | None,
+    x: np.ndarray,
+    batch: int = 256,
+) -> Prediction:
     """The mitigated classifier (design step 3), in PyTorch: f first; samples that f sends to a
     target t run g_t; a sample whose g_t answer differs from t is flagged and answered by g_t."""
     labels, flags, logits = [], [], []
@@ -243,12 +281,14 @@ def predict_mitigated(model: BnaModel, targets: Sequence[int], thetas: Sequence[
             labels.append(out.argmax(1))
             flags.append(flag)
             logits.append(out)
-    return Prediction(torch.cat(labels).numpy(), torch.cat(flags).numpy(),
-                      torch.cat(logits).numpy())
+    return Prediction(
+        torch.cat(labels).numpy(), torch.cat(flags).numpy(), torch.cat(logits).numpy()
+    )
 
 
-def g_logits(model: BnaModel, thetas: Sequence[Tensor], n_targets: int, x: np.ndarray,
-             batch: int = 256) -> np.ndarray:
+def g_logits(
+    model: BnaModel, thetas: Sequence[Tensor], n_targets: int, x: np.ndarray, batch: int = 256
+) -> np.ndarray:
     """Every g_t's logits on x: [T, N, K] (for the fit file's probes)."""
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     out = []

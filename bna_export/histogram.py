@@ -47,23 +47,21 @@ def soft_histogram(
     if values.numel() == 0:
         return out.view(n_rows, width)
     dbin, tau, w = settings.bin_width, settings.tau, settings.window
-    offsets = torch.arange(-w, w + 1, device=values.device)  # (W,)
+    offsets = torch.arange(-w, w + 2, device=values.device)  # (W + 1,) edges of W bins
     for start in range(0, values.numel(), settings.chunk):
         z = values[start : start + settings.chunk]
         r = rows[start : start + settings.chunk]
         row_lo, row_m = lo[r], nbins[r]  # (E,)
         own = torch.floor((z.detach() - row_lo) / dbin).to(torch.int64)
         own = torch.minimum(own.clamp_min(0), row_m - 1)
-        k = own[:, None] + offsets[None, :]  # (E, W) bin indices
+        edge = own[:, None] + offsets[None, :]  # (E, W + 1) edge indices
+        # S_edge(z), with S_0 = 1 and S_M = 0: the first and last bins are half-infinite.
+        s = torch.sigmoid(tau * (z[:, None] - (row_lo[:, None] + edge * dbin)))
+        s = torch.where(edge <= 0, torch.ones_like(s), s)
+        s = torch.where(edge >= row_m[:, None], torch.zeros_like(s), s)
+        k = edge[:, :-1]  # (E, W) bin indices
         valid = (k >= 0) & (k < row_m[:, None])
-
-        def upper(edge: Tensor) -> Tensor:
-            # S_edge(z) with S_0 = 1 and S_M = 0 (half-infinite first and last bins).
-            s = torch.sigmoid(tau * (z[:, None] - (row_lo[:, None] + edge * dbin)))
-            s = torch.where(edge <= 0, torch.ones_like(s), s)
-            return torch.where(edge >= row_m[:, None], torch.zeros_like(s), s)
-
-        mass = (upper(k) - upper(k + 1)) * valid  # (E, W)
+        mass = (s[:, :-1] - s[:, 1:]) * valid  # (E, W)
         flat = (r[:, None] * width + k.clamp(0, width - 1)).reshape(-1)
         out = out.index_add(0, flat, mass.reshape(-1))
     return out.view(n_rows, width)

@@ -28,8 +28,13 @@ def compute_metrics(
     targets: Sequence[int] = (),
 ) -> dict[str, float | None]:
     """The five metrics (lower-case keys); FPR is over clean images whose class is in targets."""
-    out: dict[str, float | None] = {"acc": _share(clean_label == clean_y), "asr": None,
-                                    "sia": None, "tpr": None, "fpr": None}
+    out: dict[str, float | None] = {
+        "acc": _share(clean_label == clean_y),
+        "asr": None,
+        "sia": None,
+        "tpr": None,
+        "fpr": None,
+    }
     if trig_label is not None and trig_y is not None and attack_label is not None:
         out["asr"] = _share(trig_label == attack_label)
         out["sia"] = _share(trig_label == trig_y)

@@ -9,6 +9,7 @@ Nothing of f's trained parameters changes; Θ lives outside the model and is pas
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import logging
 import re
@@ -39,8 +40,15 @@ class BnaNorm(nn.Module):
     ``capture`` (a list or None) receives this layer's output when set.
     """
 
-    def __init__(self, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None,
-                 eps: float, name: str) -> None:
+    def __init__(
+        self,
+        mean: Tensor,
+        var: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        name: str,
+    ) -> None:
         super().__init__()
         c = mean.shape[0]
         self.register_buffer("running_mean", mean.detach().clone().float())
@@ -70,8 +78,9 @@ class BnaNorm(nn.Module):
         if self.capture_in is not None:
             self.capture_in.append(z)
         if self.theta is None or self.route is None:
-            out = nn.functional.batch_norm(z, self.running_mean, self.running_var, self.weight,
-                                           self.bias, False, 0.0, self.eps)
+            out = nn.functional.batch_norm(
+                z, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
         else:
             full = torch.cat([self.theta, self.f_theta()[None]], 0)  # (T + 1, 4, C)
             idx = torch.where(self.route < 0, self.theta.shape[0], self.route)
@@ -171,8 +180,8 @@ def _execution_order(net: nn.Module, layers: list[BnaNorm], example: Tensor) -> 
 
 
 def adapt_module(net: nn.Module, example: Tensor) -> BnaModel:
-    """Replace every ``nn.BatchNorm*`` of an eager module by a :class:`BnaNorm` (in place)."""
-    net.eval()
+    """A copy of an eager module with every ``nn.BatchNorm*`` replaced by a :class:`BnaNorm`."""
+    net = copy.deepcopy(net).eval()
     layers: list[BnaNorm] = []
     for parent_name, parent in list(net.named_modules()):
         for child_name, child in list(parent.named_children()):
@@ -180,8 +189,9 @@ def adapt_module(net: nn.Module, example: Tensor) -> BnaModel:
                 if not child.track_running_stats or child.running_mean is None:
                     raise ModelError(f"BatchNorm {child_name!r} has no running statistics")
                 full = f"{parent_name}.{child_name}" if parent_name else child_name
-                bn = BnaNorm(child.running_mean, child.running_var, child.weight, child.bias,
-                             child.eps, full)
+                bn = BnaNorm(
+                    child.running_mean, child.running_var, child.weight, child.bias, child.eps, full
+                )
                 setattr(parent, child_name, bn)
                 layers.append(bn)
     return _finish(net, layers, example)
@@ -193,9 +203,10 @@ def _finish(net: nn.Module, layers: list[BnaNorm], example: Tensor) -> BnaModel:
     try:
         ordered = _execution_order(net, layers, example)
     except Exception as exc:  # the model itself failed on a well-formed input
-        raise ModelError(f"the model failed on an input of shape {tuple(example.shape)}: "
-                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                         ) from exc
+        raise ModelError(
+            f"the model failed on an input of shape {tuple(example.shape)}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
     return BnaModel(net, ordered)
 
 
@@ -271,13 +282,16 @@ def load_model(spec: str, weights: str | Path | None, example: Tensor) -> BnaMod
         try:
             ep = torch.export.load(str(path))
         except Exception as exc:
-            raise ModelError(f"{spec} is not a readable torch.export archive "
-                             f"({type(exc).__name__})") from exc
+            raise ModelError(
+                f"{spec} is not a readable torch.export archive ({type(exc).__name__})"
+            ) from exc
         gm = ep.module()
         return adapt_graph_module(gm, example)
     if spec.endswith(".onnx"):
-        raise ModelError("fitting from an .onnx model is not supported yet; pass the .pt2 "
-                         "or package.module:callable with --weights")
+        raise ModelError(
+            "fitting from an .onnx model is not supported yet; pass the .pt2 "
+            "or package.module:callable with --weights"
+        )
     if ":" not in spec:
         raise ModelError(f"model {spec!r}: expected a .pt2 file or package.module:callable")
     module_name, _, attr = spec.partition(":")
@@ -294,8 +308,10 @@ def load_model(spec: str, weights: str | Path | None, example: Tensor) -> BnaMod
         except FileNotFoundError as exc:
             raise ModelError(f"weights file {weights} does not exist") from exc
         except Exception as exc:
-            raise ModelError(f"{weights} is not a plain state dict "
-                             f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+            raise ModelError(
+                f"{weights} is not a plain state dict "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0]})"
+            ) from exc
         if not isinstance(state, dict):
             raise ModelError(f"{weights} holds {type(state).__name__}, expected a state dict")
         try:

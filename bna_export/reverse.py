@@ -56,17 +56,20 @@ class TriggerEstimate:
     def family(self) -> str:
         return self.problem.family
 
-    def apply(self, x: Tensor, lo: float, hi: float) -> Tensor:
-        """Embed the trigger in x: [N, C, H, W]."""
+    def apply(self, x: Tensor, lo: float, hi: float, scale: float = 1.0) -> Tensor:
+        """Embed the trigger in x: [N, C, H, W]; ``scale`` multiplies the mask (clipped to
+        [0, 1]) or the perturbation, to make a weaker or stronger version of it."""
         pattern = torch.as_tensor(self.pattern, dtype=x.dtype, device=x.device)
         if self.mask is not None:
             m = torch.as_tensor(self.mask, dtype=x.dtype, device=x.device)
+            m = torch.clamp(m * scale, 0, 1)
             return (1 - m) * x + m * pattern
-        return torch.clamp(x + pattern, lo, hi)
+        return torch.clamp(x + scale * pattern, lo, hi)
 
 
-def _embed(x: Tensor, mask: Tensor, pattern: Tensor, v: Tensor, is_patch: Tensor,
-           lo: float, hi: float) -> Tensor:
+def _embed(
+    x: Tensor, mask: Tensor, pattern: Tensor, v: Tensor, is_patch: Tensor, lo: float, hi: float
+) -> Tensor:
     """x: (P, B, C, H, W); mask (P, 1, 1, H, W); pattern, v (P, 1, C, H, W); is_patch (P,)."""
     patched = (1 - mask) * x + mask * pattern
     shifted = torch.clamp(x + v, lo, hi)
@@ -94,7 +97,7 @@ def reverse_engineer(
     x_all = torch.from_numpy(data.x)
     pools = [data.of_classes(list(p.sources)) for p in problems]
     if any(pool.size == 0 for pool in pools):
-        empty = [p for p, pool in zip(problems, pools, strict=True) if pool.size == 0][0]
+        empty = next(p for p, pool in zip(problems, pools, strict=True) if pool.size == 0)
         raise ValueError(f"no clean images of source classes {empty.sources}")
     targets = torch.tensor([p.target for p in problems])
     is_patch = torch.tensor([p.family == "patch" for p in problems])
@@ -140,8 +143,9 @@ def reverse_engineer(
             break
         grads = {k: torch.zeros_like(t) for k, t in params.items()}
         for chunk in torch.split(idx_active, per_forward):
-            sel = np.stack([rng.choice(pools[i], size=b, replace=pools[i].size < b)
-                            for i in chunk.tolist()])
+            sel = np.stack(
+                [rng.choice(pools[i], size=b, replace=pools[i].size < b) for i in chunk.tolist()]
+            )
             xb = x_all[torch.from_numpy(sel)]  # (p, B, C, H, W)
             sub = {k: params[k][chunk].clone().requires_grad_(True) for k in params}
             mask, pattern, v = decode(sub)
@@ -169,8 +173,8 @@ def reverse_engineer(
             m1[idx_active] = b1 * m1[idx_active] + (1 - b1) * g
             m2[idx_active] = b2 * m2[idx_active] + (1 - b2) * g * g
             shape = (-1,) + (1,) * (g.dim() - 1)
-            m_hat = m1[idx_active] / (1 - b1 ** t).view(shape)
-            v_hat = m2[idx_active] / (1 - b2 ** t).view(shape)
+            m_hat = m1[idx_active] / (1 - b1**t).view(shape)
+            v_hat = m2[idx_active] / (1 - b2**t).view(shape)
             params[k][idx_active] -= settings.lr * m_hat / (v_hat.sqrt() + _ADAM_EPS)
         done += idx_active.numel()
         if progress is not None:
@@ -197,8 +201,12 @@ def reverse_engineer(
             cost = torch.where(shrink, cost / settings.cost_multiplier**1.5, cost)
             up_count = torch.where(grow, 0, up_count)
             down_count = torch.where(shrink, 0, down_count)
-            finished = (active & torch.isfinite(best_size) & (stale >= settings.patience)
-                        & (steps >= settings.min_steps))
+            finished = (
+                active
+                & torch.isfinite(best_size)
+                & (stale >= settings.patience)
+                & (steps >= settings.min_steps)
+            )
             active &= ~finished
             hits.zero_()
             seen.zero_()
@@ -221,15 +229,24 @@ def reverse_engineer(
                 mask=mask[i, 0, 0].numpy().copy() if prob.family == "patch" else None,
                 pattern=(pattern[i, 0] if prob.family == "patch" else v[i, 0]).numpy().copy(),
             )
-            est.size = float(sizes(mask[i : i + 1], v[i : i + 1])[0]) if prob.family == "patch" \
+            est.size = (
+                float(sizes(mask[i : i + 1], v[i : i + 1])[0])
+                if prob.family == "patch"
                 else float(v[i].flatten().norm())
+            )
             est.success = attack_success(model, x_all[pools[i]], est, prob.target, (lo, hi))
             estimates.append(est)
     return estimates
 
 
-def attack_success(model: BnaModel, x: Tensor, estimate: TriggerEstimate, target: int,
-                   input_range: tuple[float, float], batch: int = 512) -> float:
+def attack_success(
+    model: BnaModel,
+    x: Tensor,
+    estimate: TriggerEstimate,
+    target: int,
+    input_range: tuple[float, float],
+    batch: int = 512,
+) -> float:
     """Share of images x that f sends to ``target`` with the trigger embedded."""
     hits = 0
     with torch.no_grad():
@@ -248,8 +265,9 @@ def relative_size(estimate: TriggerEstimate, input_range: tuple[float, float]) -
     return estimate.size / ((input_range[1] - input_range[0]) * float(np.sqrt(c * h * w)))
 
 
-def choose_family(estimates: Sequence[TriggerEstimate], input_range: tuple[float, float],
-                  success: float) -> TriggerEstimate:
+def choose_family(
+    estimates: Sequence[TriggerEstimate], input_range: tuple[float, float], success: float
+) -> TriggerEstimate:
     """Rule for ``--trigger-type both`` with known targets: among the estimates whose trigger
     succeeds (≥ ``success`` of the source images), the one with the smallest relative size;
     when none succeeds, the one with the highest success."""

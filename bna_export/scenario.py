@@ -41,28 +41,40 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
     return (x / 255.0).astype(np.float32).reshape(-1, 1, 28, 28), y.astype(np.int64)
 
 
-def synthetic_scenario_data(n_classes: int = 5, per_class: int = 300,
-                            seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_scenario_data(
+    n_classes: int = 5, per_class: int = 300, seed: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """Seeded synthetic 16×16 image classes (see :func:`zoo.synthetic_classes`)."""
     return synthetic_classes(n_classes, per_class, 16, seed=seed)
 
 
-def build_scenario(x: np.ndarray, y: np.ndarray, *, attack: str | None = "patch",
-                   setting: str = "a2o", target: int = 0, defender_per_class: int = 20,
-                   test_fraction: float = 0.2, poison_rate: float = 0.1, epochs: int = 4,
-                   width: int = 16, seed: int = 0,
-                   trigger_options: dict[str, Any] | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> Scenario:
+def build_scenario(
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    attack: str | None = "patch",
+    setting: str = "a2o",
+    target: int = 0,
+    defender_per_class: int = 20,
+    test_fraction: float = 0.2,
+    poison_rate: float = 0.1,
+    epochs: int = 4,
+    width: int = 16,
+    seed: int = 0,
+    trigger_options: dict[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Scenario:
     """Split, poison (``attack=None``: a clean model), train; everything seeded."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(y))
     x, y = x[order], y[order]
     n_classes = int(y.max()) + 1
-    n_test = int(round(test_fraction * len(y)))
+    n_test = round(test_fraction * len(y))
     rest_x, rest_y = x[:n_test], y[:n_test]
     train_x, train_y = x[n_test:], y[n_test:]
-    d_idx = np.concatenate([np.flatnonzero(rest_y == c)[:defender_per_class]
-                            for c in range(n_classes)])
+    d_idx = np.concatenate(
+        [np.flatnonzero(rest_y == c)[:defender_per_class] for c in range(n_classes)]
+    )
     t_idx = np.setdiff1d(np.arange(len(rest_y)), d_idx)
     defender = Dataset(rest_x[d_idx], rest_y[d_idx])
     test = Dataset(rest_x[t_idx], rest_y[t_idx])
@@ -73,23 +85,31 @@ def build_scenario(x: np.ndarray, y: np.ndarray, *, attack: str | None = "patch"
         return all_to_one(yy, target) if setting == "a2o" else all_to_all(yy, n_classes)
 
     if attack is not None:
-        train_x, train_y = poison(train_x, train_y, trigger, labels(train_y), poison_rate,
-                                  seed=seed)
+        train_x, train_y = poison(
+            train_x, train_y, trigger, labels(train_y), poison_rate, seed=seed
+        )
     torch.manual_seed(seed)
     net = SmallCNN(x.shape[1], n_classes, x.shape[2], width)
     net = train_classifier(net, train_x, train_y, epochs=epochs, seed=seed, progress=progress)
     trig = triggered_set(test.x, test.y, trigger, labels(test.y))
     targets = ([target] if setting == "a2o" else list(range(n_classes))) if attack else []
-    return Scenario(net, defender, test, trig, trigger, setting, targets,
-                    {"attack": attack, "poison_rate": poison_rate, "seed": seed})
+    return Scenario(
+        net,
+        defender,
+        test,
+        trig,
+        trigger,
+        setting,
+        targets,
+        {"attack": attack, "poison_rate": poison_rate, "seed": seed},
+    )
 
 
 def export_model(net: nn.Module, example: np.ndarray, path: str | Path) -> None:
     """Save an eval-mode classifier with ``torch.export`` (dynamic batch) to a ``.pt2`` file."""
     net = net.eval()
     batch = torch.export.Dim("batch", min=1)
-    ep = torch.export.export(net, (torch.from_numpy(example[:2]),),
-                             dynamic_shapes=({0: batch},))
+    ep = torch.export.export(net, (torch.from_numpy(example[:2]),), dynamic_shapes=({0: batch},))
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
     torch.export.save(ep, str(tmp))
@@ -109,8 +129,15 @@ def write_scenario(sc: Scenario, folder: str | Path) -> dict[str, Path]:
     """Write model.pt2, defender.npz, test.npz and triggered.npz into ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {k: folder / f"{k}{ext}" for k, ext in
-             (("model", ".pt2"), ("defender", ".npz"), ("test", ".npz"), ("triggered", ".npz"))}
+    paths = {
+        k: folder / f"{k}{ext}"
+        for k, ext in (
+            ("model", ".pt2"),
+            ("defender", ".npz"),
+            ("test", ".npz"),
+            ("triggered", ".npz"),
+        )
+    }
     export_model(sc.net, sc.test.x, paths["model"])
     save_npz(paths["defender"], x=sc.defender.x, y=sc.defender.y)
     save_npz(paths["test"], x=sc.test.x, y=sc.test.y)

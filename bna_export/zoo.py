@@ -13,8 +13,9 @@ from torch import nn
 class SmallCNN(nn.Module):
     """conv-BN-ReLU-pool ×2, then a BN'd hidden layer: BN in conv and fully connected layers."""
 
-    def __init__(self, in_channels: int = 1, n_classes: int = 10, image_size: int = 28,
-                 width: int = 16) -> None:
+    def __init__(
+        self, in_channels: int = 1, n_classes: int = 10, image_size: int = 28, width: int = 16
+    ) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
@@ -28,7 +29,10 @@ class SmallCNN(nn.Module):
         )
         flat = 2 * width * (image_size // 4) ** 2
         self.head = nn.Sequential(
-            nn.Flatten(), nn.Linear(flat, 64), nn.BatchNorm1d(64), nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(flat, 64),
+            nn.BatchNorm1d(64),
+            nn.ReLU(),
             nn.Linear(64, n_classes),
         )
 
@@ -36,16 +40,25 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
-def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int = 5,
-                     batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
-                     progress: Callable[[int, int], None] | None = None) -> nn.Module:
+def train_classifier(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int = 5,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> nn.Module:
     """Plain Adam training with cross-entropy; returns the model in eval mode."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=epochs * (-(-len(xt) // batch_size)))
+        opt, max_lr=lr, total_steps=epochs * (-(-len(xt) // batch_size))
+    )
     model.train()
     for epoch in range(epochs):
         perm = torch.randperm(len(xt), generator=gen)
@@ -62,15 +75,21 @@ def train_classifier(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: 
     return model.eval()
 
 
-def synthetic_classes(n_classes: int = 5, per_class: int = 200, size: int = 16,
-                      channels: int = 1, noise: float = 0.15,
-                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_classes(
+    n_classes: int = 5,
+    per_class: int = 200,
+    size: int = 16,
+    channels: int = 1,
+    noise: float = 0.15,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Seeded image classes: each class a smooth random prototype in [0, 1], samples are the
     prototype shifted by up to one pixel plus Gaussian noise, clipped to [0, 1]."""
     rng = np.random.default_rng(seed)
     coarse = rng.random((n_classes, channels, 4, 4)).astype(np.float32)
-    protos = torch.nn.functional.interpolate(torch.from_numpy(coarse), size=(size, size),
-                                             mode="bilinear", align_corners=False).numpy()
+    protos = torch.nn.functional.interpolate(
+        torch.from_numpy(coarse), size=(size, size), mode="bilinear", align_corners=False
+    ).numpy()
     y = np.repeat(np.arange(n_classes), per_class)
     x = protos[y]
     shifts = rng.integers(-1, 2, size=(len(y), 2))

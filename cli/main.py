@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 import numpy as np
@@ -41,7 +41,10 @@ class BnaGroup(click.Group):
 class Progress:
     """One click progress bar per stage on stderr; silent when quiet or not a terminal."""
 
-    LABELS = {"reverse": "reverse-engineering triggers", "fit": "fitting Θ"}
+    LABELS: ClassVar[dict[str, str]] = {
+        "reverse": "reverse-engineering triggers",
+        "fit": "fitting Θ",
+    }
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -55,8 +58,9 @@ class Progress:
         if stage != self.stage:
             self.close()
             self.stage, self.done = stage, 0
-            self.bar = click.progressbar(length=total, label=self.LABELS.get(stage, stage),
-                                         file=sys.stderr, show_eta=True)
+            self.bar = click.progressbar(
+                length=total, label=self.LABELS.get(stage, stage), file=sys.stderr, show_eta=True
+            )
             self.bar.__enter__()
         self.bar.update(max(0, done - self.done))
         self.done = done
@@ -138,37 +142,104 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--model", "model_spec", required=True,
-              help="A .pt2 file (torch.export.save) or package.module:callable.")
-@click.option("--weights", type=click.Path(dir_okay=False),
-              help="State dict (.pt, loaded with weights_only=True) for package.module:callable.")
-@click.option("--data", "data_path", required=True, type=click.Path(),
-              help="Clean labelled images: .npz with x (N×C×H×W) and y, or a folder per class.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Fit file to write (.bna).")
+@click.option(
+    "--model",
+    "model_spec",
+    required=True,
+    help="A .pt2 file (torch.export.save) or package.module:callable.",
+)
+@click.option(
+    "--weights",
+    type=click.Path(dir_okay=False),
+    help="State dict (.pt, loaded with weights_only=True) for package.module:callable.",
+)
+@click.option(
+    "--data",
+    "data_path",
+    required=True,
+    type=click.Path(),
+    help="Clean labelled images: .npz with x (N×C×H×W) and y, or a folder per class.",
+)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Fit file to write (.bna).",
+)
 @click.option("--targets", help="Target classes to repair, e.g. 3,5 (sources: all others).")
 @click.option("--pairs", help="Source:target pairs to repair, e.g. 0:1,4:5.")
-@click.option("--trigger-type", type=click.Choice(["patch", "perturbation", "both"]),
-              default="both", show_default=True, help="Trigger families to reverse-engineer.")
-@click.option("--divergence", type=click.Choice(["tv", "js", "kl"]), default="tv",
-              show_default=True, help="Divergence between clean and corrected histograms.")
-@click.option("--mad-threshold", type=float, default=7.0, show_default=True,
-              help="Anomaly-score threshold for detection (3 suits warping triggers).")
-@click.option("--epochs", type=click.IntRange(1), default=FitSettings.epochs, show_default=True,
-              help="Epochs of Θ fitting.")
-@click.option("--restarts", type=click.IntRange(1), default=ReverseSettings.restarts,
-              show_default=True, help="Independent trigger estimates per target and family.")
-@click.option("--device", type=click.Choice(["cpu"]), default="cpu", show_default=True,
-              help="Where to compute.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random "
-              "choice; the same inputs and seed give the same fit file.")
-@click.option("--input-range", help="LO,HI of the model's input (default: 0,1 widened to the "
-              "data's range).")
+@click.option(
+    "--trigger-type",
+    type=click.Choice(["patch", "perturbation", "both"]),
+    default="both",
+    show_default=True,
+    help="Trigger families to reverse-engineer.",
+)
+@click.option(
+    "--divergence",
+    type=click.Choice(["tv", "js", "kl"]),
+    default="tv",
+    show_default=True,
+    help="Divergence between clean and corrected histograms.",
+)
+@click.option(
+    "--mad-threshold",
+    type=float,
+    default=7.0,
+    show_default=True,
+    help="Anomaly-score threshold for detection (3 suits warping triggers).",
+)
+@click.option(
+    "--epochs",
+    type=click.IntRange(1),
+    default=FitSettings.epochs,
+    show_default=True,
+    help="Epochs of Θ fitting.",
+)
+@click.option(
+    "--restarts",
+    type=click.IntRange(1),
+    default=ReverseSettings.restarts,
+    show_default=True,
+    help="Independent trigger estimates per target and family.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu"]),
+    default="cpu",
+    show_default=True,
+    help="Where to compute.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of every random choice; the same inputs and seed give the same fit file.",
+)
+@click.option(
+    "--input-range", help="LO,HI of the model's input (default: 0,1 widened to the data's range)."
+)
 @common
-def fit(model_spec: str, weights: str | None, data_path: str, output: str, targets: str | None,
-        pairs: str | None, trigger_type: str, divergence: str, mad_threshold: float,
-        epochs: int, restarts: int, device: str, seed: int, input_range: str | None,
-        as_json: bool, quiet: bool) -> None:
+def fit(
+    model_spec: str,
+    weights: str | None,
+    data_path: str,
+    output: str,
+    targets: str | None,
+    pairs: str | None,
+    trigger_type: str,
+    divergence: str,
+    mad_threshold: float,
+    epochs: int,
+    restarts: int,
+    device: str,
+    seed: int,
+    input_range: str | None,
+    as_json: bool,
+    quiet: bool,
+) -> None:
     """Reverse-engineer triggers and fit the BNA correction Θ_t for each target class."""
     import dataclasses
 
@@ -177,39 +248,61 @@ def fit(model_spec: str, weights: str | None, data_path: str, output: str, targe
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tlist, plist = _int_list(targets, "--targets"), _pairs(pairs)
     if tlist is None and plist is None:
-        raise BadInputError("detection over all class pairs is not available yet: pass "
-                            "--targets or --pairs")
+        raise BadInputError(
+            "detection over all class pairs is not available yet: pass --targets or --pairs"
+        )
     if not Path(output).resolve().parent.is_dir():
         raise BadInputError(f"{output}: the folder does not exist")
     base = Settings()
     settings = dataclasses.replace(
-        base, trigger_type=trigger_type, seed=seed,
+        base,
+        trigger_type=trigger_type,
+        seed=seed,
         fit=dataclasses.replace(base.fit, divergence=divergence, epochs=epochs),
         reverse=dataclasses.replace(base.reverse, restarts=restarts),
-        detect=dataclasses.replace(base.detect, mad_threshold=mad_threshold))
+        detect=dataclasses.replace(base.detect, mad_threshold=mad_threshold),
+    )
     data = load_data(data_path)
     model = _load(model_spec, weights, data)
     progress = Progress(enabled=not quiet and sys.stderr.isatty())
     start = time.perf_counter()
     try:
-        outcome = fit_defence(model, data, targets=tlist, pairs=plist, settings=settings,
-                              input_range=_range(input_range), progress=progress)
+        outcome = fit_defence(
+            model,
+            data,
+            targets=tlist,
+            pairs=plist,
+            settings=settings,
+            input_range=_range(input_range),
+            progress=progress,
+        )
     finally:
         progress.close()
     digest = artifact.save(output, outcome.fit)
     h = outcome.fit.header
     seconds = time.perf_counter() - start
     if as_json:
-        _emit({"output": output, "sha256": digest, "seconds": round(seconds, 2),
-               "attacked": h["attacked"], "targets": h["targets"], "pairs": h["pairs"],
-               "sources": h["sources"], "families": h["families"]})
+        _emit(
+            {
+                "output": output,
+                "sha256": digest,
+                "seconds": round(seconds, 2),
+                "attacked": h["attacked"],
+                "targets": h["targets"],
+                "pairs": h["pairs"],
+                "sources": h["sources"],
+                "families": h["families"],
+            }
+        )
         return
     click.echo(f"fitted {len(h['targets'])} target(s) in {seconds:.1f}s -> {output}")
     for t in h["targets"]:
         used = [tr for tr in h["triggers"] if tr["target"] == t and tr["used"]]
         sizes = ", ".join(f"{tr['size']:.2f}" for tr in used)
-        click.echo(f"  target {t}: sources {h['sources'][str(t)]}, {h['families'][str(t)]} "
-                   f"trigger(s) of size {sizes}, success {used[0]['success']:.2f}")
+        click.echo(
+            f"  target {t}: sources {h['sources'][str(t)]}, {h['families'][str(t)]} "
+            f"trigger(s) of size {sizes}, success {used[0]['success']:.2f}"
+        )
 
 
 def _summary(fit: artifact.FitFile, path: str) -> dict[str, Any]:
@@ -251,39 +344,70 @@ def inspect(fit_path: str, as_json: bool, quiet: bool) -> None:
     click.echo("triggers:")
     click.echo(f"  {'target':>6} {'family':<12} {'size':>8} {'rel.':>7} {'success':>8} used")
     for tr in s["triggers"] or []:
-        click.echo(f"  {tr['target']:>6} {tr['family']:<12} {tr['size']:>8.3f} "
-                   f"{tr['relative_size']:>7.4f} {tr['success']:>8.3f} "
-                   f"{'yes' if tr['used'] else ''}")
+        click.echo(
+            f"  {tr['target']:>6} {tr['family']:<12} {tr['size']:>8.3f} "
+            f"{tr['relative_size']:>7.4f} {tr['success']:>8.3f} "
+            f"{'yes' if tr['used'] else ''}"
+        )
     n_ch = sum(la["channels"] for la in s["layers"] or [])
     click.echo(f"layers: {len(s['layers'] or [])} BatchNorm layers, {n_ch} channels")
     st = s["settings"] or {}
     f = st.get("fit", {})
-    click.echo(f"settings: divergence {f.get('divergence')}, epochs {f.get('epochs')}, "
-               f"lr {f.get('lr')}, seed {st.get('seed')}, trigger type {st.get('trigger_type')}")
+    click.echo(
+        f"settings: divergence {f.get('divergence')}, epochs {f.get('epochs')}, "
+        f"lr {f.get('lr')}, seed {st.get('seed')}, trigger type {st.get('trigger_type')}"
+    )
 
 
 @cli.command()
 @click.argument("model_spec", metavar="MODEL")
-@click.option("--weights", type=click.Path(dir_okay=False),
-              help="State dict for a package.module:callable MODEL.")
-@click.option("--clean", "clean_path", required=True, type=click.Path(),
-              help="Clean test images (.npz with x, y, or a folder per class).")
-@click.option("--triggered", "trig_path", type=click.Path(),
-              help=".npz with triggered x, true source y, and attack_label.")
-@click.option("--fit", "fit_path", type=click.Path(), help="Fit file: evaluate the mitigated "
-              "classifier (PyTorch reference) instead of the model alone.")
+@click.option(
+    "--weights",
+    type=click.Path(dir_okay=False),
+    help="State dict for a package.module:callable MODEL.",
+)
+@click.option(
+    "--clean",
+    "clean_path",
+    required=True,
+    type=click.Path(),
+    help="Clean test images (.npz with x, y, or a folder per class).",
+)
+@click.option(
+    "--triggered",
+    "trig_path",
+    type=click.Path(),
+    help=".npz with triggered x, true source y, and attack_label.",
+)
+@click.option(
+    "--fit",
+    "fit_path",
+    type=click.Path(),
+    help="Fit file: evaluate the mitigated "
+    "classifier (PyTorch reference) instead of the model alone.",
+)
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
 @common
-def evaluate(model_spec: str, weights: str | None, clean_path: str, trig_path: str | None,
-             fit_path: str | None, batch_size: int, as_json: bool, quiet: bool) -> None:
+def evaluate(
+    model_spec: str,
+    weights: str | None,
+    clean_path: str,
+    trig_path: str | None,
+    fit_path: str | None,
+    batch_size: int,
+    as_json: bool,
+    quiet: bool,
+) -> None:
     """ACC, ASR, SIA, TPR, FPR of a model, or of its BNA-mitigated version with --fit.
 
     FPR is the share of clean images of the attack's target classes (the attack labels of
     --triggered; without it the fit's targets) that get flagged.
     """
     if model_spec.endswith(".onnx"):
-        raise BadInputError("evaluating a built .onnx graph is not available yet; pass the "
-                            "original model with --fit")
+        raise BadInputError(
+            "evaluating a built .onnx graph is not available yet; pass the "
+            "original model with --fit"
+        )
     clean = load_data(clean_path)
     trig, attack = None, None
     if trig_path is not None:
@@ -301,8 +425,9 @@ def evaluate(model_spec: str, weights: str | None, clean_path: str, trig_path: s
         if ds is not None:
             check_against_model(ds, clean.x.shape[1:], n_classes or k, name)
     if attack is not None and attack.max() >= k:
-        raise BadInputError(f"--triggered: attack label {int(attack.max())} but the model has "
-                            f"{k} classes")
+        raise BadInputError(
+            f"--triggered: attack label {int(attack.max())} but the model has {k} classes"
+        )
     targets = sorted(set(attack.tolist())) if attack is not None else (mit.targets if mit else [])
 
     def run(targets_fit: list[int], thetas: Any, x: np.ndarray) -> Any:
@@ -316,20 +441,34 @@ def evaluate(model_spec: str, weights: str | None, clean_path: str, trig_path: s
         pc = run(tf, th, clean.x)
         pt = run(tf, th, trig.x) if trig is not None else None
         results[name] = compute_metrics(
-            pc.label, clean.y, pc.triggered if th is not None else None,
-            pt.label if pt else None, trig.y if trig else None, attack,
-            pt.triggered if (pt and th is not None) else None, targets)
+            pc.label,
+            clean.y,
+            pc.triggered if th is not None else None,
+            pt.label if pt else None,
+            trig.y if trig else None,
+            attack,
+            pt.triggered if (pt and th is not None) else None,
+            targets,
+        )
     main = results["mitigated" if mit else "model"]
     if as_json:
-        _emit({**main, "model": results["model"], "evaluated": "mitigated" if mit else "model",
-               "targets": targets, "clean_images": len(clean),
-               "triggered_images": len(trig) if trig else 0})
+        _emit(
+            {
+                **main,
+                "model": results["model"],
+                "evaluated": "mitigated" if mit else "model",
+                "targets": targets,
+                "clean_images": len(clean),
+                "triggered_images": len(trig) if trig else 0,
+            }
+        )
         return
     cols = list(results)
     click.echo(f"{'metric':<8}" + "".join(f"{c:>12}" for c in cols))
     for key in ("acc", "asr", "sia", "tpr", "fpr"):
-        cells = "".join(f"{'-' if results[c][key] is None else f'{results[c][key]:.4f}':>12}"
-                        for c in cols)
+        cells = "".join(
+            f"{'-' if results[c][key] is None else f'{results[c][key]:.4f}':>12}" for c in cols
+        )
         click.echo(f"{key.upper():<8}{cells}")
 
 

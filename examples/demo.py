@@ -19,8 +19,7 @@ from bna_export.scenario import build_scenario, digits, write_scenario
 
 def run(*args: str) -> None:
     exe = shutil.which("bna-export") or sys.executable
-    cmd = [exe, *args] if exe.endswith("bna-export") else [exe, "-m", "bna_export.cli.main",
-                                                           *args]
+    cmd = [exe, *args] if exe.endswith("bna-export") else [exe, "-m", "bna_export.cli.main", *args]
     print("$ bna-export " + " ".join(args), flush=True)
     subprocess.run(cmd, check=True)
     print(flush=True)
@@ -38,14 +37,36 @@ def main() -> None:
     x, y = digits()
     sc = build_scenario(x, y, attack=args.attack, target=args.target, seed=args.seed)
     files = write_scenario(sc, out)
-    print(f"trained a digits CNN poisoned with a {args.attack} trigger (target {args.target}) "
-          f"in {time.perf_counter() - t0:.0f}s; files in {out}/\n", flush=True)
+    print(
+        f"trained a digits CNN poisoned with a {args.attack} trigger (target {args.target}) "
+        f"in {time.perf_counter() - t0:.0f}s; files in {out}/\n",
+        flush=True,
+    )
     fit = out / "fit.bna"
-    run("fit", "--model", str(files["model"]), "--data", str(files["defender"]),
-        "--targets", str(args.target), "-o", str(fit), "--seed", str(args.seed))
+    run(
+        "fit",
+        "--model",
+        str(files["model"]),
+        "--data",
+        str(files["defender"]),
+        "--targets",
+        str(args.target),
+        "-o",
+        str(fit),
+        "--seed",
+        str(args.seed),
+    )
     run("inspect", str(fit))
-    run("evaluate", str(files["model"]), "--fit", str(fit), "--clean", str(files["test"]),
-        "--triggered", str(files["triggered"]))
+    run(
+        "evaluate",
+        str(files["model"]),
+        "--fit",
+        str(fit),
+        "--clean",
+        str(files["test"]),
+        "--triggered",
+        str(files["triggered"]),
+    )
 
 
 if __name__ == "__main__":

@@ -8,10 +8,13 @@ from bna_export.errors import FitFileError
 def sample() -> artifact.FitFile:
     return artifact.FitFile(
         {"targets": [3], "nested": {"b": 1, "a": [1.5, None]}},
-        {"theta.0": np.arange(12, dtype=np.float32).reshape(1, 4, 3),
-         "probe.label": np.array([1, 2, 3], dtype=np.int64),
-         "probe.triggered": np.array([True, False]),
-         "empty": np.zeros((0, 5), dtype=np.float32)})
+        {
+            "theta.0": np.arange(12, dtype=np.float32).reshape(1, 4, 3),
+            "probe.label": np.array([1, 2, 3], dtype=np.int64),
+            "probe.triggered": np.array([True, False]),
+            "empty": np.zeros((0, 5), dtype=np.float32),
+        },
+    )
 
 
 def test_round_trip(tmp_path):

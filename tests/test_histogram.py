@@ -15,8 +15,9 @@ def dense_reference(values, rows, lo, nbins, s: HistogramSettings):
         m = int(nbins[r])
         for k in range(m):
             left = 1.0 if k == 0 else torch.sigmoid(s.tau * (z - (lo[r] + k * s.bin_width)))
-            right = 0.0 if k == m - 1 else torch.sigmoid(
-                s.tau * (z - (lo[r] + (k + 1) * s.bin_width)))
+            right = (
+                0.0 if k == m - 1 else torch.sigmoid(s.tau * (z - (lo[r] + (k + 1) * s.bin_width)))
+            )
             out[r, k] += left - right
     return out
 
@@ -30,8 +31,9 @@ def test_windowed_equals_dense(dtype):
     nbins = bin_layout(lo, hi, s.bin_width)
     rows = torch.randint(0, 3, (300,), generator=g)
     # spread past both ends so the half-infinite bins matter
-    values = (lo[rows] - 0.5 + (hi[rows] - lo[rows] + 1.0) * torch.rand(300, generator=g,
-                                                                         dtype=dtype))
+    values = (
+        lo[rows] - 0.5 + (hi[rows] - lo[rows] + 1.0) * torch.rand(300, generator=g, dtype=dtype)
+    )
     fast = soft_histogram(values, rows, lo, nbins, s)
     slow = dense_reference(values, rows, lo, nbins, s)
     assert fast.shape == slow.shape
@@ -55,8 +57,9 @@ def test_uniform_samples_fill_bins_equally():
     centres = torch.arange(10, dtype=torch.float64) * 0.1 + 0.05  # bin centres of [0, 1)
     values = centres.repeat(100)
     rows = torch.zeros_like(values, dtype=torch.int64)
-    counts = soft_histogram(values, rows, torch.tensor([0.0], dtype=torch.float64),
-                            torch.tensor([10]), s)
+    counts = soft_histogram(
+        values, rows, torch.tensor([0.0], dtype=torch.float64), torch.tensor([10]), s
+    )
     assert torch.allclose(counts[0], torch.full((10,), 100.0, dtype=torch.float64), atol=1e-3)
 
 
@@ -67,7 +70,8 @@ def test_gradcheck_float64():
     rows = torch.zeros(12, dtype=torch.int64)
     lo, nbins = torch.tensor([0.0], dtype=torch.float64), torch.tensor([5])
     assert torch.autograd.gradcheck(
-        lambda v: soft_histogram(v, rows, lo, nbins, s), (values,), eps=1e-7, atol=1e-4)
+        lambda v: soft_histogram(v, rows, lo, nbins, s), (values,), eps=1e-7, atol=1e-4
+    )
 
 
 def test_window_error_bound_is_tiny():

@@ -6,11 +6,15 @@ from bna_export.metrics import compute_metrics
 
 def test_known_answers():
     m = compute_metrics(
-        clean_label=np.array([0, 1, 2, 2]), clean_y=np.array([0, 1, 2, 1]),
+        clean_label=np.array([0, 1, 2, 2]),
+        clean_y=np.array([0, 1, 2, 1]),
         clean_flag=np.array([False, True, False, False]),
-        trig_label=np.array([2, 0, 2, 1]), trig_y=np.array([0, 0, 1, 1]),
-        attack_label=np.array([2, 2, 2, 2]), trig_flag=np.array([False, True, False, True]),
-        targets=[1])
+        trig_label=np.array([2, 0, 2, 1]),
+        trig_y=np.array([0, 0, 1, 1]),
+        attack_label=np.array([2, 2, 2, 2]),
+        trig_flag=np.array([False, True, False, True]),
+        targets=[1],
+    )
     assert m["acc"] == pytest.approx(0.75)
     assert m["asr"] == pytest.approx(0.5)
     assert m["sia"] == pytest.approx(0.5)

@@ -92,13 +92,16 @@ def test_factory_with_weights(tmp_path, monkeypatch):
         assert torch.allclose(model(X), net(X), atol=1e-6)
 
 
-@pytest.mark.parametrize("spec, match", [
-    ("tiny_models:make_no_bn", "no BatchNorm"),
-    ("tiny_models:make_not_a_module", "expected a torch.nn.Module"),
-    ("tiny_models:missing", "cannot import"),
-    ("no_such_module_xyz:f", "cannot import"),
-    ("model.bin", "expected a .pt2 file"),
-])
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("tiny_models:make_no_bn", "no BatchNorm"),
+        ("tiny_models:make_not_a_module", "expected a torch.nn.Module"),
+        ("tiny_models:missing", "cannot import"),
+        ("no_such_module_xyz:f", "cannot import"),
+        ("model.bin", "expected a .pt2 file"),
+    ],
+)
 def test_bad_models_are_model_errors(spec, match, monkeypatch):
     monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
     with pytest.raises(ModelError, match=match):

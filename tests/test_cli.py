@@ -1,0 +1,174 @@
+"""The command line as a user runs it: exit codes, one-line errors, JSON on stdout."""
+
+import json
+
+import pytest
+from bna_export.cli.main import cli
+from click.testing import CliRunner
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def fitted(patch_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fit") / "fit.bna"
+    res = invoke(
+        "fit",
+        "--model",
+        patch_files["model"],
+        "--data",
+        patch_files["defender"],
+        "--targets",
+        "0",
+        "-o",
+        out,
+        "--json",
+        "--quiet",
+    )
+    assert res.exit_code == 0, res.output
+    return out, json.loads(res.stdout)
+
+
+def test_fit_then_evaluate_repairs_the_model(patch_files, fitted):
+    out, report = fitted
+    assert report["targets"] == [0] and report["attacked"] is True
+    assert report["sources"] == {"0": [1, 2, 3, 4]}
+    common = ["--clean", patch_files["test"], "--triggered", patch_files["triggered"], "--json"]
+    before = json.loads(invoke("evaluate", patch_files["model"], *common).stdout)
+    after = json.loads(invoke("evaluate", patch_files["model"], "--fit", out, *common).stdout)
+    assert set(after) >= {"acc", "asr", "sia", "tpr", "fpr"}
+    assert before["asr"] > 0.9 and before["tpr"] is None
+    assert after["asr"] < 0.1, after
+    assert before["acc"] - after["acc"] < 0.03, (before, after)
+    assert after["sia"] > 0.8 and after["tpr"] > 0.8
+    keys = ("acc", "asr", "sia", "tpr", "fpr")
+    assert {k: after["model"][k] for k in keys} == {k: before[k] for k in keys}
+
+
+def test_evaluate_table(patch_files, fitted):
+    res = invoke(
+        "evaluate",
+        patch_files["model"],
+        "--fit",
+        fitted[0],
+        "--clean",
+        patch_files["test"],
+        "--triggered",
+        patch_files["triggered"],
+    )
+    lines = res.stdout.splitlines()
+    assert lines[0].split() == ["metric", "model", "mitigated"]
+    assert [ln.split()[0] for ln in lines[1:]] == ["ACC", "ASR", "SIA", "TPR", "FPR"]
+
+
+def test_inspect_json_has_the_design_keys(fitted):
+    res = invoke("inspect", fitted[0], "--json")
+    assert res.exit_code == 0
+    info = json.loads(res.stdout)
+    for key in ("attacked", "targets", "pairs", "sources", "scores", "settings", "layers"):
+        assert key in info
+    assert info["pairs"] == [[1, 0], [2, 0], [3, 0], [4, 0]]
+    assert len(info["layers"]) == 3
+    assert set(info["scores"]) == {"patch", "perturbation"}
+    text = invoke("inspect", fitted[0]).stdout
+    assert "targets: [0]" in text and "BatchNorm layers" in text
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--targets", "9"], "class 9 does not exist"),
+        (["--pairs", "1:1"], "same source and target"),
+        (["--pairs", "1-2"], "expected SOURCE:TARGET"),
+        (["--targets", "a"], "comma-separated"),
+        ([], "pass --targets or --pairs"),
+    ],
+)
+def test_fit_bad_options_exit_2_with_one_line(patch_files, tmp_path, extra, message):
+    out = tmp_path / "f.bna"
+    res = invoke(
+        "fit",
+        "--model",
+        patch_files["model"],
+        "--data",
+        patch_files["defender"],
+        "-o",
+        out,
+        "-q",
+        *extra,
+    )
+    assert res.exit_code == 2
+    assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bad_files_exit_2(patch_files, tmp_path):
+    out = tmp_path / "f.bna"
+    res = invoke(
+        "fit",
+        "--model",
+        patch_files["model"],
+        "--data",
+        tmp_path / "nope.npz",
+        "--targets",
+        "0",
+        "-o",
+        out,
+    )
+    assert res.exit_code == 2 and "no such file" in res.stderr
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"garbage")
+    res = invoke(
+        "fit", "--model", patch_files["model"], "--data", junk, "--targets", "0", "-o", out
+    )
+    assert res.exit_code == 2 and "not a readable .npz" in res.stderr
+    res = invoke(
+        "fit",
+        "--model",
+        tmp_path / "m.pt2",
+        "--data",
+        patch_files["defender"],
+        "--targets",
+        "0",
+        "-o",
+        out,
+    )
+    assert res.exit_code == 2 and "does not exist" in res.stderr
+    res = invoke("inspect", junk)
+    assert res.exit_code == 2 and "not a .bna fit file" in res.stderr
+    res = invoke(
+        "fit",
+        "--model",
+        patch_files["model"],
+        "--data",
+        patch_files["defender"],
+        "--targets",
+        "0",
+        "-o",
+        tmp_path / "missing" / "f.bna",
+    )
+    assert res.exit_code == 2 and "folder does not exist" in res.stderr
+    assert not out.exists()
+
+
+def test_evaluate_refuses_a_fit_of_another_model(patch_files, fitted, tmp_path):
+    import numpy as np
+
+    from bna_export import artifact
+
+    fit = artifact.load(fitted[0])
+    fit.tensors["layer.0.running_mean"] = fit.tensors["layer.0.running_mean"] + 1.0
+    other = tmp_path / "other.bna"
+    artifact.save(other, fit)
+    res = invoke("evaluate", patch_files["model"], "--fit", other, "--clean", patch_files["test"])
+    assert res.exit_code == 2 and "not the model that was fitted" in res.stderr
+    np.testing.assert_array_equal(
+        artifact.load(fitted[0]).tensors["theta.0"], fit.tensors["theta.0"]
+    )
+
+
+def test_help_explains():
+    res = invoke("fit", "--help")
+    assert res.exit_code == 0 and "--targets" in res.stdout and "--seed" in res.stdout
