@@ -36,6 +36,9 @@ def with_overrides(settings: Settings, items: list[str]) -> Settings:
         key, _, raw = item.partition("=")
         part, _, name = key.partition(".")
         value = json.loads(raw) if raw[:1] in "0123456789-[{tf" else raw
+        if not name:  # a top-level field such as family_rule
+            settings = dataclasses.replace(settings, **{part: value})
+            continue
         sub = getattr(settings, part)
         settings = dataclasses.replace(
             settings, **{part: dataclasses.replace(sub, **{name: value})}

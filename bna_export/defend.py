@@ -147,6 +147,9 @@ def fit_defence(
         mine = [e for e in estimates if e.problem.target == t]
         best = choose_family(mine, (lo, hi), settings.reverse.success)
         chosen[t] = [e for e in mine if e.family == best.family]
+        if settings.family_rule == "successful":
+            ok = [e for e in mine if e.success >= settings.reverse.success]
+            chosen[t] = ok or chosen[t]
     result = fit_thetas(
         model,
         data,

@@ -102,18 +102,18 @@ def reverse_engineer(
     targets = torch.tensor([p.target for p in problems])
     is_patch = torch.tensor([p.family == "patch" for p in problems])
 
-    # Unconstrained parameters: m = (tanh + 1)/2, pattern in [lo, hi] by tanh, v by tanh·(hi-lo).
+    # Parameters: m = (tanh + 1)/2 and pattern in [lo, hi] by tanh; v raw, clamped to ±(hi - lo).
     params = {
-        "mask": torch.randn((n_prob, 1, 1, h, w), generator=gen) * 0.1 - 2.0,
+        "mask": torch.randn((n_prob, 1, 1, h, w), generator=gen) * 0.1 - 3.0,
         "pattern": torch.randn((n_prob, 1, c, h, w), generator=gen) * 0.1,
-        "v": torch.randn((n_prob, 1, c, h, w), generator=gen) * 0.01,
+        "v": torch.randn((n_prob, 1, c, h, w), generator=gen) * 0.001 * (hi - lo),
     }
     moments = {k: (torch.zeros_like(t), torch.zeros_like(t)) for k, t in params.items()}
 
     def decode(pr: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         mask = (torch.tanh(pr["mask"]) + 1) / 2
         pattern = lo + (hi - lo) * (torch.tanh(pr["pattern"]) + 1) / 2
-        v = (hi - lo) * torch.tanh(pr["v"])
+        v = pr["v"]  # raw: a tanh would saturate and freeze v at ±(hi - lo)
         return mask, pattern, v
 
     def sizes(mask: Tensor, v: Tensor) -> Tensor:
@@ -121,7 +121,7 @@ def reverse_engineer(
         l2 = v.flatten(1).norm(dim=1)
         return torch.where(is_patch, l1, l2)
 
-    cost = torch.full((n_prob,), settings.init_cost)
+    cost = torch.where(is_patch, settings.init_cost, settings.init_cost_perturbation)
     steps = torch.zeros(n_prob, dtype=torch.int64)
     active = torch.ones(n_prob, dtype=torch.bool)
     best_size = torch.full((n_prob,), float("inf"))
@@ -175,7 +175,9 @@ def reverse_engineer(
             shape = (-1,) + (1,) * (g.dim() - 1)
             m_hat = m1[idx_active] / (1 - b1**t).view(shape)
             v_hat = m2[idx_active] / (1 - b2**t).view(shape)
-            params[k][idx_active] -= settings.lr * m_hat / (v_hat.sqrt() + _ADAM_EPS)
+            lr = settings.perturbation_lr * (hi - lo) if k == "v" else settings.lr
+            params[k][idx_active] -= lr * m_hat / (v_hat.sqrt() + _ADAM_EPS)
+        params["v"].clamp_(-(hi - lo), hi - lo)
         done += idx_active.numel()
         if progress is not None:
             progress(done, total)

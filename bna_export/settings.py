@@ -36,11 +36,16 @@ class ReverseSettings:
     batch_size: int = 32
     """Clean images drawn per problem per step."""
     lr: float = 0.1
-    """Adam step size on the unconstrained (tanh) trigger parameters."""
+    """Adam step size on the unconstrained (tanh) mask and pattern parameters."""
+    perturbation_lr: float = 0.01
+    """Adam step size on the additive perturbation v, as a share of hi - lo per step."""
     success: float = 0.95
     """A trigger succeeds when this share of the problem's images reaches the target."""
     init_cost: float = 1e-3
     """Initial weight λ of the size penalty (Neural Cleanse's default)."""
+    init_cost_perturbation: float = 0.05
+    """Initial λ for the perturbation family: ‖v‖₂ is far smaller than a mask's ‖m‖₁, so it
+    needs a larger weight to shrink within the step budget."""
     cost_multiplier: float = 1.5
     """λ grows by this factor while the trigger succeeds and shrinks by its 1.5th power when not."""
     check_every: int = 10
@@ -117,6 +122,9 @@ class Settings:
     detect: DetectSettings = field(default_factory=DetectSettings)
     trigger_type: TriggerType = "both"
     """Trigger families to reverse-engineer; 'both' because the defender does not know."""
+    family_rule: Literal["smallest", "successful"] = "smallest"
+    """With trigger_type 'both': fit on the family with the smallest relative successful
+    trigger ('smallest'), or on every family whose trigger succeeds ('successful')."""
     seed: int = 0
     """Seed of every random choice (sampling, initialisation)."""
 

@@ -12,14 +12,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import click
-import numpy as np
 
 from bna_export import __version__, artifact
-from bna_export.data import Dataset, check_against_model, load_data, load_npz
+from bna_export.data import Dataset, load_data, load_npz
 from bna_export.defend import Mitigation, fit_defence
 from bna_export.errors import BadInputError, BnaError
-from bna_export.fit import predict_mitigated
-from bna_export.metrics import compute_metrics
+from bna_export.evaluation import evaluate_reference
 from bna_export.model import BnaModel, load_model
 from bna_export.settings import FitSettings, ReverseSettings, Settings
 
@@ -243,9 +241,6 @@ def fit(
     """Reverse-engineer triggers and fit the BNA correction Θ_t for each target class."""
     import dataclasses
 
-    import torch
-
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     tlist, plist = _int_list(targets, "--targets"), _pairs(pairs)
     if tlist is None and plist is None:
         raise BadInputError(
@@ -414,62 +409,31 @@ def evaluate(
         trig, more = load_npz(trig_path, extra=("attack_label",))
         attack = more["attack_label"]
     model = _load(model_spec, weights, clean)
-    fit = artifact.load(fit_path) if fit_path is not None else None
-    mit = Mitigation.from_fit(fit) if fit is not None else None
-    if mit is not None and fit is not None:
-        mit.check_model(model, fit)
-    n_classes = mit.n_classes if mit else None
-    with __import__("torch").no_grad():
-        k = int(model(__import__("torch").from_numpy(clean.x[:1])).shape[1])
-    for name, ds in (("--clean", clean), ("--triggered", trig)):
-        if ds is not None:
-            check_against_model(ds, clean.x.shape[1:], n_classes or k, name)
-    if attack is not None and attack.max() >= k:
-        raise BadInputError(
-            f"--triggered: attack label {int(attack.max())} but the model has {k} classes"
-        )
-    targets = sorted(set(attack.tolist())) if attack is not None else (mit.targets if mit else [])
-
-    def run(targets_fit: list[int], thetas: Any, x: np.ndarray) -> Any:
-        return predict_mitigated(model, targets_fit, thetas, x, batch=batch_size)
-
-    results = {}
-    variants = [("model", [], None)]
-    if mit is not None:
-        variants.append(("mitigated", mit.targets, mit.thetas))
-    for name, tf, th in variants:
-        pc = run(tf, th, clean.x)
-        pt = run(tf, th, trig.x) if trig is not None else None
-        results[name] = compute_metrics(
-            pc.label,
-            clean.y,
-            pc.triggered if th is not None else None,
-            pt.label if pt else None,
-            trig.y if trig else None,
-            attack,
-            pt.triggered if (pt and th is not None) else None,
-            targets,
-        )
-    main = results["mitigated" if mit else "model"]
+    mitigation = None
+    if fit_path is not None:
+        fit = artifact.load(fit_path)
+        mitigation = Mitigation.from_fit(fit)
+        mitigation.check_model(model, fit)
+    ev = evaluate_reference(model, clean, trig, attack, mitigation, batch=batch_size)
     if as_json:
         _emit(
             {
-                **main,
-                "model": results["model"],
-                "evaluated": "mitigated" if mit else "model",
-                "targets": targets,
-                "clean_images": len(clean),
-                "triggered_images": len(trig) if trig else 0,
+                **ev.main,
+                "model": ev.results["model"],
+                "evaluated": "mitigated" if mitigation else "model",
+                "targets": ev.targets,
+                "clean_images": ev.clean_images,
+                "triggered_images": ev.triggered_images,
             }
         )
         return
-    cols = list(results)
+    cols = list(ev.results)
     click.echo(f"{'metric':<8}" + "".join(f"{c:>12}" for c in cols))
     for key in ("acc", "asr", "sia", "tpr", "fpr"):
-        cells = "".join(
-            f"{'-' if results[c][key] is None else f'{results[c][key]:.4f}':>12}" for c in cols
+        cells = [ev.results[c][key] for c in cols]
+        click.echo(
+            f"{key.upper():<8}" + "".join(f"{'-' if v is None else f'{v:.4f}':>12}" for v in cells)
         )
-        click.echo(f"{key.upper():<8}{cells}")
 
 
 def main() -> None:

@@ -1,0 +1,83 @@
+"""Evaluating a model and its BNA-mitigated version (the PyTorch reference) on clean and
+triggered sets: input checks, routed predictions, and the five metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .data import Dataset, check_against_model
+from .defend import Mitigation, model_output_classes
+from .errors import BadInputError
+from .fit import predict_mitigated
+from .metrics import compute_metrics
+from .model import BnaModel
+
+
+@dataclass
+class Evaluation:
+    """Metrics per variant ('model', and 'mitigated' when a fit was given)."""
+
+    results: dict[str, dict[str, float | None]]
+    targets: list[int]
+    clean_images: int
+    triggered_images: int
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def main(self) -> dict[str, float | None]:
+        return self.results.get("mitigated", self.results["model"])
+
+
+def evaluate_reference(
+    model: BnaModel,
+    clean: Dataset,
+    triggered: Dataset | None = None,
+    attack_label: np.ndarray | None = None,
+    mitigation: Mitigation | None = None,
+    batch: int = 256,
+) -> Evaluation:
+    """Evaluate f (and g with routing when ``mitigation`` is given).
+
+    FPR is measured on clean images of the attack's target classes: the distinct
+    ``attack_label`` values, or the fit's targets when there is no triggered set.
+    """
+    k = model_output_classes(model, clean.x)
+    if mitigation is not None and mitigation.n_classes != k:
+        raise BadInputError(
+            f"the fit file is for {mitigation.n_classes} classes, the model has {k}"
+        )
+    for name, ds in (("clean set", clean), ("triggered set", triggered)):
+        if ds is not None:
+            check_against_model(ds, clean.x.shape[1:], k, name)
+    if triggered is not None and attack_label is None:
+        raise BadInputError("the triggered set has no attack_label")
+    if attack_label is not None and attack_label.max() >= k:
+        raise BadInputError(f"attack label {int(attack_label.max())} but the model has {k} classes")
+    if attack_label is not None:
+        targets = sorted({int(a) for a in attack_label})
+    else:
+        targets = list(mitigation.targets) if mitigation else []
+    variants: list[tuple[str, list[int], list[torch.Tensor] | None]] = [("model", [], None)]
+    if mitigation is not None:
+        variants.append(("mitigated", mitigation.targets, mitigation.thetas))
+    results = {}
+    for name, fit_targets, thetas in variants:
+        mitigated = thetas is not None
+        pc = predict_mitigated(model, fit_targets, thetas, clean.x, batch)
+        pt = (
+            predict_mitigated(model, fit_targets, thetas, triggered.x, batch) if triggered else None
+        )
+        results[name] = compute_metrics(
+            pc.label,
+            clean.y,
+            pc.triggered if mitigated else None,
+            pt.label if pt else None,
+            triggered.y if triggered else None,
+            attack_label,
+            pt.triggered if (pt and mitigated) else None,
+            targets,
+        )
+    return Evaluation(results, targets, len(clean), len(triggered) if triggered else 0)
