@@ -104,7 +104,7 @@ def reverse_engineer(
 
     # Parameters: m = (tanh + 1)/2 and pattern in [lo, hi] by tanh; v raw, clamped to ±(hi - lo).
     params = {
-        "mask": torch.randn((n_prob, 1, 1, h, w), generator=gen) * 0.1 - 3.0,
+        "mask": torch.randn((n_prob, 1, 1, h, w), generator=gen) * 0.1 - 2.0,
         "pattern": torch.randn((n_prob, 1, c, h, w), generator=gen) * 0.1,
         "v": torch.randn((n_prob, 1, c, h, w), generator=gen) * 0.001 * (hi - lo),
     }
@@ -194,11 +194,12 @@ def reverse_engineer(
             best_size = torch.where(better, size, best_size)
             for k in params:
                 best[k][better] = params[k][better]
-            stale = torch.where(better, 0, stale + worse.long())
+            # patience runs only while the trigger succeeds (λ is then pushing it smaller)
+            stale = torch.where(better, 0, stale + (worse & ok).long())
             up_count = torch.where(ok, up_count + 1, 0)
             down_count = torch.where(ok, 0, down_count + 1)
-            grow = active & (up_count >= settings.patience // 2 + 1)
-            shrink = active & (down_count >= settings.patience // 2 + 1)
+            grow = active & (up_count >= settings.cost_patience)
+            shrink = active & (down_count >= settings.cost_patience)
             cost = torch.where(grow, cost * settings.cost_multiplier, cost)
             cost = torch.where(shrink, cost / settings.cost_multiplier**1.5, cost)
             up_count = torch.where(grow, 0, up_count)

@@ -46,6 +46,8 @@ class ReverseSettings:
     init_cost_perturbation: float = 0.05
     """Initial λ for the perturbation family: ‖v‖₂ is far smaller than a mask's ‖m‖₁, so it
     needs a larger weight to shrink within the step budget."""
+    cost_patience: int = 3
+    """Checks in a row with (without) success before λ grows (shrinks)."""
     cost_multiplier: float = 1.5
     """λ grows by this factor while the trigger succeeds and shrinks by its 1.5th power when not."""
     check_every: int = 10

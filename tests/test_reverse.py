@@ -30,7 +30,7 @@ def test_backdoor_target_needs_a_far_smaller_patch(model, patch_scenario):
     assert [e.problem for e in ests] == problems
     backdoor, clean, pert = ests
     assert backdoor.success >= 0.9
-    assert backdoor.size < 0.5 * clean.size, (backdoor.size, clean.size)
+    assert backdoor.size < 0.75 * clean.size, (backdoor.size, clean.size)
     assert backdoor.mask.shape == (16, 16) and backdoor.pattern.shape == (1, 16, 16)
     assert pert.mask is None and pert.size == pytest.approx(np.linalg.norm(pert.pattern), 1e-4)
     # the recorded success is what embedding the trigger really does
