@@ -14,7 +14,6 @@ import importlib
 import logging
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -95,15 +94,6 @@ class BnaNorm(nn.Module):
         return out
 
 
-@dataclass
-class LayerInfo:
-    """What identifies one BN layer: its name in the source model and its tensors."""
-
-    name: str
-    channels: int
-    eps: float
-
-
 class BnaModel(nn.Module):
     """f with every BatchNorm as a :class:`BnaNorm`, in execution order."""
 
@@ -155,9 +145,6 @@ class BnaModel(nn.Module):
         finally:
             for layer in self.layers:
                 layer.capture_in = layer.capture_out = None
-
-    def layer_infos(self) -> list[LayerInfo]:
-        return [LayerInfo(la.name, la.channels, la.eps) for la in self.layers]
 
 
 def _execution_order(net: nn.Module, layers: list[BnaNorm], example: Tensor) -> list[BnaNorm]:

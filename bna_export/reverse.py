@@ -221,21 +221,17 @@ def reverse_engineer(
     for k in params:
         best[k][never] = params[k][never]
     mask, pattern, v = decode(best)
+    final_size = sizes(mask, v)
     estimates = []
     with torch.no_grad():
         for i, prob in enumerate(problems):
             est = TriggerEstimate(
                 problem=prob,
-                size=0.0,
+                size=float(final_size[i]),
                 success=0.0,
                 steps=int(steps[i]),
                 mask=mask[i, 0, 0].numpy().copy() if prob.family == "patch" else None,
                 pattern=(pattern[i, 0] if prob.family == "patch" else v[i, 0]).numpy().copy(),
-            )
-            est.size = (
-                float(sizes(mask[i : i + 1], v[i : i + 1])[0])
-                if prob.family == "patch"
-                else float(v[i].flatten().norm())
             )
             est.success = attack_success(model, x_all[pools[i]], est, prob.target, (lo, hi))
             estimates.append(est)
