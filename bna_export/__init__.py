@@ -54,6 +54,8 @@ __all__ = [
     "load_fit",
     "load_model",
     "load_npz",
+    "mad_scores",
+    "outliers",
     "poison",
     "predict_mitigated",
     "reverse_engineer",
