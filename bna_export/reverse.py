@@ -76,6 +76,16 @@ def _embed(
     return torch.where(is_patch.view(-1, 1, 1, 1, 1), patched, shifted)
 
 
+def _draw(pool_mat: Tensor, pool_len: Tensor, b: int, gen: torch.Generator) -> Tensor:
+    """b image indices per row of pool_mat (P, L) holding pool_len (P,) valid entries: without
+    replacement (a random permutation's first b), cycling through it when a pool is smaller."""
+    keys = torch.rand(pool_mat.shape, generator=gen)
+    keys[torch.arange(pool_mat.shape[1])[None, :] >= pool_len[:, None]] = 2.0  # padding last
+    perm = keys.argsort(1)  # (P, L)
+    cols = torch.arange(b)[None, :] % pool_len[:, None]  # (P, B)
+    return pool_mat.gather(1, perm.gather(1, cols))
+
+
 def reverse_engineer(
     model: BnaModel,
     data: Dataset,
@@ -93,12 +103,16 @@ def reverse_engineer(
         return []
     c, h, w = data.x.shape[1:]
     gen = torch.Generator().manual_seed(seed)
-    rng = np.random.default_rng(seed)
     x_all = torch.from_numpy(data.x)
     pools = [data.of_classes(list(p.sources)) for p in problems]
     if any(pool.size == 0 for pool in pools):
         empty = next(p for p, pool in zip(problems, pools, strict=True) if pool.size == 0)
         raise ValueError(f"no clean images of source classes {empty.sources}")
+    width = max(pool.size for pool in pools)
+    pool_mat = torch.zeros((n_prob, width), dtype=torch.int64)  # (P, L) padded image indices
+    pool_len = torch.tensor([pool.size for pool in pools])
+    for i, pool in enumerate(pools):  # once, at set-up
+        pool_mat[i, : pool.size] = torch.from_numpy(pool)
     targets = torch.tensor([p.target for p in problems])
     is_patch = torch.tensor([p.family == "patch" for p in problems])
 
@@ -143,10 +157,7 @@ def reverse_engineer(
             break
         grads = {k: torch.zeros_like(t) for k, t in params.items()}
         for chunk in torch.split(idx_active, per_forward):
-            sel = np.stack(
-                [rng.choice(pools[i], size=b, replace=pools[i].size < b) for i in chunk.tolist()]
-            )
-            xb = x_all[torch.from_numpy(sel)]  # (p, B, C, H, W)
+            xb = x_all[_draw(pool_mat[chunk], pool_len[chunk], b, gen)]  # (p, B, C, H, W)
             sub = {k: params[k][chunk].clone().requires_grad_(True) for k in params}
             mask, pattern, v = decode(sub)
             xt = _embed(xb, mask, pattern, v, is_patch[chunk], lo, hi)

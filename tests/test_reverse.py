@@ -72,3 +72,14 @@ def test_family_rule():
         choose_family([est("patch", 5.0, 0.5), est("perturbation", 1, 0.6)], (0, 1), 0.95).family
         == "perturbation"
     )
+
+
+def test_draw_takes_each_problem_from_its_own_pool():
+    from bna_export.reverse import _draw
+
+    pool_mat = torch.tensor([[5, 6, 7, 8, 9], [1, 2, 0, 0, 0]])
+    pool_len = torch.tensor([5, 2])
+    got = _draw(pool_mat, pool_len, 4, torch.Generator().manual_seed(0))
+    assert got.shape == (2, 4)
+    assert set(got[0].tolist()) <= {5, 6, 7, 8, 9} and len(set(got[0].tolist())) == 4
+    assert set(got[1].tolist()) == {1, 2}  # a pool smaller than the batch is cycled
