@@ -185,7 +185,7 @@ def fit_thetas(
             ce_routes.append(torch.full((n_t_imgs,), ti))
     ce_x, ce_route = torch.cat(ce_parts), torch.cat(ce_routes)
     ce_y = torch.tensor(targets, dtype=torch.int64)[ce_route]
-    keep_idx = torch.cat([torch.from_numpy(data.of_classes(list(sources[t]))) for t in targets])
+    keep_idx = torch.cat(src_idx)
     keep_route = torch.cat([torch.full((len(s),), ti) for ti, s in enumerate(src_idx)])
     keep_x, keep_y = x_all[keep_idx], torch.from_numpy(data.y)[keep_idx]
     history: list[float] = []

@@ -130,10 +130,9 @@ def reverse_engineer(
         v = pr["v"]  # raw: a tanh would saturate and freeze v at ±(hi - lo)
         return mask, pattern, v
 
-    def sizes(mask: Tensor, v: Tensor) -> Tensor:
-        l1 = mask.flatten(1).sum(1)
-        l2 = v.flatten(1).norm(dim=1)
-        return torch.where(is_patch, l1, l2)
+    def sizes(mask: Tensor, v: Tensor, patch: Tensor) -> Tensor:
+        """‖m‖₁ for patch problems, ‖v‖₂ for perturbation problems: (p,)."""
+        return torch.where(patch, mask.flatten(1).sum(1), v.flatten(1).norm(dim=1))
 
     cost = torch.where(is_patch, settings.init_cost, settings.init_cost_perturbation)
     steps = torch.zeros(n_prob, dtype=torch.int64)
@@ -164,9 +163,7 @@ def reverse_engineer(
             logits = model(xt.flatten(0, 1))
             tgt = targets[chunk].repeat_interleave(b)
             loss_ce = ce(logits, tgt).view(len(chunk), b).mean(1)
-            l1 = mask.flatten(1).sum(1)
-            l2 = v.flatten(1).norm(dim=1)
-            size = torch.where(is_patch[chunk], l1, l2)
+            size = sizes(mask, v, is_patch[chunk])
             (loss_ce + cost[chunk] * size).sum().backward()
             for k in params:
                 grads[k][chunk] = sub[k].grad
@@ -199,7 +196,7 @@ def reverse_engineer(
             rate = hits / seen.clamp_min(1)
             ok = rate >= settings.success
             mask, _, v = decode(params)
-            size = sizes(mask, v)
+            size = sizes(mask, v, is_patch)
             better = ok & (size < best_size * _IMPROVEMENT) & active
             worse = active & ~better
             best_size = torch.where(better, size, best_size)
@@ -232,7 +229,7 @@ def reverse_engineer(
     for k in params:
         best[k][never] = params[k][never]
     mask, pattern, v = decode(best)
-    final_size = sizes(mask, v)
+    final_size = sizes(mask, v, is_patch)
     estimates = []
     with torch.no_grad():
         for i, prob in enumerate(problems):

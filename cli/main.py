@@ -81,6 +81,13 @@ def common(f: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+weights_option = click.option(
+    "--weights",
+    type=click.Path(dir_okay=False),
+    help="State dict (.pt, loaded with weights_only=True) for a package.module:callable model.",
+)
+
+
 def _int_list(value: str | None, what: str) -> list[int] | None:
     if value is None:
         return None
@@ -146,11 +153,7 @@ def cli() -> None:
     required=True,
     help="A .pt2 file (torch.export.save) or package.module:callable.",
 )
-@click.option(
-    "--weights",
-    type=click.Path(dir_okay=False),
-    help="State dict (.pt, loaded with weights_only=True) for package.module:callable.",
-)
+@weights_option
 @click.option(
     "--data",
     "data_path",
@@ -356,11 +359,7 @@ def inspect(fit_path: str, as_json: bool, quiet: bool) -> None:
 
 @cli.command()
 @click.argument("model_spec", metavar="MODEL")
-@click.option(
-    "--weights",
-    type=click.Path(dir_okay=False),
-    help="State dict for a package.module:callable MODEL.",
-)
+@weights_option
 @click.option(
     "--clean",
     "clean_path",
