@@ -1,16 +1,21 @@
 """The fitting pipeline: from a model and the defender's clean set to a fit file.
 
-Targets known (``targets``) or source:target pairs known (``pairs``): reverse-engineer a trigger
-per target on the pooled clean images of its sources (every family, every restart, one batch),
-choose the family per target, fit Θ_t for all targets in one batch, and record everything the
-later steps need (layers, Θ, triggers, probe inputs with f's and every g_t's logits).
+Nothing known (design step 1): reverse-engineer a trigger for every ordered class pair in every
+family (one batch, sharded over ``torchrun`` ranks), score the pairs (:mod:`bna_export.detect`),
+and take the detected pairs P, targets T and sources S(t); re-estimate one trigger per target on
+the pooled images of S(t) and drop the sources that do not share it (intrinsic-backdoor check).
+Targets known (``targets``) or pairs known (``pairs``): start from there. Then, per target,
+choose the family, fit Θ_t for all targets in one batch, and record everything the later steps
+need (detection scores, layers, Θ, triggers, probe inputs with f's and every g_t's logits).
+Nothing detected: the fit file says so and holds no Θ; everything downstream serves f.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,21 +23,17 @@ import torch
 from . import __version__
 from .artifact import FitFile
 from .data import Dataset
+from .detect import Detection, detect_pairs, intrinsic_check
+from .distributed import Shard, solve
 from .errors import BadInputError, FitFileError, ModelError
 from .fit import fit_thetas, g_logits, predict_mitigated
 from .model import BnaModel
-from .reverse import (
-    FAMILIES,
-    Problem,
-    TriggerEstimate,
-    choose_family,
-    relative_size,
-    reverse_engineer,
-)
+from .reverse import FAMILIES, Problem, TriggerEstimate, choose_family, relative_size
 from .settings import Settings
 
-StageProgress = Callable[[str, int, int], None]
-"""progress(stage, done, total); stages: 'reverse', 'fit'."""
+StageProgress = Callable[[str, int, int, str], None]
+"""progress(stage, done, total, note); stages: 'sweep' (every class pair), 'reverse' (per
+target), 'fit' (Θ); ``note`` says what is done in words (e.g. '37/90 pairs')."""
 
 PROBES_PER_CLASS = 2
 PROBES_PER_TARGET = 4
@@ -81,10 +82,69 @@ def resolve_sources(
 
 @dataclass
 class FitOutcome:
-    """What :func:`fit_defence` made: the fit file and the triggers it used per target."""
+    """What :func:`fit_defence` made: the fit file, the triggers it used per target, and the
+    detection over all pairs (None when targets or pairs were given)."""
 
     fit: FitFile
     triggers: dict[int, list[TriggerEstimate]]
+    detection: Detection | None = None
+
+
+@dataclass
+class _Sweep:
+    """The pair sweep: every pair's estimates, the [K, K] size matrices (the smallest over
+    restarts) per family, the detection, and the intrinsic-backdoor check per target."""
+
+    estimates: list[TriggerEstimate]
+    sizes: dict[str, np.ndarray]
+    detection: Detection
+    intrinsic: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+def pair_problems(n_classes: int, families: Sequence[str], restarts: int) -> list[Problem]:
+    """Every ordered pair (s, t), s != t, in every family and restart."""
+    return [
+        Problem(f, t, (s,), r)
+        for f in families
+        for t in range(n_classes)
+        for s in range(n_classes)
+        if s != t
+        for r in range(restarts)
+    ]
+
+
+def size_matrices(
+    estimates: Sequence[TriggerEstimate], n_classes: int, families: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Per family a [K, K] matrix of per-pair trigger sizes (the smallest over restarts; NaN
+    on the diagonal and for pairs not solved)."""
+    out = {f: np.full((n_classes, n_classes), np.nan) for f in families}
+    for e in estimates:
+        if len(e.problem.sources) == 1:
+            z = out[e.family]
+            s, t = e.problem.sources[0], e.problem.target
+            z[s, t] = e.size if np.isnan(z[s, t]) else min(z[s, t], e.size)
+    return out
+
+
+def _pairs_progress(
+    problems: Sequence[Problem], progress: StageProgress | None, shard: Shard
+) -> Callable[[int, int, torch.Tensor], None] | None:
+    """Turn the solver's per-problem progress into 'pairs done' (of this rank's pairs) for
+    the sweep's bar."""
+    if progress is None:
+        return None
+    mine = shard.mine(len(problems))
+    keys = sorted({(problems[i].sources, problems[i].target) for i in mine})
+    slot = {k: j for j, k in enumerate(keys)}
+    pair_of = torch.tensor([slot[(problems[i].sources, problems[i].target)] for i in mine])
+    index = torch.tensor(mine, dtype=torch.int64)
+
+    def report(done: int, total: int, finished: torch.Tensor) -> None:
+        left = torch.zeros(len(keys)).index_add_(0, pair_of, (~finished[index]).float())
+        progress("sweep", done, total, f"{int((left == 0).sum())}/{len(keys)} pairs")
+
+    return report
 
 
 def fit_defence(
@@ -96,16 +156,26 @@ def fit_defence(
     settings: Settings = Settings(),
     input_range: tuple[float, float] | None = None,
     progress: StageProgress | None = None,
-) -> FitOutcome:
-    """Reverse-engineer triggers for the given targets or pairs and fit Θ_t for each."""
+    shard: Shard = Shard(),
+) -> FitOutcome | None:
+    """Find the backdoor (or take the given targets or pairs) and fit Θ_t for each target.
+
+    With ``shard`` (one ``torchrun`` rank of several) every rank solves its share of each
+    reverse-engineering step; rank 0 fits Θ and returns the outcome, the others return None.
+    """
     torch.manual_seed(settings.seed)
     n_classes = model_output_classes(model, data.x)
     if data.y.max() >= n_classes:
         raise BadInputError(
             f"label {int(data.y.max())} in the data but the model has {n_classes} classes"
         )
-    sources = resolve_sources(n_classes, targets, pairs)
-    needed = sorted({*sources, *(s for v in sources.values() for s in v)})
+    detecting = targets is None and pairs is None
+    sources = {} if detecting else resolve_sources(n_classes, targets, pairs)
+    needed = (
+        list(range(n_classes))
+        if detecting
+        else sorted({*sources, *(s for v in sources.values() for s in v)})
+    )
     counts = np.bincount(data.y, minlength=n_classes)
     empty = [c for c in needed if counts[c] == 0]
     if empty:
@@ -113,6 +183,8 @@ def fit_defence(
             f"class {empty[0]} has no clean image in the data; BNA needs "
             "clean images of every source and target class"
         )
+    if n_classes < 2:
+        raise BadInputError("the model has fewer than 2 classes")
     lo, hi = input_range if input_range is not None else default_input_range(data.x)
     if not lo < hi:
         raise BadInputError(f"input range {lo},{hi} is empty")
@@ -122,26 +194,60 @@ def fit_defence(
             f"the input range [{lo:g}, {hi:g}]; pass --input-range"
         )
     families = list(FAMILIES) if settings.trigger_type == "both" else [settings.trigger_type]
+
+    def stage(name: str) -> Callable[[int, int, torch.Tensor], None] | None:
+        if progress is None:
+            return None
+        return lambda d, n, _finished: progress(name, d, n, "")
+
+    def per_target(srcs: dict[int, list[int]], known: dict[Problem, TriggerEstimate]) -> list:
+        """Every family and restart of each target on its pooled sources; a problem that the
+        sweep already solved (a target with one source) is not solved again."""
+        problems = [
+            Problem(f, t, tuple(v), r)
+            for t, v in srcs.items()
+            for f in families
+            for r in range(settings.reverse.restarts)
+        ]
+        todo = [p for p in problems if p not in known]
+        fresh = solve(
+            model, data, todo, (lo, hi), settings.reverse, settings.seed, shard, stage("reverse")
+        )
+        found = {**known, **dict(zip(todo, fresh, strict=True))}
+        return [found[p] for p in problems]
+
+    sweep = None
+    known: dict[Problem, TriggerEstimate] = {}
+    if detecting:
+        problems = pair_problems(n_classes, families, settings.detect.restarts)
+        found = solve(
+            model,
+            data,
+            problems,
+            (lo, hi),
+            settings.reverse,
+            settings.seed,
+            shard,
+            _pairs_progress(problems, progress, shard),
+        )
+        known = dict(zip(problems, found, strict=True))
+        sizes = size_matrices(found, n_classes, families)
+        det = settings.detect
+        detection = detect_pairs(
+            sizes, det.mad_threshold, det.consistency, det.normalise, det.target_rule
+        )
+        sweep = _Sweep(found, sizes, detection)
+        sources = detection.sources
+    estimates = per_target(sources, known)
+    if sweep is not None:
+        sources = _intrinsic_check(sweep, sources, estimates, settings)
+        changed = {t for t in sources if sources[t] != sweep.detection.sources[t]}
+        if changed:
+            estimates = [e for e in estimates if e.problem.target not in changed]
+            estimates += per_target({t: sources[t] for t in sorted(changed)}, known)
+    if not shard.primary:
+        return None
     tlist = list(sources)
-    problems = [
-        Problem(f, t, tuple(sources[t]), r)
-        for t in tlist
-        for f in families
-        for r in range(settings.reverse.restarts)
-    ]
-
-    def stage(name: str) -> Callable[[int, int], None] | None:
-        return None if progress is None else (lambda d, n: progress(name, d, n))
-
-    estimates = reverse_engineer(
-        model,
-        data,
-        problems,
-        (lo, hi),
-        settings.reverse,
-        seed=settings.seed,
-        progress=stage("reverse"),
-    )
     chosen: dict[int, list[TriggerEstimate]] = {}
     for t in tlist:
         mine = [e for e in estimates if e.problem.target == t]
@@ -150,18 +256,24 @@ def fit_defence(
         if settings.family_rule == "successful":
             ok = [e for e in mine if e.success >= settings.reverse.success]
             chosen[t] = ok or chosen[t]
-    result = fit_thetas(
-        model,
-        data,
-        tlist,
-        sources,
-        chosen,
-        (lo, hi),
-        settings.fit,
-        settings.histogram,
-        seed=settings.seed,
-        progress=stage("fit"),
-    )
+    if tlist:
+        result = fit_thetas(
+            model,
+            data,
+            tlist,
+            sources,
+            chosen,
+            (lo, hi),
+            settings.fit,
+            settings.histogram,
+            seed=settings.seed,
+            progress=None if progress is None else (lambda d, n: progress("fit", d, n, "")),
+        )
+        thetas, history = result.thetas, result.history
+    else:  # nothing detected: no Θ, f is served unchanged
+        thetas = [torch.zeros((0, 4, la.channels)) for la in model.layers]
+        history = []
+    mode = "detect" if detecting else ("targets" if pairs is None else "pairs")
     fit = _record(
         model,
         data,
@@ -171,11 +283,56 @@ def fit_defence(
         sources,
         estimates,
         chosen,
-        result.thetas,
-        result.history,
-        mode="targets" if pairs is None else "pairs",
+        thetas,
+        history,
+        mode=mode,
+        sweep=sweep,
     )
-    return FitOutcome(fit, chosen)
+    return FitOutcome(fit, chosen, sweep.detection if sweep else None)
+
+
+def _intrinsic_check(
+    sweep: _Sweep,
+    sources: dict[int, list[int]],
+    estimates: Sequence[TriggerEstimate],
+    settings: Settings,
+) -> dict[int, list[int]]:
+    """Keep, per target with several detected sources, only those that share one trigger.
+
+    The pooled trigger is compared with the per-pair ones in each family, and the family where
+    the sources look most alike decides (one shared trigger in any family is one backdoor). A
+    pooled trigger that does not succeed counts as infinitely large.
+    """
+    out = {}
+    for t, srcs in sources.items():
+        if len(srcs) < 2:
+            out[t] = srcs
+            continue
+        checks = []
+        for fam, z in sweep.sizes.items():
+            pooled = min(
+                (
+                    e.size
+                    for e in estimates
+                    if e.problem.target == t
+                    and e.family == fam
+                    and e.success >= settings.reverse.success - 1e-9
+                ),
+                default=float("inf"),
+            )
+            pair_sizes = {s: float(z[s, t]) for s in srcs}
+            checks.append((pooled / max(pair_sizes.values()), fam, pooled, pair_sizes))
+        _, fam, pooled, pair_sizes = min(checks, key=lambda c: (c[0], c[1]))
+        out[t] = intrinsic_check(pair_sizes, pooled, settings.detect.intrinsic_ratio)
+        sweep.intrinsic[t] = {
+            "family": fam,
+            "pooled_size": pooled if np.isfinite(pooled) else None,
+            "pair_sizes": {str(s): z for s, z in pair_sizes.items()},
+            "ratios": {c[1]: c[0] if np.isfinite(c[0]) else None for c in checks},
+            "kept": out[t],
+            "dropped": [s for s in srcs if s not in out[t]],
+        }
+    return out
 
 
 def _probe_inputs(
@@ -194,6 +351,45 @@ def _probe_inputs(
     return np.concatenate(parts).astype(np.float32)
 
 
+def _scores(
+    sweep: _Sweep | None, triggers: list[dict[str, Any]]
+) -> dict[str, list[dict[str, Any]]]:
+    """Per family, per pair: size, statistic, anomaly score and whether it was detected. With
+    no sweep (targets or pairs given), the per-target triggers, unscored."""
+    if sweep is None:
+        return {
+            f: [
+                {
+                    "source": None if len(t["sources"]) != 1 else t["sources"][0],
+                    "target": t["target"],
+                    "size": t["size"],
+                    "statistic": 1.0 / max(t["size"], 1e-12),
+                    "score": None,
+                    "detected": None,
+                }
+                for t in triggers
+                if t["family"] == f
+            ]
+            for f in FAMILIES
+        }
+    det = sweep.detection
+    out = {}
+    for f, z in sweep.sizes.items():
+        st, sc = det.statistics[f], det.scores[f]
+        out[f] = [
+            {
+                "source": s,
+                "target": t,
+                "size": float(z[s, t]),
+                "statistic": float(st[s, t]),
+                "score": float(sc[s, t]) if np.isfinite(sc[s, t]) else None,
+                "detected": det.family.get((s, t)) == f,
+            }
+            for s, t in np.argwhere(~np.isnan(z)).tolist()
+        ]
+    return out
+
+
 def _record(
     model: BnaModel,
     data: Dataset,
@@ -206,6 +402,7 @@ def _record(
     thetas: list[torch.Tensor],
     history: list[float],
     mode: str,
+    sweep: _Sweep | None = None,
 ) -> FitFile:
     targets = list(sources)
     tensors: dict[str, np.ndarray] = {}
@@ -245,19 +442,27 @@ def _record(
     tensors["probe.label"] = pred.label.astype(np.int64)
     tensors["probe.triggered"] = pred.triggered.astype(np.bool_)
     tensors["probe.logits"] = pred.logits.astype(np.float32)
-    scores = {
-        f: [
-            {
-                "source": None if len(t["sources"]) != 1 else t["sources"][0],
-                "target": t["target"],
-                "size": t["size"],
-                "statistic": 1.0 / max(t["size"], 1e-12),
-                "score": None,
-            }
-            for t in triggers
-            if t["family"] == f
-        ]
-        for f in FAMILIES
+    detection: dict[str, Any] = {
+        "rule": "union",
+        "normalise": settings.detect.normalise,
+        "consistency": settings.detect.consistency,
+        "threshold": settings.detect.mad_threshold,
+        "side": "large",
+        "scores_computed": sweep is not None,
+        "pair_families": {}
+        if sweep is None
+        else {f"{s}:{t}": f for (s, t), f in sorted(sweep.detection.family.items())},
+        "detected_pairs": [] if sweep is None else [list(p) for p in sweep.detection.pairs],
+        "all_to_one": {}
+        if sweep is None
+        else {str(t): f for t, f in sweep.detection.all_to_one.items()},
+        "target_scores": {}
+        if sweep is None
+        else {
+            f: [None if not np.isfinite(v) else float(v) for v in sc]
+            for f, sc in sweep.detection.target_scores.items()
+        },
+        "intrinsic": {} if sweep is None else {str(t): v for t, v in sweep.intrinsic.items()},
     }
     header = {
         "tool": "bna-export",
@@ -271,12 +476,8 @@ def _record(
         "sources": {str(t): s for t, s in sources.items()},
         "pairs": [[s, t] for t in targets for s in sources[t]],
         "families": {str(t): chosen[t][0].family for t in targets},
-        "scores": scores,
-        "mad": {
-            "consistency": settings.detect.consistency,
-            "threshold": settings.detect.mad_threshold,
-            "scores_computed": False,
-        },
+        "scores": _scores(sweep, triggers),
+        "detection": detection,
         "triggers": triggers,
         "layers": layers,
         "settings": settings.to_dict(),

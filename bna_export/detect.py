@@ -1,33 +1,55 @@
-"""Anomaly scores over class-pair statistics (MAD, as in Neural Cleanse and the paper's
-appendix C): small pure functions that compute, and decide nothing else.
+"""Anomaly detection over class-pair trigger sizes (MAD, as in Neural Cleanse and the paper's
+appendix C): small pure functions that compute and decide, and run nothing.
 
 score_i = |s_i − median(s)| / (c · MAD), MAD = median(|s − median(s)|), c = 1.4826 makes c·MAD a
 consistent estimate of a normal standard deviation. Medians follow ``np.median`` (the mean of the
 two middle values for an even count; ``torch.median`` would take the lower one).
+
+The statistic of a pair (s, t) is the reciprocal of its trigger size. With ``normalise="source"``
+(the default) the size is first divided by the median size of the same source's triggers to
+every other target: how easily images of s move to *any* class (thin "1"s need a few pixels to
+become anything) is a property of s, not a backdoor, and it would otherwise dominate the spread.
+An all-to-one or all-to-all attack adds one backdoor target per source, which leaves that median
+alone. Families are scored separately; a pair is detected when it is an outlier on the large side
+in *any* family (the defender does not know which family the trigger belongs to, and a trigger
+of one family can be invisible to the other: an additive chessboard has no small patch).
+
+All-to-one rule: an all-to-one backdoor makes the trigger of *every* source to t small, each
+perhaps only a little, which a pair-by-pair test misses. The median over sources of a target's
+pair statistics, scored by MAD across targets with the same threshold, catches it; such a target
+is detected with every source (the intrinsic-backdoor check then prunes).
 """
 
 from __future__ import annotations
 
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
 Side = Literal["large", "small", "both"]
+_MEDIAN_SE = math.sqrt(math.pi / 2)  # sd of a sample median = 1.2533·σ/√n (normal samples)
+Normalise = Literal["source", "none"]
 
 
 def mad_scores(stats: np.ndarray, consistency: float = 1.4826) -> np.ndarray:
     """Anomaly score of every statistic (any shape; the median is over all of them).
 
-    When MAD = 0 (more than half the statistics equal), a statistic equal to the median
-    scores 0 and any other scores +inf: it is infinitely far out by this scale.
+    NaN entries are left out of the median and score NaN. When MAD = 0 (more than half the
+    statistics equal), a statistic equal to the median scores 0 and any other scores +inf: it is
+    infinitely far out by this scale.
     """
     s = np.asarray(stats, dtype=np.float64)
-    if s.size == 0:
+    finite = ~np.isnan(s)
+    if not finite.any():
         return s.copy()
-    dev = np.abs(s - np.median(s))
-    mad = float(np.median(dev)) * consistency
+    dev = np.abs(s - np.median(s[finite]))
+    mad = float(np.median(dev[finite])) * consistency
     if mad == 0.0:
-        return np.where(dev == 0.0, 0.0, np.inf)
+        return np.where(np.isnan(s), np.nan, np.where(dev == 0.0, 0.0, np.inf))
     return dev / mad
 
 
@@ -37,8 +59,134 @@ def outliers(
     """Boolean mask of statistics whose score exceeds ``threshold`` on the given side of the
     median ('large' for reciprocal trigger sizes: a small trigger is a large statistic)."""
     s = np.asarray(stats, dtype=np.float64)
-    over = np.asarray(scores) > threshold
-    if s.size == 0 or side == "both":
+    over = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-np.inf) > threshold
+    finite = ~np.isnan(s)
+    if not finite.any() or side == "both":
         return over
-    med = np.median(s)
+    med = np.median(s[finite])
     return over & (s > med if side == "large" else s < med)
+
+
+def pair_statistics(sizes: np.ndarray, normalise: Normalise = "source") -> np.ndarray:
+    """Detection statistic of every ordered pair from a [K, K] matrix of trigger sizes
+    (row = source, column = target, NaN on the diagonal and for pairs not solved).
+
+    ``none``: 1 / size (the paper). ``source``: median over t' of size(s, t') / size(s, t).
+    """
+    z = np.maximum(np.asarray(sizes, dtype=np.float64), 1e-12)  # NaN stays NaN
+    if normalise == "none":
+        return 1.0 / z
+    with warnings.catch_warnings():  # a source with no solved pair has an all-NaN row
+        warnings.simplefilter("ignore", RuntimeWarning)
+        row = np.nanmedian(z, axis=1, keepdims=True)  # (K, 1)
+    return row / z
+
+
+@dataclass
+class Detection:
+    """What the pair statistics say: per family the [K, K] statistics and scores and the [K]
+    target scores; the detected pairs P, targets T and sources S(t); for each detected pair the
+    family that detected it; and the targets found by the all-to-one rule."""
+
+    statistics: dict[str, np.ndarray]
+    scores: dict[str, np.ndarray]
+    target_scores: dict[str, np.ndarray]
+    pairs: list[tuple[int, int]]
+    family: dict[tuple[int, int], str] = field(default_factory=dict)
+    all_to_one: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def targets(self) -> list[int]:
+        return sorted({t for _, t in self.pairs})
+
+    @property
+    def sources(self) -> dict[int, list[int]]:
+        return {t: sorted(s for s, tt in self.pairs if tt == t) for t in self.targets}
+
+    def target_family(self, t: int) -> str:
+        """The family that detected target t (its all-to-one family, else the family of its
+        best-scoring pair)."""
+        if t in self.all_to_one:
+            return self.all_to_one[t]
+        best = max(
+            (p for p in self.pairs if p[1] == t), key=lambda p: self.scores[self.family[p]][p]
+        )
+        return self.family[best]
+
+
+def target_statistics(stats: np.ndarray) -> np.ndarray:
+    """Per target, the median over sources of its pair statistics: [K, K] -> [K]. An
+    all-to-one backdoor makes every source's trigger to t small, a natural easy pair one."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(np.asarray(stats, dtype=np.float64), axis=0)
+
+
+def target_scores(stats: np.ndarray, consistency: float = 1.4826) -> np.ndarray:
+    """Anomaly score of every target's median pair statistic: [K, K] -> [K].
+
+    The scale is the larger of the spread of the targets' medians (MAD across targets) and
+    the sampling error of a median of n pair statistics, 1.2533·σ/√n with σ the pairs' own MAD
+    scale: with few targets whose medians happen to agree closely, the first alone would make
+    a small wobble look like an attack.
+    """
+    st = np.asarray(stats, dtype=np.float64)
+    ts = target_statistics(st)
+    finite = ~np.isnan(ts)
+    out = np.full(ts.shape, np.nan)
+    if not finite.any():
+        return out
+    dev = np.abs(ts - np.median(ts[finite]))
+    spread = consistency * float(np.median(dev[finite]))
+    pairs = st[~np.isnan(st)]
+    sigma = consistency * float(np.median(np.abs(pairs - np.median(pairs)))) if pairs.size else 0.0
+    n = np.maximum((~np.isnan(st)).sum(axis=0), 1)
+    scale = np.maximum(spread, _MEDIAN_SE * sigma / np.sqrt(n))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out[finite] = np.where(
+            scale[finite] > 0, dev[finite] / scale[finite], np.where(dev[finite] == 0, 0.0, np.inf)
+        )
+    return out
+
+
+def detect_pairs(
+    sizes: Mapping[str, np.ndarray],
+    threshold: float = 7.0,
+    consistency: float = 1.4826,
+    normalise: Normalise = "source",
+    target_rule: bool = True,
+) -> Detection:
+    """Score every pair in every family and take the union of the outliers.
+
+    sizes: family -> [K, K] trigger sizes (NaN on the diagonal). With ``target_rule``, a target
+    whose median pair statistic is an outlier among the targets' (all-to-one rule) is detected
+    with every source.
+    """
+    stats, scores, tscores, best, a2o = {}, {}, {}, {}, {}
+    for fam, z in sizes.items():
+        st = pair_statistics(z, normalise)
+        sc = mad_scores(st, consistency)
+        stats[fam], scores[fam] = st, sc
+        for s, t in np.argwhere(outliers(st, sc, threshold, "large")).tolist():
+            if (s, t) not in best or sc[s, t] > scores[best[(s, t)]][s, t]:
+                best[(s, t)] = fam
+        ts = target_statistics(st)
+        tscores[fam] = target_scores(st, consistency)
+        if target_rule:
+            for t in np.flatnonzero(outliers(ts, tscores[fam], threshold, "large")).tolist():
+                if t not in a2o or tscores[fam][t] > tscores[a2o[t]][t]:
+                    a2o[t] = fam
+    for t, fam in a2o.items():
+        for s in np.flatnonzero(~np.isnan(sizes[fam][:, t])).tolist():
+            best.setdefault((s, t), fam)
+    return Detection(stats, scores, tscores, sorted(best), best, dict(sorted(a2o.items())))
+
+
+def intrinsic_check(pair_sizes: Mapping[int, float], pooled_size: float, ratio: float) -> list[int]:
+    """Sources of one target to keep (paper, appendix C). When the trigger re-estimated on the
+    pooled images of all detected sources is more than ``ratio`` times the largest per-pair
+    trigger, the sources do not share one backdoor: keep only the source with the smallest
+    trigger (the others' small triggers are intrinsic, natural features of their classes)."""
+    if len(pair_sizes) < 2 or not pooled_size > ratio * max(pair_sizes.values()):
+        return sorted(pair_sizes)
+    return [min(pair_sizes, key=lambda s: (pair_sizes[s], s))]

@@ -299,4 +299,7 @@ def g_logits(
                 with model.mitigated(thetas, torch.full((len(xb),), ti)):
                     parts.append(model(xb))
             out.append(torch.cat(parts))
+    if not out:  # no target: an empty [0, N, K]
+        with torch.no_grad():
+            return np.zeros((0, len(xt), model(xt[:1]).shape[1]), dtype=np.float32)
     return torch.stack(out).numpy()

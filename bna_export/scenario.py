@@ -42,10 +42,10 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def synthetic_scenario_data(
-    n_classes: int = 5, per_class: int = 300, seed: int = 1
+    n_classes: int = 5, per_class: int = 300, seed: int = 1, equidistant: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Seeded synthetic 16×16 image classes (see :func:`zoo.synthetic_classes`)."""
-    return synthetic_classes(n_classes, per_class, 16, seed=seed)
+    return synthetic_classes(n_classes, per_class, 16, seed=seed, equidistant=equidistant)
 
 
 def build_scenario(

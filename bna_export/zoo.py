@@ -82,11 +82,25 @@ def synthetic_classes(
     channels: int = 1,
     noise: float = 0.15,
     seed: int = 0,
+    equidistant: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded image classes: each class a smooth random prototype in [0, 1], samples are the
-    prototype shifted by up to one pixel plus Gaussian noise, clipped to [0, 1]."""
+    """Seeded image classes: each class a smooth prototype in [0, 1] (a 4×4 grid of values
+    upsampled bilinearly), samples are the prototype shifted by up to one pixel plus Gaussian
+    noise, clipped to [0, 1]. The grid holds uniform random values, or with ``equidistant``
+    the 0/1 rows of a 16×16 Hadamard matrix (up to 15 classes, channels alike, a random row
+    order): every two classes differ in exactly 8 of the 16 cells, so no pair of classes is
+    naturally closer than another (a backdoor is then the only easy pair)."""
     rng = np.random.default_rng(seed)
     coarse = rng.random((n_classes, channels, 4, 4)).astype(np.float32)
+    if equidistant:
+        if n_classes > 15:
+            raise ValueError("equidistant synthetic classes: at most 15")
+        hadamard = np.ones((1, 1))
+        for _ in range(4):
+            hadamard = np.kron(hadamard, np.array([[1, 1], [1, -1]]))
+        rows = 1 + rng.permutation(15)[:n_classes]  # row 0 is all ones
+        cells = (hadamard[rows] > 0).astype(np.float32).reshape(n_classes, 1, 4, 4)
+        coarse = np.repeat(cells, channels, axis=1)
     protos = torch.nn.functional.interpolate(
         torch.from_numpy(coarse), size=(size, size), mode="bilinear", align_corners=False
     ).numpy()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -13,13 +14,19 @@ from typing import Any, ClassVar
 
 import click
 
-from bna_export import __version__, artifact
+from bna_export import __version__, artifact, distributed, report
 from bna_export.data import Dataset, load_data, load_npz
 from bna_export.defend import Mitigation, fit_defence
 from bna_export.errors import BadInputError, BnaError
 from bna_export.evaluation import evaluate_reference
 from bna_export.model import BnaModel, load_model
-from bna_export.settings import FitSettings, ReverseSettings, Settings
+from bna_export.settings import (
+    DetectSettings,
+    FitSettings,
+    ReverseSettings,
+    Settings,
+    with_overrides,
+)
 
 
 class BnaGroup(click.Group):
@@ -40,7 +47,8 @@ class Progress:
     """One click progress bar per stage on stderr; silent when quiet or not a terminal."""
 
     LABELS: ClassVar[dict[str, str]] = {
-        "reverse": "reverse-engineering triggers",
+        "sweep": "reverse-engineering every class pair",
+        "reverse": "reverse-engineering per target",
         "fit": "fitting Θ",
     }
 
@@ -49,17 +57,23 @@ class Progress:
         self.bar: Any = None
         self.stage: str | None = None
         self.done = 0
+        self.note = ""
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
+    def __call__(self, stage: str, done: int, total: int, note: str = "") -> None:
         if not self.enabled:
             return
         if stage != self.stage:
             self.close()
             self.stage, self.done = stage, 0
             self.bar = click.progressbar(
-                length=total, label=self.LABELS.get(stage, stage), file=sys.stderr, show_eta=True
+                length=total,
+                label=self.LABELS.get(stage, stage),
+                file=sys.stderr,
+                show_eta=True,
+                item_show_func=lambda _item: self.note or None,
             )
             self.bar.__enter__()
+        self.note = note
         self.bar.update(max(0, done - self.done))
         self.done = done
 
@@ -128,6 +142,10 @@ def _load(model: str, weights: str | None, data: Dataset) -> BnaModel:
     return load_model(model, weights, torch.from_numpy(data.x[:2]))
 
 
+def _size(value: float | None) -> str:
+    return "none (no pooled trigger succeeded)" if value is None else f"{value:.2f}"
+
+
 def _emit(obj: dict[str, Any]) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True))
 
@@ -140,7 +158,7 @@ def cli() -> None:
 
     \b
     Typical use:
-      bna-export fit --model net.pt2 --data clean.npz --targets 7 -o net.bna
+      bna-export fit --model net.pt2 --data clean.npz -o net.bna
       bna-export inspect net.bna
       bna-export evaluate net.pt2 --fit net.bna --clean test.npz --triggered trig.npz
     """
@@ -168,14 +186,17 @@ def cli() -> None:
     type=click.Path(dir_okay=False),
     help="Fit file to write (.bna).",
 )
-@click.option("--targets", help="Target classes to repair, e.g. 3,5 (sources: all others).")
-@click.option("--pairs", help="Source:target pairs to repair, e.g. 0:1,4:5.")
+@click.option(
+    "--targets",
+    help="Skip detection: repair these target classes, e.g. 3,5 (sources: all others).",
+)
+@click.option("--pairs", help="Skip detection: repair these source:target pairs, e.g. 0:1,4:5.")
 @click.option(
     "--trigger-type",
     type=click.Choice(["patch", "perturbation", "both"]),
     default="both",
     show_default=True,
-    help="Trigger families to reverse-engineer.",
+    help="Trigger families to reverse-engineer (both: the defender does not know).",
 )
 @click.option(
     "--divergence",
@@ -186,10 +207,10 @@ def cli() -> None:
 )
 @click.option(
     "--mad-threshold",
-    type=float,
-    default=7.0,
+    type=click.FloatRange(0, min_open=True),
+    default=DetectSettings.mad_threshold,
     show_default=True,
-    help="Anomaly-score threshold for detection (3 suits warping triggers).",
+    help="Anomaly-score threshold of detection (3 suits warping triggers).",
 )
 @click.option(
     "--epochs",
@@ -203,7 +224,15 @@ def cli() -> None:
     type=click.IntRange(1),
     default=ReverseSettings.restarts,
     show_default=True,
-    help="Independent trigger estimates per target and family.",
+    help="Independent trigger estimates per target and family for fitting.",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.FIELD=VALUE",
+    help="Any other setting of bna_export/settings.py, e.g. --set reverse.steps=500 "
+    "--set detect.normalise=none (repeatable).",
 )
 @click.option(
     "--device",
@@ -235,20 +264,30 @@ def fit(
     mad_threshold: float,
     epochs: int,
     restarts: int,
+    overrides: tuple[str, ...],
     device: str,
     seed: int,
     input_range: str | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
-    """Reverse-engineer triggers and fit the BNA correction Θ_t for each target class."""
-    import dataclasses
+    """Find out whether the model is backdoored and fit the BNA correction Θ_t for each
+    attacked target class.
 
+    \b
+    Without --targets or --pairs, a trigger is reverse-engineered for every ordered class
+    pair (K·(K-1) problems, both trigger families, one batch) and the pairs whose trigger is
+    anomalously small are detected (MAD score above --mad-threshold). Nothing detected: the
+    fit file says so and the model is served unchanged.
+
+    \b
+    The pair sweep runs sharded over processes with torchrun, each rank a slice of the pairs
+    (same result as one process):
+      torchrun --nproc-per-node 2 -m bna_export.cli.main fit --model m.pt2 --data d.npz -o m.bna
+    """
     tlist, plist = _int_list(targets, "--targets"), _pairs(pairs)
-    if tlist is None and plist is None:
-        raise BadInputError(
-            "detection over all class pairs is not available yet: pass --targets or --pairs"
-        )
+    if tlist is not None and plist is not None:
+        raise BadInputError("give at most one of --targets and --pairs")
     if not Path(output).resolve().parent.is_dir():
         raise BadInputError(f"{output}: the folder does not exist")
     base = Settings()
@@ -260,9 +299,11 @@ def fit(
         reverse=dataclasses.replace(base.reverse, restarts=restarts),
         detect=dataclasses.replace(base.detect, mad_threshold=mad_threshold),
     )
+    settings = with_overrides(settings, overrides)
     data = load_data(data_path)
     model = _load(model_spec, weights, data)
-    progress = Progress(enabled=not quiet and sys.stderr.isatty())
+    shard = distributed.start(device)
+    progress = Progress(enabled=shard.primary and not quiet and sys.stderr.isatty())
     start = time.perf_counter()
     try:
         outcome = fit_defence(
@@ -273,9 +314,13 @@ def fit(
             settings=settings,
             input_range=_range(input_range),
             progress=progress,
+            shard=shard,
         )
     finally:
         progress.close()
+        distributed.stop(shard)
+    if outcome is None:  # another rank writes the results
+        return
     digest = artifact.save(output, outcome.fit)
     h = outcome.fit.header
     seconds = time.perf_counter() - start
@@ -285,13 +330,33 @@ def fit(
                 "output": output,
                 "sha256": digest,
                 "seconds": round(seconds, 2),
+                "mode": h["mode"],
                 "attacked": h["attacked"],
                 "targets": h["targets"],
                 "pairs": h["pairs"],
                 "sources": h["sources"],
                 "families": h["families"],
+                "detected_pairs": h["detection"]["detected_pairs"],
+                "intrinsic": h["detection"]["intrinsic"],
+                "ranks": shard.world,
             }
         )
+        return
+    if h["mode"] == "detect":
+        found = h["detection"]["detected_pairs"]
+        click.echo(
+            f"checked {h['n_classes'] * (h['n_classes'] - 1)} class pairs: "
+            + (f"{len(found)} detected" if found else "no backdoor detected")
+        )
+        for t, info in h["detection"]["intrinsic"].items():
+            if info["dropped"]:
+                click.echo(
+                    f"  target {t}: dropped sources {info['dropped']} (pooled trigger "
+                    f"{_size(info['pooled_size'])} vs per-pair up to "
+                    f"{max(info['pair_sizes'].values()):.2f}: intrinsic, not a backdoor)"
+                )
+    if not h["targets"]:
+        click.echo(f"the model is served unchanged; fit file -> {output} ({seconds:.1f}s)")
         return
     click.echo(f"fitted {len(h['targets'])} target(s) in {seconds:.1f}s -> {output}")
     for t in h["targets"]:
@@ -316,6 +381,8 @@ def _summary(fit: artifact.FitFile, path: str) -> dict[str, Any]:
         "sources": h.get("sources"),
         "families": h.get("families"),
         "scores": scores,
+        "detection": h.get("detection"),
+        "detected_pairs": report.detected_pairs(h),
         "triggers": h.get("triggers"),
         "settings": h.get("settings"),
         "layers": h.get("layers"),
@@ -327,11 +394,22 @@ def _summary(fit: artifact.FitFile, path: str) -> dict[str, Any]:
 
 @cli.command()
 @click.argument("fit_path", metavar="FIT.bna", type=click.Path())
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    help="Also write a PNG of the anomaly-score histograms (needs matplotlib).",
+)
 @common
-def inspect(fit_path: str, as_json: bool, quiet: bool) -> None:
-    """Show what a fit file holds: targets, pairs, triggers, layers and settings."""
+def inspect(fit_path: str, plot_path: str | None, as_json: bool, quiet: bool) -> None:
+    """Show what a fit file holds: whether an attack was detected, the anomaly scores of the
+    class pairs, targets, sources, triggers, layers and settings."""
     fit = artifact.load(fit_path)
     s = _summary(fit, fit_path)
+    if plot_path is not None:
+        if not Path(plot_path).resolve().parent.is_dir():
+            raise BadInputError(f"{plot_path}: the folder does not exist")
+        report.plot_scores(fit.header, plot_path)
     if as_json:
         _emit(s)
         return
@@ -339,6 +417,34 @@ def inspect(fit_path: str, as_json: bool, quiet: bool) -> None:
     click.echo(f"attacked: {'yes' if s['attacked'] else 'no'}; targets: {s['targets']}")
     for t, src in (s["sources"] or {}).items():
         click.echo(f"  target {t} <- sources {src} ({(s['families'] or {}).get(t)} trigger)")
+    for h in report.score_histograms(fit.header):
+        click.echo(
+            f"anomaly scores, {h.family} family ({h.pairs} pairs; threshold {h.threshold:g}; "
+            "+ = smaller trigger than the median; * = detected):"
+        )
+        top = max(h.counts)
+        for lo, n, hit in zip(h.edges[:-1], h.counts, h.detected, strict=True):
+            if n == 0 and lo < h.threshold - 1:
+                continue
+            bar = "#" * (0 if n == 0 else max(1, round(30 * (n - hit) / top))) + "*" * hit
+            mark = "  <- threshold" if lo <= h.threshold < lo + 1 else ""
+            click.echo(f"  [{lo:+4.0f},{lo + 1:+4.0f}) {n:4d} {bar}{mark}")
+    found = report.detected_pairs(fit.header)
+    if found:
+        click.echo("detected pairs:")
+        for r in found:
+            scores = ", ".join(
+                f"{k.removesuffix('_score')} {v:.1f}" if v is not None else f"{k} inf"
+                for k, v in sorted(r.items())
+                if k.endswith("_score")
+            )
+            click.echo(f"  {r['source']} -> {r['target']} ({r['family']}; scores {scores})")
+    for t, info in ((fit.header.get("detection") or {}).get("intrinsic") or {}).items():
+        click.echo(
+            f"intrinsic check, target {t}: pooled {info['family']} trigger "
+            f"{_size(info['pooled_size'])} vs per-pair up to {max(info['pair_sizes'].values()):.2f}"
+            + (f"; dropped sources {info['dropped']}" if info["dropped"] else "; all kept")
+        )
     click.echo("triggers:")
     click.echo(f"  {'target':>6} {'family':<12} {'size':>8} {'rel.':>7} {'success':>8} used")
     for tr in s["triggers"] or []:
@@ -355,6 +461,8 @@ def inspect(fit_path: str, as_json: bool, quiet: bool) -> None:
         f"settings: divergence {f.get('divergence')}, epochs {f.get('epochs')}, "
         f"lr {f.get('lr')}, seed {st.get('seed')}, trigger type {st.get('trigger_type')}"
     )
+    if plot_path is not None:
+        click.echo(f"plot -> {plot_path}")
 
 
 @cli.command()

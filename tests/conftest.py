@@ -32,3 +32,49 @@ def patch_files(
 @pytest.fixture()
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+def equidistant_scenario(setting: str, attack: str | None = "patch") -> Scenario:
+    """An 8-class 16×16 CNN on equidistant synthetic classes (no pair of classes is naturally
+    closer than another), poisoned with a 3×3 patch all-to-one (target 0) or all-to-all
+    (c -> c + 1; more poison and epochs, or the attack does not take), or clean."""
+    x, y = synthetic_scenario_data(n_classes=8, equidistant=True)
+    a2a = setting == "a2a"
+    return build_scenario(
+        x,
+        y,
+        attack=attack,
+        setting=setting,
+        target=0,
+        width=8,
+        epochs=10 if a2a else 6,
+        poison_rate=0.2 if a2a else 0.1,
+        seed=0,
+    )
+
+
+@pytest.fixture(scope="session")
+def a2o_scenario() -> Scenario:
+    return equidistant_scenario("a2o")
+
+
+@pytest.fixture(scope="session")
+def a2a_scenario() -> Scenario:
+    return equidistant_scenario("a2a")
+
+
+@pytest.fixture(scope="session")
+def clean_scenario() -> Scenario:
+    return equidistant_scenario("a2o", attack=None)
+
+
+@pytest.fixture(scope="session")
+def a2o_files(a2o_scenario: Scenario, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_scenario(a2o_scenario, tmp_path_factory.mktemp("a2o"))
+
+
+@pytest.fixture(scope="session")
+def clean_files(
+    clean_scenario: Scenario, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    return write_scenario(clean_scenario, tmp_path_factory.mktemp("clean"))

@@ -83,7 +83,7 @@ def test_inspect_json_has_the_design_keys(fitted):
         (["--pairs", "1:1"], "same source and target"),
         (["--pairs", "1-2"], "expected SOURCE:TARGET"),
         (["--targets", "a"], "comma-separated"),
-        ([], "pass --targets or --pairs"),
+        (["--targets", "1", "--pairs", "0:1"], "at most one of --targets and --pairs"),
     ],
 )
 def test_fit_bad_options_exit_2_with_one_line(patch_files, tmp_path, extra, message):
@@ -172,3 +172,63 @@ def test_evaluate_refuses_a_fit_of_another_model(patch_files, fitted, tmp_path):
 def test_help_explains():
     res = invoke("fit", "--help")
     assert res.exit_code == 0 and "--targets" in res.stdout and "--seed" in res.stdout
+
+
+def fit_cli(files, out, *extra):
+    return invoke(
+        "fit", "--model", files["model"], "--data", files["defender"], "-o", out, "-q", *extra
+    )
+
+
+@pytest.fixture(scope="module")
+def detected(a2o_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("detect") / "fit.bna"
+    res = fit_cli(a2o_files, out, "--json")
+    assert res.exit_code == 0, res.output
+    return out, json.loads(res.stdout)
+
+
+def test_fit_without_a_hint_finds_the_target_and_repairs(a2o_files, detected):
+    out, report = detected
+    assert report["mode"] == "detect" and report["targets"] == [0] and report["ranks"] == 1
+    assert report["detected_pairs"] and all(t == 0 for _, t in report["detected_pairs"])
+    common = ["--clean", a2o_files["test"], "--triggered", a2o_files["triggered"], "--json"]
+    after = json.loads(invoke("evaluate", a2o_files["model"], "--fit", out, *common).stdout)
+    assert after["model"]["asr"] > 0.9 and after["asr"] < 0.1 and after["sia"] > 0.8
+
+
+def test_inspect_shows_score_histograms_and_detected_pairs(detected, tmp_path):
+    text = invoke("inspect", detected[0]).stdout
+    assert "anomaly scores, patch family (56 pairs" in text
+    assert "anomaly scores, perturbation family (56 pairs" in text
+    assert "<- threshold" in text and "detected pairs:" in text and "-> 0 (" in text
+    info = json.loads(invoke("inspect", detected[0], "--json").stdout)
+    assert info["mode"] == "detect" and info["detected_pairs"]
+    assert {p["target"] for p in info["detected_pairs"]} == {0}
+    assert len(info["scores"]["patch"]) == 56 and info["detection"]["threshold"] == 7.0
+    png = tmp_path / "scores.png"
+    res = invoke("inspect", detected[0], "--plot", png, "--json")
+    assert res.exit_code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["scores.png"]
+
+
+def test_no_backdoor_detected_serves_the_model_unchanged(clean_files, tmp_path):
+    out = tmp_path / "clean.bna"
+    res = fit_cli(clean_files, out)
+    assert res.exit_code == 0, res.output
+    assert "no backdoor detected" in res.stdout and "served unchanged" in res.stdout
+    info = json.loads(invoke("inspect", out, "--json").stdout)
+    assert info["attacked"] is False and info["targets"] == [] and info["detected_pairs"] == []
+    common = ["--clean", clean_files["test"], "--triggered", clean_files["triggered"], "--json"]
+    ev = json.loads(invoke("evaluate", clean_files["model"], "--fit", out, *common).stdout)
+    keys = ("acc", "asr", "sia")
+    assert {k: ev[k] for k in keys} == {k: ev["model"][k] for k in keys}
+    assert ev["tpr"] == 0.0 and ev["fpr"] in (0.0, None)
+
+
+def test_set_overrides_settings_and_rejects_unknown_ones(patch_files, tmp_path):
+    res = fit_cli(patch_files, tmp_path / "f.bna", "--targets", "0", "--set", "reverse.nope=1")
+    assert res.exit_code == 2 and "SECTION.FIELD=VALUE" in res.stderr
+    res = fit_cli(patch_files, tmp_path / "f.bna", "--targets", "0", "--set", "reverse.steps=x")
+    assert res.exit_code == 2 and "expected int" in res.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -8,6 +8,7 @@ from bna_export import artifact
 from bna_export.data import Dataset
 from bna_export.defend import Mitigation, fit_defence, resolve_sources
 from bna_export.errors import BadInputError, FitFileError
+from bna_export.fit import predict_mitigated
 from bna_export.model import adapt_module
 from bna_export.settings import FitSettings, ReverseSettings, Settings
 
@@ -76,3 +77,45 @@ def test_bad_theta_shape_is_a_fit_file_error(model, patch_scenario):
     out.fit.tensors["theta.1"] = out.fit.tensors["theta.1"][:, :, :3]
     with pytest.raises(FitFileError, match=r"theta\.1"):
         Mitigation.from_fit(out.fit)
+
+
+def detect(scenario):
+    model = adapt_module(scenario.net, torch.from_numpy(scenario.test.x[:2]))
+    return model, fit_defence(model, scenario.defender)
+
+
+def test_all_to_one_target_is_found_and_repaired(a2o_scenario):
+    model, out = detect(a2o_scenario)
+    h = out.fit.header
+    assert h["mode"] == "detect" and h["attacked"] is True and h["targets"] == [0]
+    assert set(h["sources"]["0"]) <= set(range(1, 8)) and len(h["sources"]["0"]) >= 4
+    # every pair of both families was scored, and the detected ones are all to target 0
+    assert {f: len(v) for f, v in h["scores"].items()} == {"patch": 56, "perturbation": 56}
+    assert all(t == 0 for _, t in h["detection"]["detected_pairs"])
+    m = Mitigation.from_fit(out.fit)
+    trig = a2o_scenario.triggered
+    pred = predict_mitigated(model, m.targets, m.thetas, trig["x"])
+    assert (pred.label == trig["attack_label"]).mean() < 0.1
+    assert (pred.label == trig["y"]).mean() > 0.8
+
+
+def test_all_to_all_pairs_are_found(a2a_scenario):
+    _, out = detect(a2a_scenario)
+    found = {tuple(p) for p in out.fit.header["detection"]["detected_pairs"]}
+    true = {(s, (s + 1) % 8) for s in range(8)}
+    assert found <= true and len(found) >= 4, sorted(found)
+    assert out.detection is not None and not out.detection.all_to_one
+
+
+def test_a_clean_model_gives_no_detection_and_an_unchanged_f(clean_scenario):
+    model, out = detect(clean_scenario)
+    h, t = out.fit.header, out.fit.tensors
+    assert h["attacked"] is False and h["targets"] == [] and h["pairs"] == []
+    assert h["detection"]["detected_pairs"] == [] and h["detection"]["scores_computed"]
+    assert t["theta.0"].shape == (0, 4, 8) and t["probe.g_logits"].shape[0] == 0
+    m = Mitigation.from_fit(artifact.decode(artifact.encode(out.fit)))
+    x = clean_scenario.test.x[:64]
+    pred = predict_mitigated(model, m.targets, m.thetas, x)
+    with torch.no_grad():
+        np.testing.assert_array_equal(pred.label, model(torch.from_numpy(x)).argmax(1).numpy())
+    assert not pred.triggered.any()

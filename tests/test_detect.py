@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
 
-from bna_export.detect import mad_scores, outliers
+from bna_export.detect import (
+    detect_pairs,
+    intrinsic_check,
+    mad_scores,
+    outliers,
+    pair_statistics,
+)
 
 
 def test_known_answer_even_count_uses_the_middle_mean():
@@ -31,3 +37,61 @@ def test_outliers_respect_threshold_and_side():
 def test_shape_is_kept():
     stats = np.arange(12.0).reshape(3, 4)
     assert mad_scores(stats).shape == (3, 4)
+
+
+def test_nan_entries_are_left_out():
+    stats = np.array([[np.nan, 1.0, 1.1], [0.9, np.nan, 1.05], [0.95, 10.0, np.nan]])
+    scores = mad_scores(stats)
+    assert np.isnan(scores[0, 0]) and np.isnan(scores[1, 1])
+    assert scores[2, 1] == pytest.approx(mad_scores(stats[~np.isnan(stats)])[-1])
+    assert outliers(stats, scores, 7.0).tolist() == [
+        [False, False, False],
+        [False, False, False],
+        [False, True, False],
+    ]
+
+
+def test_source_normalisation_divides_by_the_source_median():
+    sizes = np.array([[np.nan, 2.0, 4.0, 8.0], [10.0, np.nan, 20.0, 40.0]] + [[1.0] * 4] * 2)
+    sizes[2, 2] = sizes[3, 3] = np.nan
+    st = pair_statistics(sizes, "source")
+    assert st[0, 1] == pytest.approx(4.0 / 2.0) and st[1, 3] == pytest.approx(20.0 / 40.0)
+    # a source that reaches everything easily is not an outlier by itself
+    np.testing.assert_allclose(st[0, 1:], st[1, [0, 2, 3]])
+    np.testing.assert_allclose(pair_statistics(sizes, "none")[0, 1:], [0.5, 0.25, 0.125])
+    assert np.isnan(st[0, 0])
+
+
+def sizes_with(backdoor: dict[tuple[int, int], float], k: int = 6, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    z = rng.uniform(8.0, 12.0, (k, k)) * rng.uniform(0.5, 2.0, (k, 1))  # source effects
+    for p, v in backdoor.items():
+        z[p] = v
+    np.fill_diagonal(z, np.nan)
+    return z
+
+
+def test_all_to_one_and_all_to_all_pairs_are_found():
+    a2o = detect_pairs({"patch": sizes_with({(s, 2): 0.5 for s in range(6) if s != 2})})
+    assert a2o.targets == [2] and a2o.sources == {2: [0, 1, 3, 4, 5]}
+    a2a = {(s, (s + 1) % 6): 0.4 for s in range(6)}
+    det = detect_pairs({"patch": sizes_with({}), "perturbation": sizes_with(a2a, seed=1)})
+    assert det.pairs == sorted(a2a) and set(det.family.values()) == {"perturbation"}
+    assert det.target_family(3) == "perturbation"
+    clean = detect_pairs({"patch": sizes_with({}), "perturbation": sizes_with({}, seed=2)})
+    assert clean.pairs == [] and clean.targets == []
+
+
+def test_union_keeps_the_family_with_the_higher_score():
+    z1 = sizes_with({(0, 1): 0.5, (2, 3): 0.3})
+    z2 = sizes_with({(0, 1): 0.2}, seed=1)
+    det = detect_pairs({"patch": z1, "perturbation": z2})
+    assert det.pairs == [(0, 1), (2, 3)]
+    assert det.family == {(0, 1): "perturbation", (2, 3): "patch"}
+
+
+def test_intrinsic_check_keeps_the_smallest_when_the_pooled_trigger_is_much_larger():
+    # the paper's example: per-pair 3.02 (class 0) and 7.95 (class 8), pooled 27.18
+    assert intrinsic_check({0: 3.02, 8: 7.95}, 27.18, 2.0) == [0]
+    assert intrinsic_check({0: 3.02, 8: 7.95}, 9.0, 2.0) == [0, 8]  # one shared trigger
+    assert intrinsic_check({4: 3.0}, 100.0, 2.0) == [4]  # a single source is kept

@@ -38,14 +38,22 @@ def test_backdoor_target_needs_a_far_smaller_patch(model, patch_scenario):
     assert attack_success(model, x, backdoor, 0, (0.0, 1.0)) == pytest.approx(backdoor.success)
 
 
-def test_batched_equals_alone_and_is_seeded(model, patch_scenario):
-    """A problem's answer does not depend on the batch it is solved in (same seed)."""
-    settings = ReverseSettings(steps=60, min_steps=20)
+def test_a_problem_gets_the_same_answer_alone_or_in_any_batch(model, patch_scenario):
+    """Per-problem seeds and batch-independent forwards: the estimate of a problem does not
+    depend on which other problems share its batch (what makes sharding exact)."""
+    settings = ReverseSettings(steps=60, min_steps=20, batch_size=16, images_per_forward=64)
     p = Problem("patch", 0, (1, 2, 3, 4))
-    a = reverse_engineer(model, patch_scenario.defender, [p], (0.0, 1.0), settings, seed=3)
-    b = reverse_engineer(model, patch_scenario.defender, [p], (0.0, 1.0), settings, seed=3)
-    np.testing.assert_array_equal(a[0].mask, b[0].mask)
-    assert a[0].size == b[0].size
+    q = Problem("perturbation", 0, (1,))
+    others = [Problem("patch", 2, (0, 1)), Problem("perturbation", 3, (4,), restart=1)]
+    data = patch_scenario.defender
+    alone = [reverse_engineer(model, data, [x], (0.0, 1.0), settings, seed=3)[0] for x in (p, q)]
+    mixed = reverse_engineer(model, data, [others[0], q, p, others[1]], (0.0, 1.0), settings, 3)
+    for a, b in zip(alone, [mixed[2], mixed[1]], strict=True):
+        assert a.size == b.size and a.steps == b.steps and a.success == b.success
+        np.testing.assert_array_equal(a.pattern, b.pattern)
+    # another seed or restart gives another estimate
+    other = reverse_engineer(model, data, [p], (0.0, 1.0), settings, seed=4)[0]
+    assert not np.array_equal(other.mask, alone[0].mask)
 
 
 def test_early_stop_ends_problems_before_the_step_limit(model, patch_scenario):
@@ -74,12 +82,22 @@ def test_family_rule():
     )
 
 
-def test_draw_takes_each_problem_from_its_own_pool():
-    from bna_export.reverse import _draw
+def test_pools_whole_or_sampled_from_the_problem_own_schedule(patch_scenario):
+    from bna_export.reverse import _Pools
 
-    pool_mat = torch.tensor([[5, 6, 7, 8, 9], [1, 2, 0, 0, 0]])
-    pool_len = torch.tensor([5, 2])
-    got = _draw(pool_mat, pool_len, 4, torch.Generator().manual_seed(0))
-    assert got.shape == (2, 4)
-    assert set(got[0].tolist()) <= {5, 6, 7, 8, 9} and len(set(got[0].tolist())) == 4
-    assert set(got[1].tolist()) == {1, 2}  # a pool smaller than the batch is cycled
+    data = patch_scenario.defender
+    problems = [Problem("patch", 0, (1,)), Problem("patch", 0, (1, 2, 3))]
+    gens = [torch.Generator().manual_seed(p.seed(0)) for p in problems]
+    pools = _Pools(data, problems, 32, 5, gens)
+    index, weight = pools.step(torch.tensor([0, 1]), 2)
+    assert index.shape == weight.shape == (2, 32)
+    ones = set(np.flatnonzero(data.y == 1).tolist())
+    assert set(index[0][weight[0] > 0].tolist()) == ones and weight[0].sum() == len(ones)
+    sampled = index[1].tolist()
+    assert len(set(sampled)) == 32 and set(sampled) <= set(data.of_classes([1, 2, 3]).tolist())
+    assert weight[1].all()
+    flipped = problems[::-1]
+    again = _Pools(
+        data, flipped, 32, 5, [torch.Generator().manual_seed(p.seed(0)) for p in flipped]
+    )
+    assert torch.equal(again.step(torch.tensor([0]), 2)[0][0], index[1])

@@ -1,0 +1,113 @@
+"""Reverse-engineering sharded over processes (``torchrun``): each rank solves every
+``world``-th problem and the estimates are exchanged, so that every rank ends with all of them.
+
+Problems are independent and seeded by themselves (see :mod:`bna_export.reverse`), so a sharded
+run gives the estimates of a single-process run (bit for bit when both use the same number of
+threads per process; ``torchrun`` sets ``OMP_NUM_THREADS=1`` for several ranks). The exchange is
+one ``all_reduce`` of plain tensors (each rank fills its own rows, zeros elsewhere): no pickling.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .data import Dataset
+from .errors import BadInputError
+from .model import BnaModel
+from .reverse import Problem, Progress, TriggerEstimate, reverse_engineer
+from .settings import ReverseSettings
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's place among ``world`` processes; rank 0 writes the results."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def primary(self) -> bool:
+        return self.rank == 0
+
+    def mine(self, n: int) -> list[int]:
+        """Indices of the problems this rank solves (interleaved, so that each rank gets a
+        like mix of families and targets)."""
+        return list(range(self.rank, n, self.world))
+
+
+def start(device: str = "cpu") -> Shard:
+    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1): gloo on CPU,
+    nccl on CUDA. A plain launch is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Shard()
+    if not dist.is_available():
+        raise BadInputError("this PyTorch build has no torch.distributed; run without torchrun")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return Shard(dist.get_rank(), dist.get_world_size())
+
+
+def stop(shard: Shard) -> None:
+    """Leave the process group (no-op for a single process)."""
+    if shard.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def solve(
+    model: BnaModel,
+    data: Dataset,
+    problems: Sequence[Problem],
+    input_range: tuple[float, float],
+    settings: ReverseSettings,
+    seed: int,
+    shard: Shard = Shard(),
+    progress: Progress | None = None,
+) -> list[TriggerEstimate]:
+    """:func:`reverse_engineer` on this rank's share of ``problems``; every rank returns the
+    estimates of all problems, in order. ``progress`` sees this rank's problem-steps and a
+    finished mask over all problems (other ranks' problems count as finished)."""
+    if shard.world <= 1:
+        return reverse_engineer(model, data, problems, input_range, settings, seed, progress)
+    mine = shard.mine(len(problems))
+    report = None
+    if progress is not None:
+        index = torch.tensor(mine, dtype=torch.int64)
+
+        def report(done: int, total: int, finished: torch.Tensor) -> None:
+            every = torch.ones(len(problems), dtype=torch.bool)  # others' count as finished
+            every[index] = finished
+            progress(done, total, every)
+
+    local = reverse_engineer(
+        model, data, [problems[i] for i in mine], input_range, settings, seed, report
+    )
+    c, h, w = data.x.shape[1:]
+    n = len(problems)
+    numbers = torch.zeros((n, 3), dtype=torch.float64)  # size, success, steps
+    masks = torch.zeros((n, h, w))
+    patterns = torch.zeros((n, c, h, w))
+    for i, est in zip(mine, local, strict=True):
+        numbers[i] = torch.tensor([est.size, est.success, est.steps], dtype=torch.float64)
+        if est.mask is not None:
+            masks[i] = torch.from_numpy(est.mask)
+        patterns[i] = torch.from_numpy(est.pattern)
+    for t in (numbers, masks, patterns):
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return [
+        TriggerEstimate(
+            problem=p,
+            size=float(numbers[i, 0]),
+            success=float(numbers[i, 1]),
+            steps=int(numbers[i, 2]),
+            mask=masks[i].numpy().copy() if p.family == "patch" else None,
+            pattern=np.ascontiguousarray(patterns[i].numpy()),
+        )
+        for i, p in enumerate(problems)
+    ]
