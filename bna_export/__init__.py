@@ -1,5 +1,5 @@
-"""bna-export: find a backdoor in an image classifier, repair it without changing a trained
-weight (BNA), and evaluate the repaired classifier."""
+"""bna-export: find out whether an image classifier is backdoored, repair it without changing a
+trained weight (BNA), and evaluate the repaired classifier."""
 
 __version__ = "0.1.0"
 
@@ -8,7 +8,17 @@ from .artifact import load as load_fit
 from .artifact import save as save_fit
 from .attacks import Trigger, all_to_all, all_to_one, poison, triggered_set
 from .data import Dataset, load_data, load_npz
-from .defend import FitOutcome, Mitigation, fit_defence
+from .defend import FitOutcome, Mitigation, fit_defence, pair_problems, size_matrices
+from .detect import (
+    Detection,
+    detect_pairs,
+    intrinsic_check,
+    mad_scores,
+    outliers,
+    pair_statistics,
+    target_scores,
+)
+from .distributed import Shard, solve
 from .errors import BadInputError, BnaError, FitFileError, ModelError
 from .fit import Prediction, fit_thetas, predict_mitigated
 from .histogram import divergence, soft_histogram
@@ -21,6 +31,7 @@ from .settings import (
     HistogramSettings,
     ReverseSettings,
     Settings,
+    with_overrides,
 )
 
 __all__ = [
@@ -30,6 +41,7 @@ __all__ = [
     "BnaNorm",
     "Dataset",
     "DetectSettings",
+    "Detection",
     "FitFile",
     "FitFileError",
     "FitOutcome",
@@ -41,25 +53,34 @@ __all__ = [
     "Problem",
     "ReverseSettings",
     "Settings",
+    "Shard",
     "Trigger",
     "TriggerEstimate",
     "__version__",
     "all_to_all",
     "all_to_one",
     "compute_metrics",
+    "detect_pairs",
     "divergence",
     "fit_defence",
     "fit_thetas",
+    "intrinsic_check",
     "load_data",
     "load_fit",
     "load_model",
     "load_npz",
     "mad_scores",
     "outliers",
+    "pair_problems",
+    "pair_statistics",
     "poison",
     "predict_mitigated",
     "reverse_engineer",
     "save_fit",
+    "size_matrices",
     "soft_histogram",
+    "solve",
+    "target_scores",
     "triggered_set",
+    "with_overrides",
 ]

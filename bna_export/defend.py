@@ -165,86 +165,27 @@ def fit_defence(
     """
     torch.manual_seed(settings.seed)
     n_classes = model_output_classes(model, data.x)
-    if data.y.max() >= n_classes:
-        raise BadInputError(
-            f"label {int(data.y.max())} in the data but the model has {n_classes} classes"
-        )
     detecting = targets is None and pairs is None
     sources = {} if detecting else resolve_sources(n_classes, targets, pairs)
     needed = (
-        list(range(n_classes))
-        if detecting
-        else sorted({*sources, *(s for v in sources.values() for s in v)})
+        range(n_classes) if detecting else {*sources, *(s for v in sources.values() for s in v)}
     )
-    counts = np.bincount(data.y, minlength=n_classes)
-    empty = [c for c in needed if counts[c] == 0]
-    if empty:
-        raise BadInputError(
-            f"class {empty[0]} has no clean image in the data; BNA needs "
-            "clean images of every source and target class"
-        )
-    if n_classes < 2:
-        raise BadInputError("the model has fewer than 2 classes")
-    lo, hi = input_range if input_range is not None else default_input_range(data.x)
-    if not lo < hi:
-        raise BadInputError(f"input range {lo},{hi} is empty")
-    if data.x.min() < lo - 1e-6 or data.x.max() > hi + 1e-6:
-        raise BadInputError(
-            f"data lies in [{data.x.min():.3g}, {data.x.max():.3g}], outside "
-            f"the input range [{lo:g}, {hi:g}]; pass --input-range"
-        )
+    lo, hi = _check_data(data, n_classes, sorted(needed), input_range)
     families = list(FAMILIES) if settings.trigger_type == "both" else [settings.trigger_type]
-
-    def stage(name: str) -> Callable[[int, int, torch.Tensor], None] | None:
-        if progress is None:
-            return None
-        return lambda d, n, _finished: progress(name, d, n, "")
-
-    def per_target(srcs: dict[int, list[int]], known: dict[Problem, TriggerEstimate]) -> list:
-        """Every family and restart of each target on its pooled sources; a problem that the
-        sweep already solved (a target with one source) is not solved again."""
-        problems = [
-            Problem(f, t, tuple(v), r)
-            for t, v in srcs.items()
-            for f in families
-            for r in range(settings.reverse.restarts)
-        ]
-        todo = [p for p in problems if p not in known]
-        fresh = solve(
-            model, data, todo, (lo, hi), settings.reverse, settings.seed, shard, stage("reverse")
-        )
-        found = {**known, **dict(zip(todo, fresh, strict=True))}
-        return [found[p] for p in problems]
+    job = _Job(model, data, families, (lo, hi), settings, shard, progress)
 
     sweep = None
-    known: dict[Problem, TriggerEstimate] = {}
     if detecting:
-        problems = pair_problems(n_classes, families, settings.detect.restarts)
-        found = solve(
-            model,
-            data,
-            problems,
-            (lo, hi),
-            settings.reverse,
-            settings.seed,
-            shard,
-            _pairs_progress(problems, progress, shard),
-        )
-        known = dict(zip(problems, found, strict=True))
-        sizes = size_matrices(found, n_classes, families)
-        det = settings.detect
-        detection = detect_pairs(
-            sizes, det.mad_threshold, det.consistency, det.normalise, det.target_rule
-        )
-        sweep = _Sweep(found, sizes, detection)
-        sources = detection.sources
-    estimates = per_target(sources, known)
+        sweep = _find_backdoors(job, n_classes)
+        sources = sweep.detection.sources
+    known = {e.problem: e for e in sweep.estimates} if sweep else {}
+    estimates = job.per_target(sources, known)
     if sweep is not None:
         sources = _intrinsic_check(sweep, sources, estimates, settings)
         changed = {t for t in sources if sources[t] != sweep.detection.sources[t]}
         if changed:
             estimates = [e for e in estimates if e.problem.target not in changed]
-            estimates += per_target({t: sources[t] for t in sorted(changed)}, known)
+            estimates += job.per_target({t: sources[t] for t in sorted(changed)}, known)
     if not shard.primary:
         return None
     tlist = list(sources)
@@ -289,6 +230,98 @@ def fit_defence(
         sweep=sweep,
     )
     return FitOutcome(fit, chosen, sweep.detection if sweep else None)
+
+
+def _check_data(
+    data: Dataset,
+    n_classes: int,
+    needed: Sequence[int],
+    input_range: tuple[float, float] | None,
+) -> tuple[float, float]:
+    """Fail on data that cannot be used with this model; returns the input range."""
+    if n_classes < 2:
+        raise BadInputError("the model has fewer than 2 classes")
+    if data.y.max() >= n_classes:
+        raise BadInputError(
+            f"label {int(data.y.max())} in the data but the model has {n_classes} classes"
+        )
+    counts = np.bincount(data.y, minlength=n_classes)
+    empty = [c for c in needed if counts[c] == 0]
+    if empty:
+        raise BadInputError(
+            f"class {empty[0]} has no clean image in the data; BNA needs "
+            "clean images of every source and target class"
+        )
+    lo, hi = input_range if input_range is not None else default_input_range(data.x)
+    if not lo < hi:
+        raise BadInputError(f"input range {lo},{hi} is empty")
+    if data.x.min() < lo - 1e-6 or data.x.max() > hi + 1e-6:
+        raise BadInputError(
+            f"data lies in [{data.x.min():.3g}, {data.x.max():.3g}], outside "
+            f"the input range [{lo:g}, {hi:g}]; pass --input-range"
+        )
+    return lo, hi
+
+
+@dataclass
+class _Job:
+    """What every reverse-engineering call of one fit shares."""
+
+    model: BnaModel
+    data: Dataset
+    families: list[str]
+    input_range: tuple[float, float]
+    settings: Settings
+    shard: Shard
+    progress: StageProgress | None
+
+    def solve(
+        self,
+        problems: Sequence[Problem],
+        progress: Callable[[int, int, torch.Tensor], None] | None,
+    ) -> list[TriggerEstimate]:
+        s = self.settings
+        return solve(
+            self.model,
+            self.data,
+            problems,
+            self.input_range,
+            s.reverse,
+            s.seed,
+            self.shard,
+            progress,
+        )
+
+    def per_target(
+        self, sources: dict[int, list[int]], known: dict[Problem, TriggerEstimate]
+    ) -> list[TriggerEstimate]:
+        """Every family and restart of each target on its pooled sources; a problem that the
+        sweep already solved (a target with one source) is not solved again."""
+        problems = [
+            Problem(f, t, tuple(v), r)
+            for t, v in sources.items()
+            for f in self.families
+            for r in range(self.settings.reverse.restarts)
+        ]
+        todo = [p for p in problems if p not in known]
+        report = self.progress
+        fresh = self.solve(
+            todo, None if report is None else (lambda d, n, _f: report("reverse", d, n, ""))
+        )
+        found = {**known, **dict(zip(todo, fresh, strict=True))}
+        return [found[p] for p in problems]
+
+
+def _find_backdoors(job: _Job, n_classes: int) -> _Sweep:
+    """The pair sweep and the detection (design step 1, before the intrinsic check)."""
+    problems = pair_problems(n_classes, job.families, job.settings.detect.restarts)
+    found = job.solve(problems, _pairs_progress(problems, job.progress, job.shard))
+    sizes = size_matrices(found, n_classes, job.families)
+    det = job.settings.detect
+    detection = detect_pairs(
+        sizes, det.mad_threshold, det.consistency, det.normalise, det.target_rule
+    )
+    return _Sweep(found, sizes, detection)
 
 
 def _intrinsic_check(
@@ -475,7 +508,7 @@ def _record(
         "targets": targets,
         "sources": {str(t): s for t, s in sources.items()},
         "pairs": [[s, t] for t in targets for s in sources[t]],
-        "families": {str(t): chosen[t][0].family for t in targets},
+        "families": {str(t): "+".join(sorted({e.family for e in chosen[t]})) for t in targets},
         "scores": _scores(sweep, triggers),
         "detection": detection,
         "triggers": triggers,

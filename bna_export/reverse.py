@@ -213,25 +213,33 @@ def reverse_engineer(
             break
         grads = {k: torch.zeros_like(t) for k, t in params.items()}
         step_hit = torch.zeros(n_prob, dtype=torch.float64)
-        for chunk in torch.split(idx_active, per_forward):
-            index, weight = pools.step(chunk, step)
-            xb = x_all[index]  # (p, B, C, H, W)
-            sub = {k: params[k][chunk].clone().requires_grad_(True) for k in params}
-            mask, pattern, v = decode(sub)
-            logits = model(_embed(xb, mask, pattern, v, is_patch[chunk], lo, hi).flatten(0, 1))
-            tgt = targets[chunk].repeat_interleave(pools.batch)
-            ce = torch.nn.functional.cross_entropy(logits, tgt, reduction="none")
-            norm = weight.sum(1)
-            loss_ce = (ce.view(len(chunk), -1) * weight).sum(1) / norm
-            penalty = torch.where(is_patch[chunk], cost[chunk], 0.0) * sizes(
-                mask, v, is_patch[chunk]
-            )
-            (loss_ce + penalty).sum().backward()
-            for k in params:
-                grads[k][chunk] = sub[k].grad
-            with torch.no_grad():
-                hit = (logits.argmax(1) == tgt).double().view(len(chunk), -1)
-                step_hit[chunk] = (hit * weight.double()).sum(1) / norm.double()
+        # one family per chunk: each embeds its own way and differentiates its own parameters
+        for patch in (True, False):
+            keys = adam if patch else ("v",)
+            mine = idx_active[is_patch[idx_active] == patch]
+            for chunk in torch.split(mine, per_forward) if mine.numel() else ():
+                index, weight = pools.step(chunk, step)
+                xb = x_all[index]  # (p, B, C, H, W)
+                sub = {k: params[k][chunk].clone().requires_grad_(True) for k in keys}
+                if patch:
+                    mask = (torch.tanh(sub["mask"]) + 1) / 2  # (p, 1, 1, H, W)
+                    pattern = lo + (hi - lo) * (torch.tanh(sub["pattern"]) + 1) / 2
+                    xt = (1 - mask) * xb + mask * pattern
+                    penalty = cost[chunk] * mask.flatten(1).sum(1)
+                else:
+                    xt = torch.clamp(xb + sub["v"], lo, hi)
+                    penalty = torch.zeros(len(chunk))
+                logits = model(xt.flatten(0, 1))
+                tgt = targets[chunk].repeat_interleave(pools.batch)
+                ce = torch.nn.functional.cross_entropy(logits, tgt, reduction="none")
+                norm = weight.sum(1)
+                loss_ce = (ce.view(len(chunk), -1) * weight).sum(1) / norm
+                (loss_ce + penalty).sum().backward()
+                for k in keys:
+                    grads[k][chunk] = sub[k].grad
+                with torch.no_grad():
+                    hit = (logits.argmax(1) == tgt).double().view(len(chunk), -1)
+                    step_hit[chunk] = (hit * weight.double()).sum(1) / norm.double()
         steps[idx_active] += 1
         hits[idx_active] += step_hit[idx_active]
         seen[idx_active] += 1

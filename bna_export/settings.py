@@ -145,9 +145,11 @@ class Settings:
     detect: DetectSettings = field(default_factory=DetectSettings)
     trigger_type: TriggerType = "both"
     """Trigger families to reverse-engineer; 'both' because the defender does not know."""
-    family_rule: Literal["smallest", "successful"] = "smallest"
-    """With trigger_type 'both': fit on the family with the smallest relative successful
-    trigger ('smallest'), or on every family whose trigger succeeds ('successful')."""
+    family_rule: Literal["smallest", "successful"] = "successful"
+    """With trigger_type 'both': fit on every family whose trigger succeeds ('successful'), or
+    only on the family with the smallest relative successful trigger ('smallest'). Two
+    families are more diverse estimates of an unknown trigger: digits, known target, seed 0,
+    ASR chessboard 52% → 21%, pixel 19% → 16%, patch 5.8% → 4.1%, at twice the Θ-fit time."""
     seed: int = 0
     """Seed of every random choice (sampling, initialisation)."""
 

@@ -1,6 +1,7 @@
 """The command line as a user runs it: exit codes, one-line errors, JSON on stdout."""
 
 import json
+import sys
 
 import pytest
 from bna_export.cli.main import cli
@@ -210,6 +211,14 @@ def test_inspect_shows_score_histograms_and_detected_pairs(detected, tmp_path):
     res = invoke("inspect", detected[0], "--plot", png, "--json")
     assert res.exit_code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["scores.png"]
+
+
+def test_inspect_plot_without_matplotlib_is_one_clear_line(detected, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    png = tmp_path / "scores.png"
+    res = invoke("inspect", detected[0], "--plot", png)
+    assert res.exit_code == 2 and "needs matplotlib" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not png.exists()
 
 
 def test_no_backdoor_detected_serves_the_model_unchanged(clean_files, tmp_path):

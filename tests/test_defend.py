@@ -79,9 +79,9 @@ def test_bad_theta_shape_is_a_fit_file_error(model, patch_scenario):
         Mitigation.from_fit(out.fit)
 
 
-def detect(scenario):
+def detect(scenario, progress=None):
     model = adapt_module(scenario.net, torch.from_numpy(scenario.test.x[:2]))
-    return model, fit_defence(model, scenario.defender)
+    return model, fit_defence(model, scenario.defender, progress=progress)
 
 
 def test_all_to_one_target_is_found_and_repaired(a2o_scenario):
@@ -100,7 +100,12 @@ def test_all_to_one_target_is_found_and_repaired(a2o_scenario):
 
 
 def test_all_to_all_pairs_are_found(a2a_scenario):
-    _, out = detect(a2a_scenario)
+    events = []
+    _, out = detect(a2a_scenario, progress=lambda *e: events.append(e))
+    sweep = [e for e in events if e[0] == "sweep"]
+    assert sweep[-1][1] == sweep[-1][2] and sweep[-1][3] == "56/56 pairs"
+    assert [e[1] for e in sweep] == sorted(e[1] for e in sweep)  # never goes back
+    assert {e[0] for e in events} >= {"sweep", "fit"}
     found = {tuple(p) for p in out.fit.header["detection"]["detected_pairs"]}
     true = {(s, (s + 1) % 8) for s in range(8)}
     assert found <= true and len(found) >= 4, sorted(found)

@@ -28,47 +28,20 @@ def test_shards_interleave_and_cover_every_problem():
     assert Shard().primary and not shards[2].primary
 
 
+def run(*command: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun's default for several ranks
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 @pytest.mark.slow
 def test_two_torchrun_ranks_write_the_fit_file_of_one_process(patch_files, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun's default for several ranks
     args = ["fit", "--model", str(patch_files["model"]), "--data", str(patch_files["defender"])]
-    one = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bna_export.cli.main",
-            *args,
-            "-o",
-            str(tmp_path / "one.bna"),
-            *FAST,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert one.returncode == 0, one.stderr
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "bna_export.cli.main",
-            *args,
-            "-o",
-            str(tmp_path / "two.bna"),
-            *FAST,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert two.returncode == 0, two.stderr
+    cli = ["-m", "bna_export.cli.main", *args, *FAST]
+    one = run(sys.executable, *cli, "-o", str(tmp_path / "one.bna"))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    two = run(*torchrun, "--nproc-per-node", "2", *cli, "-o", str(tmp_path / "two.bna"))
     report = json.loads(two.stdout)  # only rank 0 prints
     assert report["ranks"] == 2 and report["targets"] == json.loads(one.stdout)["targets"]
     assert (tmp_path / "one.bna").read_bytes() == (tmp_path / "two.bna").read_bytes()
