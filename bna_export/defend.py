@@ -28,7 +28,14 @@ from .distributed import Shard, solve
 from .errors import BadInputError, FitFileError, ModelError
 from .fit import fit_thetas, g_logits, predict_mitigated
 from .model import BnaModel
-from .reverse import FAMILIES, Problem, TriggerEstimate, choose_family, relative_size
+from .reverse import (
+    FAMILIES,
+    Problem,
+    TriggerEstimate,
+    choose_family,
+    relative_size,
+    succeeds,
+)
 from .settings import Settings
 
 StageProgress = Callable[[str, int, int, str], None]
@@ -195,7 +202,7 @@ def fit_defence(
         best = choose_family(mine, (lo, hi), settings.reverse.success)
         chosen[t] = [e for e in mine if e.family == best.family]
         if settings.family_rule == "successful":
-            ok = [e for e in mine if e.success >= settings.reverse.success]
+            ok = [e for e in mine if succeeds(e, settings.reverse.success)]
             chosen[t] = ok or chosen[t]
     if tlist:
         result = fit_thetas(
@@ -349,7 +356,7 @@ def _intrinsic_check(
                     for e in estimates
                     if e.problem.target == t
                     and e.family == fam
-                    and e.success >= settings.reverse.success - 1e-9
+                    and succeeds(e, settings.reverse.success)
                 ),
                 default=float("inf"),
             )

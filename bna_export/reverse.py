@@ -425,13 +425,18 @@ def relative_size(estimate: TriggerEstimate, input_range: tuple[float, float]) -
     return estimate.size / ((input_range[1] - input_range[0]) * float(np.sqrt(c * h * w)))
 
 
+def succeeds(estimate: TriggerEstimate, success: float) -> bool:
+    """Whether a trigger estimate moves at least ``success`` of its source images."""
+    return estimate.success >= success - _TOLERANCE
+
+
 def choose_family(
     estimates: Sequence[TriggerEstimate], input_range: tuple[float, float], success: float
 ) -> TriggerEstimate:
     """Rule for ``--trigger-type both`` with known targets: among the estimates whose trigger
     succeeds (≥ ``success`` of the source images), the one with the smallest relative size;
     when none succeeds, the one with the highest success."""
-    ok = [e for e in estimates if e.success >= success]
+    ok = [e for e in estimates if succeeds(e, success)]
     if ok:
         return min(ok, key=lambda e: relative_size(e, input_range))
     return max(estimates, key=lambda e: e.success)
