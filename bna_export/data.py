@@ -82,6 +82,23 @@ def load_npz(path: str | Path, *, extra: tuple[str, ...] = ()) -> tuple[Dataset,
     return Dataset(xs, ys), more
 
 
+def load_inputs(path: str | Path) -> np.ndarray:
+    """Images only (labels optional): ``x`` of an ``.npz`` or an image folder's images."""
+    if Path(path).is_dir():
+        return load_folder(path).x
+    source = str(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "x" not in f.files:
+                raise BadInputError(f"{source}: no array x; found {', '.join(f.files) or 'none'}")
+            x = f["x"]
+    except FileNotFoundError as exc:
+        raise BadInputError(f"{source}: no such file") from exc
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise BadInputError(f"{source}: not a readable .npz file ({exc})") from exc
+    return _as_images(x, source)
+
+
 def load_folder(path: str | Path) -> Dataset:
     """Read a folder with one sub-folder per class (sorted names are classes 0, 1, ...)."""
     try:

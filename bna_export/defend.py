@@ -473,8 +473,13 @@ def _record(
         if e.mask is not None:
             tensors[f"trigger.{j}.mask"] = e.mask.astype(np.float32)
     probes = _probe_inputs(data, sources, chosen, input_range, n_classes)
-    with torch.no_grad():
+    with torch.no_grad(), model.capturing() as outputs:
         f_logits = model(torch.from_numpy(probes)).numpy()
+    for i, out in enumerate(outputs):  # each BN output's per-sample channel means: finds the
+        z = torch.cat(out)  # layer again in an ONNX graph, whatever the exporter folded
+        tensors[f"layer.{i}.probe_mean"] = (
+            z.reshape(len(z), z.shape[1], -1).mean(2).numpy().astype(np.float32)
+        )
     pred = predict_mitigated(model, targets, thetas, probes)
     tensors["probe.x"] = probes
     tensors["probe.f_logits"] = f_logits.astype(np.float32)

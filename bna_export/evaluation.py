@@ -3,17 +3,22 @@ triggered sets: input checks, routed predictions, and the five metrics."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from .data import Dataset, check_against_model
 from .defend import Mitigation, model_output_classes
 from .errors import BadInputError
 from .fit import predict_mitigated
+from .graph.load import load_proto
 from .metrics import compute_metrics
 from .model import BnaModel
+from .runtime import Provider, ran_on, session
 
 
 @dataclass
@@ -29,6 +34,60 @@ class Evaluation:
     @property
     def main(self) -> dict[str, float | None]:
         return self.results.get("mitigated", self.results["model"])
+
+
+def evaluate_built(
+    path: str | Path,
+    clean: Dataset,
+    triggered: Dataset | None = None,
+    attack_label: np.ndarray | None = None,
+    provider: Provider = "cpu",
+    batch: int = 256,
+) -> Evaluation:
+    """Evaluate a built graph in ONNX Runtime: 'mitigated' from its outputs, 'model' from f's
+    own logits inside it (named by its ``bna.f_logits`` metadata)."""
+    proto = load_proto(path)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    f_name = meta.get("bna.f_logits")
+    if f_name is None or [o.name for o in proto.graph.output] != ["label", "triggered", "logits"]:
+        raise BadInputError(f"{path}: not a graph made by `bna-export build`")
+    proto.graph.output.append(onnx.ValueInfoProto(name=f_name))
+    sess = session(proto.SerializeToString(), provider)
+    inp = sess.get_inputs()[0]
+    k = sess.get_outputs()[2].shape[-1]
+    dims = inp.shape[1:]
+    shape = tuple(d if isinstance(d, int) else -1 for d in dims)
+    if len(dims) == clean.x.ndim - 1:  # symbolic dims take whatever the data has
+        shape = tuple(d if d != -1 else n for d, n in zip(shape, clean.x.shape[1:], strict=True))
+    for name, ds in (("clean set", clean), ("triggered set", triggered)):
+        if ds is not None:
+            check_against_model(ds, shape, k if isinstance(k, int) else 2**31, name)
+    targets = json.loads(meta.get("bna.targets", "[]"))
+    if triggered is not None and attack_label is None:
+        raise BadInputError("the triggered set has no attack_label")
+    eval_targets = sorted({int(a) for a in attack_label}) if attack_label is not None else targets
+
+    def predict(x: np.ndarray) -> tuple[np.ndarray, ...]:
+        parts = [sess.run(None, {inp.name: x[i : i + batch]}) for i in range(0, len(x), batch)]
+        label, flag, _, f_logits = (np.concatenate(p) for p in zip(*parts, strict=True))
+        return label, flag, f_logits.argmax(1)
+
+    pc = predict(clean.x)
+    pt = predict(triggered.x) if triggered is not None else None
+    results = {}
+    for name, li, fi in (("model", 2, None), ("mitigated", 0, 1)):
+        results[name] = compute_metrics(
+            pc[li],
+            clean.y,
+            None if fi is None else pc[fi],
+            pt[li] if pt else None,
+            triggered.y if triggered else None,
+            attack_label,
+            None if (pt is None or fi is None) else pt[fi],
+            eval_targets,
+        )
+    extra = {"provider": ran_on(sess), "fit_targets": targets}
+    return Evaluation(results, eval_targets, len(clean), len(triggered) if triggered else 0, extra)
 
 
 def evaluate_reference(

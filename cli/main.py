@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import sys
 import time
@@ -13,12 +14,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import click
+import numpy as np
 
 from bna_export import __version__, artifact, distributed, report
-from bna_export.data import Dataset, load_data, load_npz
+from bna_export.data import Dataset, load_data, load_inputs, load_npz
 from bna_export.defend import Mitigation, fit_defence
 from bna_export.errors import BadInputError, BnaError
-from bna_export.evaluation import evaluate_reference
+from bna_export.evaluation import evaluate_built, evaluate_reference
 from bna_export.model import BnaModel, load_model
 from bna_export.settings import (
     DetectSettings,
@@ -50,6 +52,7 @@ class Progress:
         "sweep": "reverse-engineering every class pair",
         "reverse": "reverse-engineering per target",
         "fit": "fitting Θ",
+        "run": "running the graph",
     }
 
     def __init__(self, enabled: bool) -> None:
@@ -99,6 +102,15 @@ weights_option = click.option(
     "--weights",
     type=click.Path(dir_okay=False),
     help="State dict (.pt, loaded with weights_only=True) for a package.module:callable model.",
+)
+
+
+provider_option = click.option(
+    "--provider",
+    type=click.Choice(["auto", "cuda", "cpu"]),
+    default="auto",
+    show_default=True,
+    help="ONNX Runtime execution provider for .onnx graphs; auto takes CUDA when present.",
 )
 
 
@@ -489,6 +501,7 @@ def inspect(fit_path: str, plot_path: str | None, as_json: bool, quiet: bool) ->
     "classifier (PyTorch reference) instead of the model alone.",
 )
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
+@provider_option
 @common
 def evaluate(
     model_spec: str,
@@ -497,37 +510,43 @@ def evaluate(
     trig_path: str | None,
     fit_path: str | None,
     batch_size: int,
+    provider: str,
     as_json: bool,
     quiet: bool,
 ) -> None:
     """ACC, ASR, SIA, TPR, FPR of a model, or of its BNA-mitigated version with --fit.
 
+    MODEL may also be a graph made by `build` (OUT.onnx, run in ONNX Runtime with --provider):
+    the 'model' column is then f inside it, the other column the routed graph.
+
     FPR is the share of clean images of the attack's target classes (the attack labels of
     --triggered; without it the fit's targets) that get flagged.
     """
-    if model_spec.endswith(".onnx"):
-        raise BadInputError(
-            "evaluating a built .onnx graph is not available yet; pass the "
-            "original model with --fit"
-        )
+    built = model_spec.endswith(".onnx")
+    if built and (fit_path is not None or weights is not None):
+        raise BadInputError("a built .onnx graph holds its fit: drop --fit and --weights")
     clean = load_data(clean_path)
     trig, attack = None, None
     if trig_path is not None:
         trig, more = load_npz(trig_path, extra=("attack_label",))
         attack = more["attack_label"]
-    model = _load(model_spec, weights, clean)
     mitigation = None
-    if fit_path is not None:
-        fit = artifact.load(fit_path)
-        mitigation = Mitigation.from_fit(fit)
-        mitigation.check_model(model, fit)
-    ev = evaluate_reference(model, clean, trig, attack, mitigation, batch=batch_size)
+    if built:
+        ev = evaluate_built(model_spec, clean, trig, attack, provider, batch=batch_size)
+    else:
+        model = _load(model_spec, weights, clean)
+        if fit_path is not None:
+            fit = artifact.load(fit_path)
+            mitigation = Mitigation.from_fit(fit)
+            mitigation.check_model(model, fit)
+        ev = evaluate_reference(model, clean, trig, attack, mitigation, batch=batch_size)
     if as_json:
         _emit(
             {
                 **ev.main,
                 "model": ev.results["model"],
-                "evaluated": "mitigated" if mitigation else "model",
+                **ev.extra,
+                "evaluated": "mitigated" if (mitigation or built) else "model",
                 "targets": ev.targets,
                 "clean_images": ev.clean_images,
                 "triggered_images": ev.triggered_images,
@@ -541,6 +560,128 @@ def evaluate(
         click.echo(
             f"{key.upper():<8}" + "".join(f"{'-' if v is None else f'{v:.4f}':>12}" for v in cells)
         )
+
+
+@cli.command()
+@click.argument("onnx_path", metavar="MODEL.onnx", type=click.Path())
+@click.option(
+    "--fit", "fit_path", required=True, type=click.Path(), help="The fit file (from `fit`)."
+)
+@click.option(
+    "-o",
+    "--output",
+    "out_path",
+    required=True,
+    type=click.Path(),
+    help="Where to write the built graph (one .onnx, weights inline).",
+)
+@common
+def build(onnx_path: str, fit_path: str, out_path: str, as_json: bool, quiet: bool) -> None:
+    """Rewrite MODEL.onnx (the f you deploy) into one graph with f, every g_t and the routing.
+
+    The BN layers of the fit are found in the graph by value (folded into Conv/Gemm or kept as
+    BatchNormalization). The result is run in ONNX Runtime on the fit file's probe inputs and
+    written only when it agrees with the PyTorch reference (exit 2 and nothing written if not).
+    Outputs: label int64 [N], triggered bool [N], logits float [N, K].
+    """
+    fit = artifact.load(fit_path)
+    if not Path(out_path).resolve().parent.is_dir():
+        raise BadInputError(f"{out_path}: the folder does not exist")
+    from bna_export.graph import build_graph
+
+    t0 = time.perf_counter()
+    built = build_graph(onnx_path, fit)
+    artifact.write_atomic(out_path, built.data)
+    info = {
+        "output": out_path,
+        "bytes": len(built.data),
+        "attacked": bool(built.targets),
+        "targets": built.targets,
+        "layers": built.layers,
+        "self_check": {"probes": built.probes, "max_logit_error": built.max_logit_error},
+        "seconds": time.perf_counter() - t0,
+    }
+    if as_json:
+        _emit(info)
+        return
+    if not built.targets:
+        click.echo("no backdoor in the fit file: the graph is f plus label/triggered/logits")
+    else:
+        click.echo(f"targets {built.targets}; BatchNorm layers found in the graph:")
+        for la in built.layers:
+            click.echo(f"  {la['name']:<24} -> {la['node']} {la['tensor']!r}")
+    click.echo(
+        f"self-check: {built.probes} probes agree with the PyTorch reference "
+        f"(logits within {built.max_logit_error:.1e})"
+    )
+    click.echo(f"wrote {out_path} ({len(built.data) / 1e6:.2f} MB)")
+
+
+@cli.command()
+@click.argument("onnx_path", metavar="OUT.onnx", type=click.Path())
+@click.option(
+    "--data",
+    "data_path",
+    required=True,
+    type=click.Path(),
+    help="Images: .npz with x, or a folder.",
+)
+@provider_option
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
+@click.option(
+    "-o", "--output", "out_path", type=click.Path(), help="Write label, triggered, logits (.npz)."
+)
+@common
+def run(
+    onnx_path: str,
+    data_path: str,
+    provider: str,
+    batch_size: int,
+    out_path: str | None,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Batch inference of a built graph with ONNX Runtime; says which provider ran."""
+    from bna_export.graph import load_proto
+    from bna_export.runtime import ran_on, run_built, session
+
+    x = load_inputs(data_path)
+    if out_path is not None and not Path(out_path).resolve().parent.is_dir():
+        raise BadInputError(f"{out_path}: the folder does not exist")
+    proto = load_proto(onnx_path)
+    if [o.name for o in proto.graph.output] != ["label", "triggered", "logits"]:
+        raise BadInputError(f"{onnx_path}: not a graph made by `bna-export build`")
+    sess = session(proto.SerializeToString(), provider)
+    want = tuple(sess.get_inputs()[0].shape[1:])
+    if len(want) != x.ndim - 1 or any(
+        isinstance(d, int) and d != n for d, n in zip(want, x.shape[1:], strict=True)
+    ):
+        raise BadInputError(f"{data_path}: images are {x.shape[1:]} but the graph takes {want}")
+    bar = Progress(not quiet and sys.stderr.isatty())
+    t0 = time.perf_counter()
+    out = run_built(sess, x, batch_size, lambda d, n: bar("run", d, n))
+    seconds = time.perf_counter() - t0
+    bar.close()
+    if out_path is not None:
+        buf = io.BytesIO()
+        np.savez(buf, label=out.label, triggered=out.triggered, logits=out.logits)
+        artifact.write_atomic(out_path, buf.getvalue())
+    info = {
+        "provider": ran_on(sess),
+        "images": len(x),
+        "triggered": int(out.triggered.sum()),
+        "seconds": seconds,
+        "output": out_path,
+    }
+    if as_json:
+        _emit({**info, "label": out.label.tolist(), "flags": out.triggered.astype(int).tolist()})
+        return
+    click.echo(
+        f"provider {info['provider']}: {len(x)} images, {info['triggered']} flagged as "
+        f"triggered, {seconds:.2f} s"
+    )
+    if out_path is not None:
+        click.echo(f"wrote {out_path}")
 
 
 def main() -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from bna_export.cli.main import cli
+from click.testing import CliRunner
 
 from bna_export.scenario import Scenario, build_scenario, synthetic_scenario_data, write_scenario
 
@@ -78,3 +81,30 @@ def clean_files(
     clean_scenario: Scenario, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Path]:
     return write_scenario(clean_scenario, tmp_path_factory.mktemp("clean"))
+
+
+@pytest.fixture(scope="session")
+def fitted(patch_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """`fit --targets 0` through the CLI on the patch scenario: (fit file, its JSON report)."""
+    out = tmp_path_factory.mktemp("fit") / "fit.bna"
+    res = CliRunner().invoke(
+        cli,
+        [
+            str(a)
+            for a in (
+                "fit",
+                "--model",
+                patch_files["model"],
+                "--data",
+                patch_files["defender"],
+                "--targets",
+                "0",
+                "-o",
+                out,
+                "--json",
+                "--quiet",
+            )
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    return out, json.loads(res.stdout)

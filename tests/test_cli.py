@@ -3,33 +3,16 @@
 import json
 import sys
 
+import numpy as np
 import pytest
+import torch
 from bna_export.cli.main import cli
 from click.testing import CliRunner
+from tiny_models import export_onnx, make_cnn
 
 
 def invoke(*args: str):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-@pytest.fixture(scope="module")
-def fitted(patch_files, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fit") / "fit.bna"
-    res = invoke(
-        "fit",
-        "--model",
-        patch_files["model"],
-        "--data",
-        patch_files["defender"],
-        "--targets",
-        "0",
-        "-o",
-        out,
-        "--json",
-        "--quiet",
-    )
-    assert res.exit_code == 0, res.output
-    return out, json.loads(res.stdout)
 
 
 def test_fit_then_evaluate_repairs_the_model(patch_files, fitted):
@@ -221,7 +204,7 @@ def test_inspect_plot_without_matplotlib_is_one_clear_line(detected, tmp_path, m
     assert len(res.stderr.strip().splitlines()) == 1 and not png.exists()
 
 
-def test_no_backdoor_detected_serves_the_model_unchanged(clean_files, tmp_path):
+def test_no_backdoor_detected_serves_the_model_unchanged(clean_files, clean_scenario, tmp_path):
     out = tmp_path / "clean.bna"
     res = fit_cli(clean_files, out)
     assert res.exit_code == 0, res.output
@@ -233,6 +216,67 @@ def test_no_backdoor_detected_serves_the_model_unchanged(clean_files, tmp_path):
     keys = ("acc", "asr", "sia")
     assert {k: ev[k] for k in keys} == {k: ev["model"][k] for k in keys}
     assert ev["tpr"] == 0.0 and ev["fpr"] in (0.0, None)
+    # build: f plus the three outputs; nothing is flagged, labels are f's
+    onnx_path = export_onnx(
+        clean_scenario.net,
+        torch.from_numpy(clean_scenario.test.x[:2]),
+        tmp_path / "f.onnx",
+        "dynamo",
+    )
+    built = tmp_path / "built.onnx"
+    info = json.loads(invoke("build", onnx_path, "--fit", out, "-o", built, "--json").stdout)
+    assert info["attacked"] is False and info["layers"] == []
+    ev_built = json.loads(invoke("evaluate", built, *common).stdout)
+    assert {k: ev_built[k] for k in keys} == {k: ev["model"][k] for k in keys}
+    assert ev_built["tpr"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def built(patch_scenario, fitted, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("built")
+    example = torch.from_numpy(patch_scenario.test.x[:2])
+    onnx_path = export_onnx(patch_scenario.net, example, folder / "f.onnx", "dynamo")
+    out = folder / "out.onnx"
+    res = invoke("build", onnx_path, "--fit", fitted[0], "-o", out)
+    assert res.exit_code == 0, res.output
+    return onnx_path, out, res.stdout
+
+
+def test_build_then_run_and_evaluate_the_graph(patch_files, fitted, built, tmp_path):
+    _, out, text = built
+    assert "features.1" in text and "-> Conv" in text and "self-check: " in text
+    common = ["--clean", patch_files["test"], "--triggered", patch_files["triggered"], "--json"]
+    ref = json.loads(invoke("evaluate", patch_files["model"], "--fit", fitted[0], *common).stdout)
+    ev = json.loads(invoke("evaluate", out, "--provider", "cpu", *common).stdout)
+    keys = ("acc", "asr", "sia", "tpr", "fpr")
+    assert {k: ev[k] for k in keys} == {k: ref[k] for k in keys}
+    assert {k: ev["model"][k] for k in keys} == {k: ref["model"][k] for k in keys}
+    assert ev["provider"] == "cpu"
+    pred = tmp_path / "pred.npz"
+    res = invoke("run", out, "--data", patch_files["triggered"], "-o", pred, "--provider", "cpu")
+    assert res.exit_code == 0 and "provider cpu" in res.stdout
+    with np.load(pred) as f:
+        assert set(f.files) == {"label", "triggered", "logits"}
+        assert f["triggered"].mean() > 0.8 and f["logits"].shape[1] == 5
+
+
+def test_build_refuses_another_model_and_writes_nothing(fitted, tmp_path):
+    torch.manual_seed(3)
+    other = export_onnx(make_cnn().eval(), torch.rand(2, 1, 16, 16), tmp_path / "o.onnx", "legacy")
+    out = tmp_path / "out.onnx"
+    res = invoke("build", other, "--fit", fitted[0], "-o", out)
+    assert res.exit_code == 2 and "not the model that was fitted" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_run_with_cuda_where_there_is_none_is_one_clear_line(patch_files, built):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this ONNX Runtime has CUDA")
+    res = invoke("run", built[1], "--data", patch_files["test"], "--provider", "cuda")
+    assert res.exit_code == 2 and "no CUDA execution provider" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
 
 
 def test_set_overrides_settings_and_rejects_unknown_ones(patch_files, tmp_path):

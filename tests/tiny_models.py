@@ -1,8 +1,67 @@
-"""Factories importable as ``tiny_models:make_cnn`` (the CLI's package.module:callable form)."""
+"""Factories importable as ``tiny_models:make_cnn`` (the CLI's package.module:callable form),
+and the ONNX export forms users deploy (``export_onnx``)."""
 
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
 from torch import nn
 
 from bna_export.zoo import SmallCNN
+
+EXPORT_FORMS = {
+    # torch.onnx.export's default (dynamo, optimised): BN folded into Conv/Gemm, external data
+    "dynamo": {},
+    "dynamo-unoptimized": {"optimize": False},  # BatchNormalization nodes kept
+    "legacy": {"dynamo": False},  # TorchScript exporter, constant folding folds BN
+    "legacy-unfolded": {"dynamo": False, "do_constant_folding": False},
+}
+
+
+def export_onnx(net: nn.Module, example: torch.Tensor, path: Path, form: str) -> Path:
+    """Export an eval-mode ``net`` with a dynamic batch in one of :data:`EXPORT_FORMS`."""
+    kw = dict(EXPORT_FORMS[form])
+    names = {"input_names": ["images"], "output_names": ["logits"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kw.get("dynamo") is False:
+            torch.onnx.export(
+                net.eval(), (example,), path, dynamic_axes={"images": {0: "N"}}, **names, **kw
+            )
+        else:
+            batch = ({0: torch.export.Dim("N")},)
+            torch.onnx.export(
+                net.eval(), (example,), path, dynamic_shapes=batch, verbose=False, **names, **kw
+            )
+    return path
+
+
+class ResidualNet(nn.Module):
+    """A tiny residual CNN whose BN layers cannot all be folded: one after an Add, one after a
+    ReLU (besides a foldable conv-BN); running statistics are seeded, not the identity."""
+
+    def __init__(self, n_classes: int = 5, width: int = 8) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.bn_add = nn.BatchNorm2d(width)
+        self.bn_relu = nn.BatchNorm2d(width)
+        self.head = nn.Linear(width, n_classes)
+        g = torch.Generator().manual_seed(0)
+        for bn in (self.bn1, self.bn_add, self.bn_relu):
+            bn.running_mean.copy_(torch.randn(width, generator=g) * 0.3)
+            bn.running_var.copy_(torch.rand(width, generator=g) + 0.5)
+            bn.weight.data.copy_(torch.randn(width, generator=g) * 0.5 + 1)
+            bn.bias.data.copy_(torch.randn(width, generator=g) * 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.bn1(self.conv1(x)))
+        b = self.bn_add(self.conv2(a) + a)
+        c = self.bn_relu(torch.relu(b))
+        return self.head(c.mean((2, 3)))
 
 
 def make_cnn() -> nn.Module:

@@ -1,0 +1,123 @@
+"""Inference cost of the built graph against f alone, in ONNX Runtime on the CPU.
+
+Trains a digits-sized CNN (28×28, width 16, 10 classes; seeded synthetic classes, so it runs
+without the demo data) poisoned all-to-one to class 7, fits Θ for target 7 (a short fit: the
+timing does not depend on its quality), exports f with ``torch.onnx.export`` (default, BN
+folded), builds the graph, and times on the same clean inputs and the same runtime: f alone;
+the built graph; a graph that runs every g_t on the whole batch; and STRIP with its usual 100
+blends per input (f on 100 superimposed copies). Batch 64 of clean traffic (about one sample in
+ten goes to the target) and batch 1 with a sample f does not send to the target.
+
+Run: ``python benchmarks/inference.py [--threads 2] [--repeats 200]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from bna_export.defend import fit_defence
+from bna_export.graph import build_graph
+from bna_export.model import adapt_module
+from bna_export.scenario import build_scenario
+from bna_export.settings import FitSettings, ReverseSettings, Settings
+from bna_export.zoo import synthetic_classes
+
+TARGET = 7
+
+
+def make_session(model: bytes | str, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def seconds(sess: ort.InferenceSession, x: np.ndarray, repeats: int) -> float:
+    """Median wall time of one run."""
+    name = sess.get_inputs()[0].name
+    for _ in range(5):
+        sess.run(None, {name: x})
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, {name: x})
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=200)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    x, y = synthetic_classes(10, 300, 28, seed=1)
+    sc = build_scenario(x, y, attack="patch", target=TARGET, width=16, epochs=3, seed=0)
+    model = adapt_module(sc.net, torch.from_numpy(sc.test.x[:2]))
+    quick = Settings(reverse=ReverseSettings(steps=100), fit=FitSettings(epochs=3))
+    fit = fit_defence(model, sc.defender, targets=[TARGET], settings=quick).fit
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "f.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                sc.net.eval(),
+                (torch.from_numpy(sc.test.x[:2]),),
+                path,
+                dynamic_shapes=({0: torch.export.Dim("N")},),
+                verbose=False,
+            )
+        sessions = {
+            "f alone": make_session(str(path), args.threads),
+            "built graph": make_session(build_graph(path, fit).data, args.threads),
+            "every g_t on the whole batch": make_session(
+                build_graph(path, fit, whole_batch=True).data, args.threads
+            ),
+        }
+        f_sess = sessions["f alone"]
+        name = f_sess.get_inputs()[0].name
+        clean = sc.test.x[sc.test.y != TARGET]
+        labels = f_sess.run(None, {name: clean})[0].argmax(1)
+        batch64 = sc.test.x[:64]
+        routed = int((f_sess.run(None, {name: batch64})[0].argmax(1) == TARGET).sum())
+        batch1 = clean[labels != TARGET][:1]
+        rng = np.random.default_rng(0)
+        blends = {
+            n: (
+                0.5 * np.repeat(xb, 100, 0)
+                + 0.5 * sc.defender.x[rng.integers(0, len(sc.defender), 100 * n)]
+            ).astype(np.float32)
+            for n, xb in ((1, batch1), (64, batch64))
+        }
+        rows = []
+        for n, xb in ((1, batch1), (64, batch64)):
+            base = seconds(f_sess, xb, args.repeats)
+            row = {"batch": n, "f alone": base}
+            for key, sess in sessions.items():
+                if key != "f alone":
+                    row[key] = seconds(sess, xb, args.repeats)
+            row["STRIP (100 blends)"] = seconds(f_sess, blends[n], max(5, args.repeats // 20))
+            rows.append(row)
+    print(
+        f"CPU, {args.threads} threads, ONNX Runtime {ort.__version__}; batch 64 of clean "
+        f"traffic has {routed} sample(s) f sends to the target; batch 1 has none"
+    )
+    keys = [k for k in rows[0] if k != "batch"]
+    print("| batch | " + " | ".join(keys) + " |")
+    print("|---|" + "---|" * len(keys))
+    for r in rows:
+        cells = [f"{r[k] * 1e3:.3f} ms ({r[k] / r['f alone']:.2f}×)" for k in keys]
+        print(f"| {r['batch']} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

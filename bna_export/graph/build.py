@@ -1,0 +1,126 @@
+"""``build``: from the ONNX file of f and a fit file to the one graph users deploy, checked in
+ONNX Runtime against the fit file's PyTorch reference before anything is written."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from .. import __version__
+from ..artifact import FitFile, encode
+from ..defend import Mitigation
+from ..errors import FitFileError, ModelError
+from ..runtime import run_built, session
+from .load import load_proto
+from .locate import locate_layers
+from .rewrite import LayerStats, metadata_for, rewrite, to_bytes
+
+LOGIT_TOLERANCE = 1e-3
+"""Largest |logit difference| (relative to the largest logit, at least 1) between the built
+graph in ONNX Runtime and the PyTorch reference on the probes before ``build`` refuses."""
+
+
+@dataclass
+class Built:
+    """A built graph (serialized), where each fit layer was found, and the self-check."""
+
+    data: bytes
+    targets: list[int]
+    layers: list[dict[str, object]]
+    max_logit_error: float
+    probes: int
+
+
+def _stats(fit: FitFile) -> list[LayerStats]:
+    out = []
+    for i, rec in enumerate(fit.header["layers"]):
+        t = fit.tensors
+        try:
+            out.append(
+                LayerStats(
+                    t[f"layer.{i}.weight"],
+                    t[f"layer.{i}.bias"],
+                    t[f"layer.{i}.running_mean"],
+                    t[f"layer.{i}.running_var"],
+                    float(rec["eps"]),
+                )
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FitFileError(f"fit file lacks layer {i}'s statistics ({exc})") from exc
+    return out
+
+
+def build_graph(model_path: str | Path, fit: FitFile, whole_batch: bool = False) -> Built:
+    """Rewrite f's ONNX graph with every g_t and the routing; raises :class:`ModelError` when
+    the graph in ONNX Runtime disagrees with the fit file's reference on its probes.
+    ``whole_batch``: the naive graph that runs every g_t on every sample (benchmarks)."""
+    mitigation = Mitigation.from_fit(fit)
+    t = fit.tensors
+    try:
+        probe_x = t["probe.x"]
+        expected = (t["probe.label"], t["probe.triggered"], t["probe.logits"])
+        fingerprints = [t[f"layer.{i}.probe_mean"] for i in range(len(fit.header["layers"]))]
+    except KeyError as exc:
+        raise FitFileError(
+            f"fit file lacks {exc}: it was written before `build` existed; run `fit` again"
+        ) from exc
+    proto = load_proto(model_path)
+    model = ir.from_proto(proto)
+    inputs = model.graph.inputs
+    if len(inputs) != 1 or inputs[0].shape is None:
+        raise ModelError(f"{model_path}: the model must have one image input with a known shape")
+    dims = list(inputs[0].shape)
+    if len(dims) != 1 + len(mitigation.input_shape) or any(
+        isinstance(d, int) and d != e for d, e in zip(dims[1:], mitigation.input_shape, strict=True)
+    ):
+        raise ModelError(
+            f"{model_path}: input shape {dims} does not take the fit's images "
+            f"{list(mitigation.input_shape)}: this is not the model that was fitted"
+        )
+    if isinstance(dims[0], int):
+        raise ModelError(
+            f"{model_path}: the input has a fixed batch size {dims[0]}; export it with a dynamic "
+            "batch dimension (torch.onnx.export(..., dynamic_shapes=...) or dynamic_axes=...)"
+        )
+    targets = mitigation.targets
+    names = [str(rec["name"]) for rec in fit.header["layers"]]
+    located = locate_layers(model.graph, proto, fingerprints, names, probe_x) if targets else []
+    thetas = [th.numpy() for th in mitigation.thetas]
+    digest = hashlib.sha256(encode(fit)).hexdigest()
+    built = rewrite(
+        model,
+        proto,
+        located,
+        _stats(fit),
+        thetas,
+        targets,
+        probe_x,
+        metadata_for(__version__, targets, digest),
+        whole_batch,
+    )
+    data = to_bytes(built)
+    out = run_built(session(data, "cpu"), probe_x)
+    scale = max(1.0, float(np.abs(expected[2]).max()))
+    err = float(np.abs(out.logits - expected[2]).max()) / scale if len(probe_x) else 0.0
+    wrong = int((out.label != expected[0]).sum() + (out.triggered != expected[1]).sum())
+    if wrong or not err <= LOGIT_TOLERANCE:
+        raise ModelError(
+            f"the built graph disagrees with the fit file's reference on its {len(probe_x)} "
+            f"probe inputs ({wrong} labels or flags differ, logits off by {err:.2g}): "
+            f"{model_path} is not the model that was fitted, or the rewrite failed; nothing written"
+        )
+    layers = [
+        {
+            "layer": loc.layer,
+            "name": names[loc.layer],
+            "tensor": loc.value.name,
+            "node": loc.value.producer().op_type if loc.value.producer() else "input",
+            "match_error": loc.error,
+        }
+        for loc in located
+    ]
+    return Built(data, list(targets), layers, err, len(probe_x))

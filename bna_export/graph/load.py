@@ -1,0 +1,95 @@
+"""Reading an untrusted ONNX file: the protobuf only, and external data only from files inside
+the model's own folder (no absolute paths, no ``..``, no symlinks out, sizes checked)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from ..errors import ModelError
+
+
+def _external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def _check_external(model: onnx.ModelProto, folder: Path, source: str) -> None:
+    """Refuse external data that points outside ``folder`` or past the end of its file."""
+    root = folder.resolve()
+    for tensor in _all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = _external_entries(tensor)
+        location = info.get("location", "")
+        rel = Path(location)
+        if not location or rel.is_absolute() or ".." in rel.parts:
+            raise ModelError(
+                f"{source}: tensor {tensor.name!r} keeps its data at {location!r}, outside "
+                "the model's folder; refusing to read it"
+            )
+        path = folder / rel
+        if path.is_symlink() or not path.resolve().is_relative_to(root):
+            raise ModelError(
+                f"{source}: tensor {tensor.name!r} keeps its data in {location!r}, which "
+                "leads outside the model's folder; refusing to read it"
+            )
+        if not path.is_file():
+            raise ModelError(f"{source}: external data file {location!r} is missing")
+        try:
+            offset = int(info.get("offset", "0"))
+            length = int(info["length"]) if "length" in info else None
+        except ValueError as exc:
+            raise ModelError(f"{source}: tensor {tensor.name!r}: bad offset/length") from exc
+        size = path.stat().st_size
+        if offset < 0 or offset > size or (length is not None and offset + length > size):
+            raise ModelError(
+                f"{source}: tensor {tensor.name!r} reads past the end of {location!r}; "
+                "the external data file is truncated"
+            )
+
+
+def _all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    out = []
+
+    def graph(g: onnx.GraphProto) -> None:
+        out.extend(g.initializer)
+        for n in g.node:
+            for a in n.attribute:
+                if a.HasField("t"):
+                    out.append(a.t)
+                out.extend(a.tensors)
+                if a.HasField("g"):
+                    graph(a.g)
+                for sub in a.graphs:
+                    graph(sub)
+
+    graph(model.graph)
+    return out
+
+
+def load_proto(path: str | Path) -> onnx.ModelProto:
+    """The model's protobuf with its external data read in (checked first)."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise ModelError(f"{source}: no such file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, OSError, RuntimeError) as exc:
+        raise ModelError(f"{source}: not a readable ONNX model ({exc})") from exc
+    if not model.graph.node:
+        raise ModelError(f"{source}: not a readable ONNX model (no graph)")
+    _check_external(model, path.parent, source)
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{source}: cannot read its external data ({exc})") from exc
+    return model
+
+
+def load_model(path: str | Path) -> ir.Model:
+    """An onnx-ir model of the file at ``path`` (see :func:`load_proto`)."""
+    return ir.from_proto(load_proto(path))

@@ -1,0 +1,110 @@
+"""Finding the fit's BatchNorm layers in an ONNX graph by value, not by name.
+
+Exporters fold BatchNorm into the preceding Conv/Gemm, rename tensors and merge initializers,
+so names and even node types lie. What does not change is the layer's output: the fit file
+records, for every BN layer, the per-sample channel means of its output on the probe inputs.
+Running the graph on the same probes with every intermediate tensor exposed, the tensor whose
+channel means match is the layer's output, whichever node (BatchNormalization, a folded Conv
+or Gemm, ...) produced it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from ..errors import ModelError
+
+MATCH_TOLERANCE = 1e-3
+"""Largest relative difference of channel means for a tensor to be a BN layer's output: float32
+round-off between PyTorch and ONNX Runtime is ~1e-6; another layer is off by far more."""
+
+
+@dataclass(frozen=True)
+class Located:
+    """A fit layer's output tensor in the graph, and how far its channel means were off."""
+
+    layer: int
+    value: ir.Value
+    error: float
+
+
+def run_exposing(proto: onnx.ModelProto, names: Sequence[str], x: np.ndarray) -> list[np.ndarray]:
+    """Run the graph on x in ONNX Runtime (CPU, no graph optimisation) and return the tensors
+    ``names`` (any intermediate tensor of the top-level graph)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    del model.graph.output[:]
+    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(
+            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        feed = {sess.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.float32)}
+        return sess.run(list(names), feed)
+    except Exception as exc:  # ORT raises its own exception types
+        raise ModelError(f"ONNX Runtime cannot run the model: {exc}") from exc
+
+
+def candidate_values(graph: ir.Graph) -> list[ir.Value]:
+    """Every named float tensor a node of the top-level graph computes, in graph order."""
+    floats = {None, ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE}
+    return [
+        v
+        for node in graph
+        if node.op_type not in ("Constant", "Shape", "Size")
+        for v in node.outputs
+        if v.name and v.dtype in floats
+    ]
+
+
+def locate_layers(
+    graph: ir.Graph,
+    proto: onnx.ModelProto,
+    fingerprints: Sequence[np.ndarray],
+    names: Sequence[str],
+    probe_x: np.ndarray,
+) -> list[Located]:
+    """The output tensor of every fit layer (``fingerprints[i]``: [N, C] channel means of layer
+    i's output on ``probe_x``); a layer that matches no tensor is an error naming it."""
+    values = candidate_values(graph)
+    arrays = run_exposing(proto, [v.name for v in values], probe_x)
+    n = len(probe_x)
+    out: list[Located] = []
+    taken: dict[str, int] = {}
+    for i, fp in enumerate(fingerprints):
+        c = fp.shape[1]
+        scale = max(float(np.abs(fp).max()), 1e-6)
+        best: tuple[float, ir.Value] | None = None
+        for v, a in zip(values, arrays, strict=True):
+            if a.ndim < 2 or a.shape[0] != n or a.shape[1] != c:
+                continue
+            err = float(np.abs(a.reshape(n, c, -1).mean(2) - fp).max()) / scale
+            if best is None or err < best[0]:  # ties: the earliest tensor (its producer)
+                best = (err, v)
+        if best is None or best[0] > MATCH_TOLERANCE:
+            near = (
+                ""
+                if best is None
+                else f" (closest tensor {best[1].name!r} is off by {best[0]:.2g})"
+            )
+            raise ModelError(
+                f"BatchNorm layer {i} ({names[i]}, {c} channels) of the fit file is not in this "
+                f"ONNX graph{near}: this is not the model that was fitted"
+            )
+        if best[1].name in taken:
+            raise ModelError(
+                f"BatchNorm layers {taken[best[1].name]} and {i} of the fit file both match "
+                f"tensor {best[1].name!r}: cannot tell them apart"
+            )
+        taken[best[1].name] = i
+        out.append(Located(i, best[1], best[0]))
+    return out

@@ -1,0 +1,90 @@
+"""ONNX Runtime sessions with an explicit execution provider, and batched inference of a built
+graph (its outputs ``label``, ``triggered``, ``logits``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import BadInputError, ModelError
+
+Provider = Literal["auto", "cuda", "cpu"]
+_NAMES = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+def providers_for(choice: Provider) -> list[str]:
+    """The provider list for a choice: ``cuda`` fails when CUDA is not available; ``auto``
+    takes CUDA when the installed ONNX Runtime has it, else the CPU."""
+    available = ort.get_available_providers()
+    if choice == "cpu":
+        return [_NAMES["cpu"]]
+    if choice == "cuda":
+        if _NAMES["cuda"] not in available:
+            raise BadInputError(
+                "--provider cuda: this ONNX Runtime has no CUDA execution provider "
+                f"(it has {', '.join(available)}); install the 'cuda' extra (onnxruntime-gpu)"
+            )
+        return [_NAMES["cuda"], _NAMES["cpu"]]
+    if choice == "auto":
+        return [_NAMES["cuda"], _NAMES["cpu"]] if _NAMES["cuda"] in available else [_NAMES["cpu"]]
+    raise BadInputError(f"unknown provider {choice!r}: auto, cuda or cpu")
+
+
+def session(
+    model: bytes | str, provider: Provider = "cpu", threads: int | None = None
+) -> ort.InferenceSession:
+    """An inference session on the chosen provider (``model``: serialized bytes or a path).
+    Fails when the provider asked for did not take the session."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    wanted = providers_for(provider)
+    try:
+        sess = ort.InferenceSession(model, options, providers=wanted)
+    except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+        raise ModelError(f"ONNX Runtime cannot load the graph: {exc}") from exc
+    if provider == "cuda" and sess.get_providers()[0] != _NAMES["cuda"]:
+        raise BadInputError("--provider cuda: CUDA did not take the session (no GPU visible?)")
+    return sess
+
+
+def ran_on(sess: ort.InferenceSession) -> str:
+    """'cuda' or 'cpu': the provider that runs the session's nodes first."""
+    return "cuda" if sess.get_providers()[0] == _NAMES["cuda"] else "cpu"
+
+
+@dataclass
+class Outputs:
+    """What a built graph answers: routed labels, flags and logits."""
+
+    label: np.ndarray
+    triggered: np.ndarray
+    logits: np.ndarray
+
+
+def run_built(
+    sess: ort.InferenceSession,
+    x: np.ndarray,
+    batch_size: int = 256,
+    progress: Callable[[int, int], None] | None = None,
+) -> Outputs:
+    """Run a built graph over x in batches."""
+    name = sess.get_inputs()[0].name
+    parts: list[list[np.ndarray]] = [[], [], []]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    for start in range(0, len(x), batch_size):
+        outs = sess.run(["label", "triggered", "logits"], {name: x[start : start + batch_size]})
+        for part, o in zip(parts, outs, strict=True):
+            part.append(o)
+        if progress is not None:
+            progress(min(start + batch_size, len(x)), len(x))
+    if not len(x):
+        k = sess.get_outputs()[2].shape[-1]
+        k = k if isinstance(k, int) else 0
+        return Outputs(np.zeros(0, np.int64), np.zeros(0, bool), np.zeros((0, k), np.float32))
+    return Outputs(*(np.concatenate(p) for p in parts))

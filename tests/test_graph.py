@@ -1,0 +1,170 @@
+"""The ONNX rewriter: every export form of f, built with a real fit file, run in ONNX Runtime
+(and the ONNX reference evaluator) against the PyTorch reference of the mitigated classifier."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx.reference import ReferenceEvaluator
+from tiny_models import EXPORT_FORMS, ResidualNet, export_onnx
+
+from bna_export import artifact
+from bna_export.defend import Mitigation, fit_defence
+from bna_export.errors import ModelError
+from bna_export.fit import predict_mitigated
+from bna_export.graph import build_graph
+from bna_export.model import adapt_module
+from bna_export.settings import FitSettings, ReverseSettings, Settings
+from bna_export.zoo import SmallCNN, train_classifier
+
+
+@pytest.fixture(scope="module")
+def patch_reference(patch_scenario, fitted):
+    """f (as fitted), its fit file, and inputs: clean test images then triggered ones."""
+    fit = artifact.load(fitted[0])
+    model = adapt_module(patch_scenario.net, torch.from_numpy(patch_scenario.test.x[:2]))
+    x = np.concatenate([patch_scenario.test.x[:64], patch_scenario.triggered["x"][:64]])
+    return model, fit, x
+
+
+def reference(model, fit, x):
+    m = Mitigation.from_fit(fit)
+    return predict_mitigated(model, m.targets, m.thetas, x)
+
+
+def run(data: bytes, x: np.ndarray):
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return sess.run(["label", "triggered", "logits"], {sess.get_inputs()[0].name: x})
+
+
+def assert_matches(data: bytes, ref, x: np.ndarray, sizes=(1, 7, 64)) -> None:
+    for n in sizes:
+        for start in (0, len(x) - n):  # clean images first, triggered last
+            sl = slice(start, start + n)
+            label, flag, logits = run(data, x[sl])
+            np.testing.assert_array_equal(label, ref.label[sl])
+            np.testing.assert_array_equal(flag, ref.triggered[sl])
+            np.testing.assert_allclose(logits, ref.logits[sl], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("form", list(EXPORT_FORMS))
+def test_every_export_form_matches_the_reference(form, patch_reference, patch_scenario, tmp_path):
+    model, fit, x = patch_reference
+    path = export_onnx(patch_scenario.net, torch.from_numpy(x[:2]), tmp_path / "f.onnx", form)
+    built = build_graph(path, fit)
+    ref = reference(model, fit, x)
+    assert ref.triggered[64:].mean() > 0.5  # the triggered half is routed and flagged
+    assert_matches(built.data, ref, x)
+    assert len(built.layers) == 3 and built.max_logit_error < 1e-4
+    kinds = {la["node"] for la in built.layers}
+    if form in ("dynamo", "legacy"):
+        assert "Conv" in kinds  # BN folded: found by value in the Conv's output
+    if form in ("dynamo-unoptimized", "legacy-unfolded"):
+        assert kinds == {"BatchNormalization"}
+    proto = onnx.load_from_string(built.data)
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+    assert [o.name for o in proto.graph.output] == ["label", "triggered", "logits"]
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["bna.targets"] == "[0]" and len(meta["bna.fit_sha256"]) == 64
+    assert not any(i.data_location == onnx.TensorProto.EXTERNAL for i in proto.graph.initializer)
+
+
+def test_g_runs_only_from_the_first_bn_layer_and_on_routed_rows(patch_reference, tmp_path):
+    model, fit, x = patch_reference
+    net = model.net  # the adapted copy computes f like the original
+    path = export_onnx(net, torch.from_numpy(x[:2]), tmp_path / "f.onnx", "dynamo")
+    built = build_graph(path, fit)
+    graph = onnx.load_from_string(built.data).graph
+    f_ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert [n.op_type for n in graph.node].count("Conv") == f_ops.count("Conv")  # f once
+    (route,) = [n for n in graph.node if n.op_type == "If"]  # one target, one g
+    then = next(a.g for a in route.attribute if a.name == "then_branch")
+    ops = [n.op_type for n in then.node]
+    assert ops.count("Conv") == f_ops.count("Conv") and ops.count("ScatterND") == 3
+    gathered = {n.output[0]: n.input[0] for n in then.node if n.op_type == "Gather"}
+    first_conv = next(n for n in then.node if n.op_type == "Conv")
+    assert gathered[first_conv.input[0]] == graph.input[0].name  # g reads f's routed rows
+    assert {i.name for i in then.initializer} >= set(first_conv.input[1:])  # own weights
+
+
+def test_batch_with_no_routed_sample(patch_reference, patch_scenario, tmp_path):
+    model, fit, x = patch_reference
+    ref = reference(model, fit, x)
+    clean = x[:64][ref.label[:64] != 0][:9]  # f sends none of these to target 0
+    path = export_onnx(patch_scenario.net, torch.from_numpy(x[:2]), tmp_path / "f.onnx", "dynamo")
+    built = build_graph(path, fit)
+    label, flag, logits = run(built.data, clean)
+    with torch.no_grad():
+        f_logits = model(torch.from_numpy(clean)).numpy()
+    assert not flag.any()
+    np.testing.assert_array_equal(label, f_logits.argmax(1))
+    np.testing.assert_allclose(logits, f_logits, atol=1e-4, rtol=0)
+
+
+def test_reference_evaluator_gives_the_same_labels(patch_reference, patch_scenario, tmp_path):
+    model, fit, x = patch_reference
+    path = export_onnx(patch_scenario.net, torch.from_numpy(x[:2]), tmp_path / "f.onnx", "dynamo")
+    built = build_graph(path, fit)
+    ref = reference(model, fit, x)
+    sess = ReferenceEvaluator(onnx.load_from_string(built.data))
+    for sl in (slice(0, 7), slice(120, 128), slice(60, 68)):
+        label, flag, _ = sess.run(None, {"images": x[sl]})
+        np.testing.assert_array_equal(label, ref.label[sl])
+        np.testing.assert_array_equal(flag, ref.triggered[sl])
+
+
+def test_a_different_model_is_refused(patch_reference, tmp_path):
+    _, fit, x = patch_reference
+    torch.manual_seed(1)
+    other = SmallCNN(1, 5, 16, 8).eval()  # same architecture, other weights
+    path = export_onnx(other, torch.from_numpy(x[:2]), tmp_path / "other.onnx", "dynamo")
+    with pytest.raises(ModelError, match="not the model that was fitted"):
+        build_graph(path, fit)
+
+
+def test_fixed_batch_export_is_refused(patch_reference, patch_scenario, tmp_path):
+    _, fit, x = patch_reference
+    path = tmp_path / "fixed.onnx"
+    torch.onnx.export(patch_scenario.net.eval(), (torch.from_numpy(x[:2]),), path, dynamo=False)
+    with pytest.raises(ModelError, match="fixed batch size"):
+        build_graph(path, fit)
+
+
+@pytest.fixture(scope="module")
+def residual(patch_scenario):
+    """A residual CNN with BN after an Add and after a ReLU, fitted (briefly) for one target."""
+    sc = patch_scenario
+    trig = sc.triggered
+    # poisoned with the scenario's patch: its test images plus their triggered copies -> 0
+    x = np.concatenate([sc.test.x, trig["x"]])
+    y = np.concatenate([sc.test.y, trig["attack_label"]])
+    net = train_classifier(ResidualNet(width=16), x, y, epochs=20, lr=1e-2, seed=0)
+    model = adapt_module(net, torch.from_numpy(x[:2]))
+    quick = Settings(reverse=ReverseSettings(steps=100), fit=FitSettings(epochs=5))
+    fit = fit_defence(model, sc.defender, targets=[0], settings=quick).fit
+    xs = np.concatenate([sc.test.x[:64], trig["x"][:64]])
+    fit = artifact.decode(artifact.encode(fit))  # as `build` reads it
+    return net, model, fit, xs
+
+
+@pytest.mark.parametrize("form", list(EXPORT_FORMS))
+def test_bn_after_add_and_after_relu(form, residual, tmp_path):
+    net, model, fit, x = residual
+    path = export_onnx(net, torch.from_numpy(x[:2]), tmp_path / "res.onnx", form)
+    built = build_graph(path, fit)
+    ref = reference(model, fit, x)
+    assert ref.triggered.any()  # some samples route through g_t and get flagged
+    assert_matches(built.data, ref, x)
+    # the BN after the Add and after the ReLU cannot be folded into a Conv
+    assert [la["node"] for la in built.layers][1:] == ["BatchNormalization"] * 2
+
+
+def test_whole_batch_graph_gives_the_same_answers(patch_reference, patch_scenario, tmp_path):
+    model, fit, x = patch_reference
+    path = export_onnx(patch_scenario.net, torch.from_numpy(x[:2]), tmp_path / "f.onnx", "dynamo")
+    naive = build_graph(path, fit, whole_batch=True)
+    assert_matches(naive.data, reference(model, fit, x), x, sizes=(7, 64))
