@@ -41,17 +41,20 @@ def make_session(model: bytes | str, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def seconds(sess: ort.InferenceSession, x: np.ndarray, repeats: int) -> float:
-    """Median wall time of one run."""
-    name = sess.get_inputs()[0].name
+def seconds(sessions: list[ort.InferenceSession], x: np.ndarray, repeats: int) -> list[float]:
+    """Median wall time of one run of each session, the sessions interleaved run by run (so
+    that a change of CPU clock or load hits all of them alike)."""
+    feeds = [{s.get_inputs()[0].name: x} for s in sessions]
     for _ in range(5):
-        sess.run(None, {name: x})
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, {name: x})
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        for s, feed in zip(sessions, feeds, strict=True):
+            s.run(None, feed)
+    times = np.zeros((repeats, len(sessions)))
+    for r in range(repeats):
+        for k, (s, feed) in enumerate(zip(sessions, feeds, strict=True)):
+            t0 = time.perf_counter()
+            s.run(None, feed)
+            times[r, k] = time.perf_counter() - t0
+    return [float(t) for t in np.median(times, 0)]
 
 
 def main() -> None:
@@ -100,12 +103,14 @@ def main() -> None:
         }
         rows = []
         for n, xb in ((1, batch1), (64, batch64)):
-            base = seconds(f_sess, xb, args.repeats)
-            row = {"batch": n, "f alone": base}
-            for key, sess in sessions.items():
-                if key != "f alone":
-                    row[key] = seconds(sess, xb, args.repeats)
-            row["STRIP (100 blends)"] = seconds(f_sess, blends[n], max(5, args.repeats // 20))
+            row = {
+                "batch": n,
+                **dict(
+                    zip(sessions, seconds(list(sessions.values()), xb, args.repeats), strict=True)
+                ),
+            }
+            (strip,) = seconds([f_sess], blends[n], max(5, args.repeats // 20))
+            row["STRIP (100 blends)"] = strip
             rows.append(row)
     print(
         f"CPU, {args.threads} threads, ONNX Runtime {ort.__version__}; batch 64 of clean "

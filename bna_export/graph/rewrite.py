@@ -3,8 +3,9 @@
 g_t is f from the first BN layer on, with every BN layer's normalisation replaced by Θ_t's and
 clipped per channel. Each layer's new normalisation is folded into the node that computes the
 layer's output (a kept BatchNormalization node, or the Conv/Gemm that the exporter folded the BN
-into); any other producer gets a per-channel Mul/Add after it. The clip is Max/Min with
-per-channel constants. Routing: NonZero(ArgMax(f) == t) picks the rows f sent to t, Gather
+into); any other producer gets a per-channel Mul/Add after it. The per-channel clip is, after a
+Conv, two Relu'd 1x1 depthwise Convs (which ONNX Runtime fuses into its blocked convolutions),
+and Max/Min elsewhere. Routing: NonZero(ArgMax(f) == t) picks the rows f sent to t, Gather
 takes f's tensors at the cut into g_t for those rows only, and ScatterND writes g_t's answers
 back; no row routed means g_t runs on an empty batch.
 """
@@ -189,6 +190,17 @@ class _Clone:
         ch = len(a)
         tag = f"{out.name}/{self.tag}"
         folded = None
+        if node.op_type == "Conv" and len(node.inputs) >= 2 and rank == 4:
+            # clip(y, L, H) = H - Relu((H - L) - Relu(y - L)): the Conv with bias shifted by -L
+            # and two 1x1 depthwise Convs, each with its Relu; ONNX Runtime fuses every one of
+            # these into its blocked convolutions (per-channel Max/Min would break them up)
+            y = self._fold_conv(node, a, c - low)
+            if y is not None:
+                y = self.b.one("Relu", [y], f"{tag}/above_low")
+                y = self._depthwise(y, high - low, f"{tag}/below_high")
+                y = self.b.one("Relu", [y], f"{tag}/below_high_relu")
+                self.map[id(out)] = self._depthwise(y, high, f"{tag}/clipped")
+                return
         if node.op_type == "BatchNormalization" and len(node.outputs) == 1:
             folded = self._fold_bn(node, theta, st)
         elif node.op_type == "Conv" and len(node.inputs) >= 2:
@@ -206,6 +218,13 @@ class _Clone:
         y = self.b.one("Max", [y, self.b.const(f"{tag}/low", low.reshape(shape))], f"{tag}/max")
         y = self.b.one("Min", [y, self.b.const(f"{tag}/high", high.reshape(shape))], f"{tag}/min")
         self.map[id(out)] = y
+
+    def _depthwise(self, y: ir.Value, bias: np.ndarray, base: str) -> ir.Value:
+        """bias - y per channel, as a 1x1 depthwise Conv (weight -1)."""
+        ch = len(bias)
+        w = self.b.const(f"{base}/weight", -np.ones((ch, 1, 1, 1), np.float32))
+        b = self.b.const(f"{base}/bias", bias.astype(np.float32))
+        return self.b.one("Conv", [y, w, b], base, group=ch, kernel_shape=[1, 1])
 
     def _fold_bn(self, node: ir.Node, theta: np.ndarray, st: LayerStats) -> ir.Value | None:
         # keep the node's own var and ε: scale' = γ·√(var+ε)/σ', mean' = µ'
@@ -315,9 +334,9 @@ def rewrite(
         ranks = {id(loc.value): a.ndim for loc, a in zip(located, arrays, strict=True)}
 
     label_f = b.one("ArgMax", [logits_f], "bna/f_label", axis=1, keepdims=0)
-    zeros = b.one("Mul", [label_f, b.const("bna/zero", np.array(0, np.int64))], "bna/zeros")
     label, logits = label_f, logits_f
-    triggered = b.one("Cast", [zeros], "bna/no_flags", to=int(ir.DataType.BOOL))
+    no_class = b.const("bna/no_class", np.array(-1, np.int64))
+    triggered = b.one("Equal", [label_f, no_class], "bna/no_flags")  # all false
     shape_col = b.const("bna/column", np.array([-1, 1], np.int64))
     flat = b.const("bna/flat", np.array([-1], np.int64))
     zero = b.const("bna/zero_rows", np.array(0, np.int64))
@@ -472,8 +491,9 @@ def _finish(
     final = []
     builder = _Builder(graph)
     for v, name, dtype, shape in outs:
-        v = builder.one("Identity", [v], f"bna/{name}")  # a fresh value per output name
-        v.name = name
+        if v is logits_f:  # f's own output keeps its name (evaluation reads it): copy it
+            v = builder.one("Identity", [v], f"bna/{name}")
+        v.name = name  # our own values: renamed, no copy (one node less per run)
         v.type, v.shape = ir.TensorType(dtype), ir.Shape(shape)
         final.append(v)
     graph.outputs.clear()
