@@ -269,7 +269,6 @@ class _Clone:
 
     def _fold_gemm(self, node: ir.Node, a: np.ndarray, c: np.ndarray) -> ir.Value | None:
         attrs = node.attributes
-        alpha = attrs["alpha"].value if "alpha" in attrs else 1.0
         beta = attrs["beta"].value if "beta" in attrs else 1.0
         trans_b = attrs["transB"].value if "transB" in attrs else 0
         w = _constant_array(node.inputs[1])
@@ -280,7 +279,7 @@ class _Clone:
         )
         if w is None or w.ndim != 2 or bias is None or beta == 0 or bias.size not in (1, len(a)):
             return None
-        del alpha  # Y = α·A·B + β·C is linear: scaling B's output columns and C suffices
+        # Y = α·A·B + β·C: scaling B's output columns and C scales Y's channels (α untouched)
         w2 = w.astype(np.float64) * (a[:, None] if trans_b else a[None, :])
         b2 = (a * (beta * np.broadcast_to(bias, a.shape)) + c) / beta
         tag = f"{node.name}/{self.tag}"
@@ -317,10 +316,6 @@ def rewrite(
         )
     graph.sort()
     b = _Builder(graph)
-    for node in graph:  # the contract's output names are ours
-        for v in node.outputs:
-            if v.name in ("label", "triggered", "logits"):
-                v.name = b.name(f"f_{v.name}")
     logits_f = graph.outputs[0]
     nodes = list(graph)
     layer_of = {id(loc.value): loc for loc in located}
@@ -333,6 +328,10 @@ def rewrite(
         arrays = run_exposing(proto, [loc.value.name for loc in located], probe_x[:2])
         ranks = {id(loc.value): a.ndim for loc, a in zip(located, arrays, strict=True)}
 
+    for node in nodes:  # the contract's output names are ours (after probing f by name)
+        for v in node.outputs:
+            if v.name in ("label", "triggered", "logits"):
+                v.name = b.name(f"f_{v.name}")
     label_f = b.one("ArgMax", [logits_f], "bna/f_label", axis=1, keepdims=0)
     label, logits = label_f, logits_f
     no_class = b.const("bna/no_class", np.array(-1, np.int64))
