@@ -90,6 +90,9 @@ def test_g_runs_only_from_the_first_bn_layer_and_on_routed_rows(patch_reference,
     first_conv = convs[0]
     assert gathered[first_conv.input[0]] == graph.input[0].name  # g reads f's routed rows
     assert {i.name for i in then.initializer} >= set(first_conv.input[1:])  # own weights
+    # BN -> ReLU -> pool -> next layer: the clip is a scalar Clip after each layer, its scale
+    # carried into the next layer's weights (no per-channel Max/Min, no extra Relu)
+    assert ops.count("Clip") == 3 and "Max" not in ops and "Relu" not in ops
 
 
 def test_batch_with_no_routed_sample(patch_reference, patch_scenario, tmp_path):

@@ -3,9 +3,10 @@
 g_t is f from the first BN layer on, with every BN layer's normalisation replaced by Θ_t's and
 clipped per channel. Each layer's new normalisation is folded into the node that computes the
 layer's output (a kept BatchNormalization node, or the Conv/Gemm that the exporter folded the BN
-into); any other producer gets a per-channel Mul/Add after it. The per-channel clip is, after a
-Conv, two Relu'd 1x1 depthwise Convs (which ONNX Runtime fuses into its blocked convolutions),
-and Max/Min elsewhere. Routing: NonZero(ArgMax(f) == t) picks the rows f sent to t, Gather
+into); any other producer gets a per-channel Mul/Add after it. The per-channel clip is a scalar
+Clip whose per-channel scale moves into the next layer where a ReLU follows, two Relu'd 1x1
+depthwise Convs after another Conv (ONNX Runtime fuses both into its blocked convolutions), and
+Max/Min elsewhere. Routing: NonZero(ArgMax(f) == t) picks the rows f sent to t, Gather
 takes f's tensors at the cut into g_t for those rows only, and ScatterND writes g_t's answers
 back; no row routed means g_t runs on an empty batch.
 """
@@ -146,6 +147,8 @@ class _Clone:
 
     def __init__(self, b: _Builder, tag: str) -> None:
         self.b, self.tag, self.map = b, tag, {}
+        self.scale_in: dict[int, np.ndarray] = {}  # Conv node id -> its input channels' scale
+        self.skip: set[int] = set()  # ids of nodes the clone leaves out (a Relu made redundant)
 
     def mapped(self, v: ir.Value | None) -> ir.Value | None:
         """The clone's version of v; an initializer of f is copied into g_t's branch (a branch
@@ -168,6 +171,9 @@ class _Clone:
                 "control flow inside the classifier is not supported"
             )
         ins = [self.mapped(v) for v in node.inputs] if inputs is None else list(inputs)
+        if inputs is None and id(node) in self.scale_in:
+            w = self._scaled_weight(node)
+            ins[1] = self.b.const(f"{node.name}/{self.tag}/weight_in", w)
         clone = ir.Node(
             node.domain,
             node.op_type,
@@ -190,6 +196,28 @@ class _Clone:
         ch = len(a)
         tag = f"{out.name}/{self.tag}"
         folded = None
+        producer = {"Conv": self._fold_conv, "Gemm": self._fold_gemm}.get(node.op_type)
+        flat = node.op_type == "Gemm" and rank == 2
+        chain = _scale_chain(out, flat) if flat or (producer and rank == 4) else None
+        if chain is not None and np.all(low <= 0) and np.all(high > 1e-6):
+            # BN -> Relu -> (MaxPool | Relu | Identity)* -> [flatten] -> Conv/Gemm: clip then Relu
+            # is clip(y, 0, H) = H·Clip(y/H, 0, 1). The Conv/Gemm computes y/H, a scalar Clip
+            # (fused into it by ONNX Runtime) does the rest, and H moves forward through the
+            # pools (they commute with a positive per-channel scale) into the next Conv's or
+            # Gemm's input channels
+            relu, consumer = chain
+            y = producer(node, a / high, c / high)
+            if y is not None:
+                zero, one = np.array(0, np.float32), np.array(1, np.float32)
+                y = self.b.one(
+                    "Clip",
+                    [y, self.b.const(f"{tag}/zero", zero), self.b.const(f"{tag}/one", one)],
+                    f"{tag}/clip",
+                )
+                self.map[id(out)] = self.map[id(relu.outputs[0])] = y
+                self.skip.add(id(relu))
+                self.scale_in[id(consumer)] = high.astype(np.float64)
+                return
         if node.op_type == "Conv" and len(node.inputs) >= 2 and rank == 4:
             # clip(y, L, H) = H - Relu((H - L) - Relu(y - L)): the Conv with bias shifted by -L
             # and two 1x1 depthwise Convs, each with its Relu; ONNX Runtime fuses every one of
@@ -245,8 +273,26 @@ class _Clone:
         ]
         return self.copy(node, ins)[0]
 
-    def _fold_conv(self, node: ir.Node, a: np.ndarray, c: np.ndarray) -> ir.Value | None:
+    def _scaled_weight(self, node: ir.Node) -> np.ndarray | None:
+        """A Conv's or Gemm's weight with its input channels scaled (see :func:`_scale_chain`;
+        after a flatten each channel's scale covers its run of features)."""
         w = _constant_array(node.inputs[1])
+        if w is None or id(node) not in self.scale_in:
+            return w
+        scale = self.scale_in[id(node)]
+        if node.op_type == "Gemm":
+            trans_b = node.attributes["transB"].value if "transB" in node.attributes else 0
+            features = w.shape[1] if trans_b else w.shape[0]
+            if features % len(scale):
+                raise ModelError(f"{node.name!r}: {features} features from {len(scale)} channels")
+            per = np.repeat(scale, features // len(scale))
+            scale = per[None, :] if trans_b else per[:, None]
+        else:
+            scale = scale.reshape(1, -1, *([1] * (w.ndim - 2)))
+        return (w.astype(np.float64) * scale).astype(w.dtype)
+
+    def _fold_conv(self, node: ir.Node, a: np.ndarray, c: np.ndarray) -> ir.Value | None:
+        w = self._scaled_weight(node)
         if w is None or w.shape[0] != len(a):
             return None
         bias = (
@@ -271,7 +317,7 @@ class _Clone:
         attrs = node.attributes
         beta = attrs["beta"].value if "beta" in attrs else 1.0
         trans_b = attrs["transB"].value if "transB" in attrs else 0
-        w = _constant_array(node.inputs[1])
+        w = self._scaled_weight(node)
         bias = (
             _constant_array(node.inputs[2])
             if len(node.inputs) > 2 and node.inputs[2] is not None
@@ -355,7 +401,7 @@ def rewrite(
         for v in boundary:
             clone.map[id(v)] = bb.one("Gather", [v, idx], f"{v.name}/{tag}/rows", axis=0)
         for node in nodes:
-            if id(node) not in cut:
+            if id(node) not in cut or id(node) in clone.skip:
                 continue
             outs = [o for o in node.outputs if id(o) in layer_of]
             if outs:
@@ -453,6 +499,53 @@ def _cut(
             if v.producer() is None:
                 raise ModelError(f"the model's input {v.name!r} has no batch dimension")
             cut.add(id(v.producer()))
+
+
+_SCALE_COMMUTES = ("MaxPool", "Relu", "Identity")
+
+
+def _flattens(node: ir.Node, v: ir.Value) -> bool:
+    """Whether ``node`` turns v [N, C, ...] into [N, C·...] (channel-major features)."""
+    if node.inputs[0] is not v:
+        return False
+    if node.op_type == "Flatten":
+        return (node.attributes["axis"].value if "axis" in node.attributes else 1) == 1
+    if node.op_type == "Reshape":
+        shape = _constant_array(node.inputs[1])
+        return shape is not None and shape.shape == (2,) and shape[1] > 0
+    return False
+
+
+def _scale_chain(out: ir.Value, flat: bool = False) -> tuple[ir.Node, ir.Node] | None:
+    """(relu, consumer) when a BN output ``out`` feeds only a Relu, and from there a chain of
+    single-use ops that commute with a positive per-channel scale (pools, Relu, a flatten)
+    leads to the data input of an ungrouped Conv, or of a Gemm after a flatten, whose weight
+    is a constant (``flat``: ``out`` is already [N, C]); else None."""
+    users = out.consumers()
+    if len(users) != 1 or users[0].op_type != "Relu" or out.is_graph_output():
+        return None
+    relu = node = users[0]
+    while True:
+        v = node.outputs[0]
+        users = v.consumers()
+        if len(users) != 1 or v.is_graph_output():
+            return None
+        node = users[0]
+        if node.op_type in _SCALE_COMMUTES and len(node.outputs) == 1 and not flat:
+            continue
+        if not flat and _flattens(node, v):
+            flat = True
+            continue
+        group = node.attributes["group"].value if "group" in node.attributes else 1
+        w = _constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        if w is None or node.inputs[0] is not v:
+            return None
+        if node.op_type == "Conv" and group == 1 and not flat:
+            return relu, node
+        if node.op_type == "Gemm" and flat and w.ndim == 2:
+            trans_a = node.attributes["transA"].value if "transA" in node.attributes else 0
+            return (relu, node) if not trans_a else None
+        return None
 
 
 def _boundary(nodes: Sequence[ir.Node], cut: set[int], input_nodes: set[int]) -> list[ir.Value]:
