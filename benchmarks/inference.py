@@ -14,10 +14,8 @@ Run: ``python benchmarks/inference.py [--threads 2] [--repeats 200]``.
 from __future__ import annotations
 
 import argparse
-import logging
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,7 @@ import torch
 from bna_export.defend import fit_defence
 from bna_export.graph import build_graph
 from bna_export.model import adapt_module
-from bna_export.scenario import build_scenario
+from bna_export.scenario import build_scenario, export_onnx
 from bna_export.settings import FitSettings, ReverseSettings, Settings
 from bna_export.zoo import synthetic_classes
 
@@ -71,16 +69,7 @@ def main() -> None:
     fit = fit_defence(model, sc.defender, targets=[TARGET], settings=quick).fit
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "f.onnx"
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision not installed"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                sc.net.eval(),
-                (torch.from_numpy(sc.test.x[:2]),),
-                path,
-                dynamic_shapes=({0: torch.export.Dim("N")},),
-                verbose=False,
-            )
+        export_onnx(sc.net, sc.test.x, path)
         sessions = {
             "f alone": make_session(str(path), args.threads),
             "built graph": make_session(build_graph(path, fit).data, args.threads),

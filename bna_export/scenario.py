@@ -4,6 +4,8 @@ files the command line takes (``model.pt2``, ``defender.npz``, ``test.npz``, ``t
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +116,21 @@ def export_model(net: nn.Module, example: np.ndarray, path: str | Path) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
     torch.export.save(ep, str(tmp))
     tmp.replace(path)
+
+
+def export_onnx(net: nn.Module, example: np.ndarray, path: str | Path) -> None:
+    """Export an eval-mode classifier as users do: ``torch.onnx.export``'s default (dynamo,
+    optimised: BN folded into Conv/Gemm), dynamic batch; needs ``onnxscript``."""
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            net.eval(),
+            (torch.from_numpy(example[:2]),),
+            str(path),
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            verbose=False,
+        )
 
 
 def save_npz(path: str | Path, **arrays: np.ndarray) -> None:

@@ -9,17 +9,13 @@ Run: ``python examples/demo.py [--out out/demo] [--attack patch|blend|chessboard
 from __future__ import annotations
 
 import argparse
-import logging
 import shutil
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
-import torch
-
-from bna_export.scenario import build_scenario, digits, write_scenario
+from bna_export.scenario import build_scenario, digits, export_onnx, write_scenario
 
 
 def run(*args: str) -> None:
@@ -66,16 +62,7 @@ def main() -> None:
     run("evaluate", str(files["model"]), "--fit", str(fit), *data)
     # what a user deploys: f as torch.onnx.export writes it, rewritten into one graph
     onnx_path = out / "model.onnx"
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            sc.net.eval(),
-            (torch.from_numpy(sc.test.x[:2]),),
-            onnx_path,
-            dynamic_shapes=({0: torch.export.Dim("batch")},),
-            verbose=False,
-        )
+    export_onnx(sc.net, sc.test.x, onnx_path)
     print(f"exported f with torch.onnx.export -> {onnx_path}\n", flush=True)
     built = out / "repaired.onnx"
     run("build", str(onnx_path), "--fit", str(fit), "-o", str(built))
