@@ -27,11 +27,13 @@ round-off between PyTorch and ONNX Runtime is ~1e-6; another layer is off by far
 
 @dataclass(frozen=True)
 class Located:
-    """A fit layer's output tensor in the graph, and how far its channel means were off."""
+    """A fit layer's output tensor in the graph, its rank, and how far its channel means were
+    off."""
 
     layer: int
     value: ir.Value
     error: float
+    rank: int
 
 
 def run_exposing(proto: onnx.ModelProto, names: Sequence[str], x: np.ndarray) -> list[np.ndarray]:
@@ -83,13 +85,13 @@ def locate_layers(
     for i, fp in enumerate(fingerprints):
         c = fp.shape[1]
         scale = max(float(np.abs(fp).max()), 1e-6)
-        best: tuple[float, ir.Value] | None = None
+        best: tuple[float, ir.Value, int] | None = None
         for v, a in zip(values, arrays, strict=True):
             if a.ndim < 2 or a.shape[0] != n or a.shape[1] != c:
                 continue
             err = float(np.abs(a.reshape(n, c, -1).mean(2) - fp).max()) / scale
             if best is None or err < best[0]:  # ties: the earliest tensor (its producer)
-                best = (err, v)
+                best = (err, v, a.ndim)
         if best is None or best[0] > MATCH_TOLERANCE:
             near = (
                 ""
@@ -106,5 +108,5 @@ def locate_layers(
                 f"tensor {best[1].name!r}: cannot tell them apart"
             )
         taken[best[1].name] = i
-        out.append(Located(i, best[1], best[0]))
+        out.append(Located(i, best[1], best[0], best[2]))
     return out

@@ -369,10 +369,6 @@ def rewrite(
     producer = logits_f.producer()
     if targets and (producer is None or id(producer) not in cut):
         raise ModelError("the logits do not depend on any BatchNorm layer of the fit")
-    ranks = {}
-    if located:
-        arrays = run_exposing(proto, [loc.value.name for loc in located], probe_x[:2])
-        ranks = {id(loc.value): a.ndim for loc, a in zip(located, arrays, strict=True)}
 
     for node in nodes:  # the contract's output names are ours (after probing f by name)
         for v in node.outputs:
@@ -406,9 +402,7 @@ def rewrite(
             outs = [o for o in node.outputs if id(o) in layer_of]
             if outs:
                 loc = layer_of[id(outs[0])]
-                clone.layer(
-                    node, outs[0], stats[loc.layer], thetas[loc.layer][j], ranks[id(outs[0])]
-                )
+                clone.layer(node, outs[0], stats[loc.layer], thetas[loc.layer][j], loc.rank)
                 for o in node.outputs:
                     if o is not outs[0] and o.uses():
                         raise ModelError(
