@@ -575,8 +575,32 @@ def evaluate(
     type=click.Path(),
     help="Where to write the built graph (one .onnx, weights inline).",
 )
+@click.option(
+    "--triton-repo",
+    type=click.Path(file_okay=False),
+    help="Also write a Triton model repository here: <name>/1/model.onnx and config.pbtxt.",
+)
+@click.option(
+    "--triton-name", help="Model name in the Triton repository (default: OUT.onnx's stem)."
+)
+@click.option(
+    "--max-batch-size",
+    type=click.IntRange(1),
+    default=64,
+    show_default=True,
+    help="Triton's max_batch_size (dynamic batching).",
+)
 @common
-def build(onnx_path: str, fit_path: str, out_path: str, as_json: bool, quiet: bool) -> None:
+def build(
+    onnx_path: str,
+    fit_path: str,
+    out_path: str,
+    triton_repo: str | None,
+    triton_name: str | None,
+    max_batch_size: int,
+    as_json: bool,
+    quiet: bool,
+) -> None:
     """Rewrite MODEL.onnx (the f you deploy) into one graph with f, every g_t and the routing.
 
     The BN layers of the fit are found in the graph by value (folded into Conv/Gemm or kept as
@@ -592,8 +616,15 @@ def build(onnx_path: str, fit_path: str, out_path: str, as_json: bool, quiet: bo
     t0 = time.perf_counter()
     built = build_graph(onnx_path, fit)
     artifact.write_atomic(out_path, built.data)
+    triton = None
+    if triton_repo is not None:
+        from bna_export.triton import write_triton_repo
+
+        name = triton_name or Path(out_path).stem
+        triton = str(write_triton_repo(triton_repo, name, built.data, max_batch_size))
     info = {
         "output": out_path,
+        "triton": triton,
         "bytes": len(built.data),
         "attacked": bool(built.targets),
         "targets": built.targets,
@@ -615,6 +646,8 @@ def build(onnx_path: str, fit_path: str, out_path: str, as_json: bool, quiet: bo
         f"(logits within {built.max_logit_error:.1e})"
     )
     click.echo(f"wrote {out_path} ({len(built.data) / 1e6:.2f} MB)")
+    if triton is not None:
+        click.echo(f"wrote the Triton model {triton}/ (1/model.onnx, config.pbtxt)")
 
 
 @cli.command()

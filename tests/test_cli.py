@@ -260,6 +260,33 @@ def test_build_then_run_and_evaluate_the_graph(patch_files, fitted, built, tmp_p
         assert f["triggered"].mean() > 0.8 and f["logits"].shape[1] == 5
 
 
+def test_build_writes_a_triton_repository(patch_scenario, fitted, built, tmp_path):
+    onnx_path = built[0]
+    repo, graph = tmp_path / "models", tmp_path / "bna.onnx"
+    for _ in range(2):  # a second build replaces the model in place
+        res = invoke(
+            "build", onnx_path, "--fit", fitted[0], "-o", graph, "--triton-repo", repo, "--json"
+        )
+        assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["triton"] == str(repo / "bna")
+    assert sorted(p.name for p in repo.iterdir()) == ["bna"]
+    assert sorted(str(p.relative_to(repo)) for p in repo.rglob("*")) == [
+        "bna",
+        "bna/1",
+        "bna/1/model.onnx",
+        "bna/config.pbtxt",
+    ]
+    assert (repo / "bna/1/model.onnx").read_bytes() == graph.read_bytes()
+    config = (repo / "bna/config.pbtxt").read_text()
+    c, h, w = patch_scenario.test.x.shape[1:]
+    assert 'name: "bna"' in config and 'backend: "onnxruntime"' in config
+    assert "max_batch_size: 64" in config and "dynamic_batching" in config
+    assert f'name: "images"\n    data_type: TYPE_FP32\n    dims: [ {c}, {h}, {w} ]' in config
+    assert 'name: "label"\n    data_type: TYPE_INT64\n    dims: [ 1 ]' in config
+    assert 'name: "triggered"\n    data_type: TYPE_BOOL\n    dims: [ 1 ]' in config
+    assert 'name: "logits"\n    data_type: TYPE_FP32\n    dims: [ 5 ]' in config
+
+
 def test_build_refuses_another_model_and_writes_nothing(fitted, tmp_path):
     torch.manual_seed(3)
     other = export_onnx(make_cnn().eval(), torch.rand(2, 1, 16, 16), tmp_path / "o.onnx", "legacy")
