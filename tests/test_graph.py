@@ -121,6 +121,21 @@ def test_reference_evaluator_gives_the_same_labels(patch_reference, patch_scenar
         np.testing.assert_array_equal(flag, ref.triggered[sl])
 
 
+def test_openvino_gives_the_same_labels_and_flags(patch_reference, patch_scenario, tmp_path):
+    ov = pytest.importorskip("openvino")
+    _, fit, x = patch_reference
+    path = export_onnx(patch_scenario.net, torch.from_numpy(x[:2]), tmp_path / "f.onnx", "dynamo")
+    built = tmp_path / "built.onnx"
+    built.write_bytes(build_graph(path, fit).data)
+    compiled = ov.Core().compile_model(ov.Core().read_model(str(built)), "CPU")
+    for sl in (slice(0, 1), slice(0, 7), slice(0, 64), slice(64, 128), slice(60, 124)):
+        out = compiled(x[sl])
+        label, flag, _ = run(built.read_bytes(), x[sl])
+        np.testing.assert_array_equal(out[compiled.output("label")], label)
+        np.testing.assert_array_equal(out[compiled.output("triggered")], flag)
+    assert flag.any()  # the last slice holds triggered images, flagged alike
+
+
 def test_a_different_model_is_refused(patch_reference, tmp_path):
     _, fit, x = patch_reference
     torch.manual_seed(1)

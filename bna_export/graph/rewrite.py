@@ -170,10 +170,10 @@ class _Clone:
                 f"node {node.name!r} ({node.op_type}) after a BatchNorm layer has a subgraph; "
                 "control flow inside the classifier is not supported"
             )
+        if inputs is None and id(node) in self.scale_in:  # weight scaled, not copied as is
+            w = self.b.const(f"{node.name}/{self.tag}/weight_in", self._scaled_weight(node))
+            inputs = [w if k == 1 else self.mapped(v) for k, v in enumerate(node.inputs)]
         ins = [self.mapped(v) for v in node.inputs] if inputs is None else list(inputs)
-        if inputs is None and id(node) in self.scale_in:
-            w = self._scaled_weight(node)
-            ins[1] = self.b.const(f"{node.name}/{self.tag}/weight_in", w)
         clone = ir.Node(
             node.domain,
             node.op_type,
