@@ -199,7 +199,7 @@ class _Clone:
         producer = {"Conv": self._fold_conv, "Gemm": self._fold_gemm}.get(node.op_type)
         flat = node.op_type == "Gemm" and rank == 2
         chain = _scale_chain(out, flat) if flat or (producer and rank == 4) else None
-        if chain is not None and np.all(low <= 0) and np.all(high > 1e-6):
+        if chain is not None and np.all(low <= 0) and np.all(high > 1e-6) and _takes(chain[1], ch):
             # BN -> Relu -> (MaxPool | Relu | Identity)* -> [flatten] -> Conv/Gemm: clip then Relu
             # is clip(y, 0, H) = H·Clip(y/H, 0, 1). The Conv/Gemm computes y/H, a scalar Clip
             # (fused into it by ONNX Runtime) does the rest, and H moves forward through the
@@ -506,8 +506,18 @@ def _flattens(node: ir.Node, v: ir.Value) -> bool:
         return (node.attributes["axis"].value if "axis" in node.attributes else 1) == 1
     if node.op_type == "Reshape":
         shape = _constant_array(node.inputs[1])
-        return shape is not None and shape.shape == (2,) and shape[1] > 0
+        return shape is not None and shape.shape == (2,) and shape[0] in (-1, 0) and shape[1] > 0
     return False
+
+
+def _takes(consumer: ir.Node, channels: int) -> bool:
+    """Whether a chain's Conv/Gemm reads ``channels`` channels (a Gemm: runs of features)."""
+    w = _constant_array(consumer.inputs[1])
+    if consumer.op_type == "Conv":
+        return w.shape[1] == channels
+    trans_b = consumer.attributes["transB"].value if "transB" in consumer.attributes else 0
+    features = w.shape[1] if trans_b else w.shape[0]
+    return features % channels == 0
 
 
 def _scale_chain(out: ir.Value, flat: bool = False) -> tuple[ir.Node, ir.Node] | None:
