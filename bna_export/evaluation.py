@@ -8,17 +8,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 
 from .data import Dataset, check_against_model
 from .defend import Mitigation, model_output_classes
 from .errors import BadInputError
 from .fit import predict_mitigated
-from .graph.load import load_proto
 from .metrics import compute_metrics
 from .model import BnaModel
-from .runtime import Provider, ran_on, session
+from .runtime import Provider, open_built, ran_on
 
 
 @dataclass
@@ -46,13 +44,7 @@ def evaluate_built(
 ) -> Evaluation:
     """Evaluate a built graph in ONNX Runtime: 'mitigated' from its outputs, 'model' from f's
     own logits inside it (named by its ``bna.f_logits`` metadata)."""
-    proto = load_proto(path)
-    meta = {p.key: p.value for p in proto.metadata_props}
-    f_name = meta.get("bna.f_logits")
-    if f_name is None or [o.name for o in proto.graph.output] != ["label", "triggered", "logits"]:
-        raise BadInputError(f"{path}: not a graph made by `bna-export build`")
-    proto.graph.output.append(onnx.ValueInfoProto(name=f_name))
-    sess = session(proto.SerializeToString(), provider)
+    sess, meta = open_built(path, provider, with_f_logits=True)
     inp = sess.get_inputs()[0]
     k = sess.get_outputs()[2].shape[-1]
     dims = inp.shape[1:]

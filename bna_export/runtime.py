@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from .errors import BadInputError, ModelError
@@ -51,6 +53,23 @@ def session(
     if provider == "cuda" and sess.get_providers()[0] != _NAMES["cuda"]:
         raise BadInputError("--provider cuda: CUDA did not take the session (no GPU visible?)")
     return sess
+
+
+def open_built(
+    path: str | Path, provider: Provider = "cpu", with_f_logits: bool = False
+) -> tuple[ort.InferenceSession, dict[str, str]]:
+    """A session on a graph made by ``build`` and its metadata; ``with_f_logits`` also
+    exposes f's own logits (named by the ``bna.f_logits`` metadata) as a fourth output."""
+    from .graph.load import load_proto  # graph imports this module
+
+    proto = load_proto(path)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    outputs = [o.name for o in proto.graph.output]
+    if outputs != ["label", "triggered", "logits"] or "bna.f_logits" not in meta:
+        raise BadInputError(f"{path}: not a graph made by `bna-export build`")
+    if with_f_logits:
+        proto.graph.output.append(onnx.ValueInfoProto(name=meta["bna.f_logits"]))
+    return session(proto.SerializeToString(), provider), meta
 
 
 def ran_on(sess: ort.InferenceSession) -> str:

@@ -675,16 +675,12 @@ def run(
     quiet: bool,
 ) -> None:
     """Batch inference of a built graph with ONNX Runtime; says which provider ran."""
-    from bna_export.graph import load_proto
-    from bna_export.runtime import ran_on, run_built, session
+    from bna_export.runtime import open_built, ran_on, run_built
 
     x = load_inputs(data_path)
     if out_path is not None and not Path(out_path).resolve().parent.is_dir():
         raise BadInputError(f"{out_path}: the folder does not exist")
-    proto = load_proto(onnx_path)
-    if [o.name for o in proto.graph.output] != ["label", "triggered", "logits"]:
-        raise BadInputError(f"{onnx_path}: not a graph made by `bna-export build`")
-    sess = session(proto.SerializeToString(), provider)
+    sess, _ = open_built(onnx_path, provider)
     want = tuple(sess.get_inputs()[0].shape[1:])
     if len(want) != x.ndim - 1 or any(
         isinstance(d, int) and d != n for d, n in zip(want, x.shape[1:], strict=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnx
-import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from ..errors import ModelError
@@ -88,8 +87,3 @@ def load_proto(path: str | Path) -> onnx.ModelProto:
     except (OSError, ValueError) as exc:
         raise ModelError(f"{source}: cannot read its external data ({exc})") from exc
     return model
-
-
-def load_model(path: str | Path) -> ir.Model:
-    """An onnx-ir model of the file at ``path`` (see :func:`load_proto`)."""
-    return ir.from_proto(load_proto(path))
