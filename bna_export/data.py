@@ -83,10 +83,19 @@ def load_npz(path: str | Path, *, extra: tuple[str, ...] = ()) -> tuple[Dataset,
 
 
 def load_inputs(path: str | Path) -> np.ndarray:
-    """Images only (labels optional): ``x`` of an ``.npz`` or an image folder's images."""
+    """Images only (labels optional): ``x`` of an ``.npz``, a ``.npy`` array, or an image
+    folder's images."""
     if Path(path).is_dir():
         return load_folder(path).x
     source = str(path)
+    if source.endswith(".npy"):
+        try:
+            x = np.load(path, allow_pickle=False)
+        except FileNotFoundError as exc:
+            raise BadInputError(f"{source}: no such file") from exc
+        except (ValueError, OSError, EOFError) as exc:
+            raise BadInputError(f"{source}: not a readable .npy file ({exc})") from exc
+        return _as_images(x, source)
     try:
         with np.load(path, allow_pickle=False) as f:
             if "x" not in f.files:

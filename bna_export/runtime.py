@@ -41,6 +41,7 @@ def session(
 ) -> ort.InferenceSession:
     """An inference session on the chosen provider (``model``: serialized bytes or a path).
     Fails when the provider asked for did not take the session."""
+    ort.set_default_logger_severity(3)  # CUDA's ScatterND warns on every session otherwise
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads is not None:

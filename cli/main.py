@@ -657,7 +657,7 @@ def build(
     "data_path",
     required=True,
     type=click.Path(),
-    help="Images: .npz with x, or a folder.",
+    help="Images: .npz with x, a .npy array, or a folder.",
 )
 @provider_option
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bna_export.data import load_data, load_npz
+from bna_export.data import load_data, load_inputs, load_npz
 from bna_export.errors import BadInputError
 
 
@@ -49,3 +49,19 @@ def test_image_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(BadInputError, match="no images"):
         load_data(tmp_path)
+
+
+def test_npy_inputs(tmp_path):
+    """`run` and `bna_run` read the same .npy: uint8 scaled, N×H×W gets one channel."""
+    p = tmp_path / "x.npy"
+    np.save(p, np.full((3, 4, 4), 255, dtype=np.uint8))
+    x = load_inputs(p)
+    assert x.shape == (3, 1, 4, 4) and x.dtype == np.float32 and x.max() == 1.0
+    np.save(p, np.array([object()], dtype=object), allow_pickle=True)
+    with pytest.raises(BadInputError, match=r"not a readable \.npy"):
+        load_inputs(p)
+    p.write_bytes(p.read_bytes()[:20])
+    with pytest.raises(BadInputError, match=r"not a readable \.npy"):
+        load_inputs(p)
+    with pytest.raises(BadInputError, match="no such file"):
+        load_inputs(tmp_path / "missing.npy")
