@@ -23,7 +23,7 @@ from .errors import BadInputError, BnaError, FitFileError, ModelError
 from .fit import Prediction, fit_thetas, predict_mitigated
 from .histogram import divergence, soft_histogram
 from .metrics import compute_metrics
-from .model import BnaModel, BnaNorm, load_model
+from .model import BnaModel, BnaNorm, adapt_onnx, load_model
 from .reverse import Problem, TriggerEstimate, reverse_engineer
 from .settings import (
     DetectSettings,
@@ -57,6 +57,7 @@ __all__ = [
     "Trigger",
     "TriggerEstimate",
     "__version__",
+    "adapt_onnx",
     "all_to_all",
     "all_to_one",
     "compute_metrics",

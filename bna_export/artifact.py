@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -79,7 +80,7 @@ def decode(buf: bytes, source: str = "fit file") -> FitFile:
     if not isinstance(header, dict):
         raise FitFileError(f"{source}: header is not a JSON object")
     version = header.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:
         raise FitFileError(
             f"{source}: format version {version!r}; this tool reads {FORMAT_VERSION}"
         )
@@ -103,7 +104,7 @@ def decode(buf: bytes, source: str = "fit file") -> FitFile:
             raise FitFileError(f"{source}: malformed entry for tensor {name!r}") from exc
         if not ok:
             raise FitFileError(f"{source}: malformed shape or offsets for tensor {name!r}")
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)  # Python integers: a huge shape cannot wrap around
         if end > len(data) or end - begin != count * np.dtype(dtype).itemsize:
             raise FitFileError(
                 f"{source}: tensor {name!r} does not fit its byte range; the "

@@ -3,7 +3,6 @@ per-class selections that fitting and evaluation need."""
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +41,8 @@ def _as_images(x: np.ndarray, source: str) -> np.ndarray:
         raise BadInputError(f"{source}: x has shape {x.shape}; expected N×C×H×W")
     if x.shape[0] == 0:
         raise BadInputError(f"{source}: the data set is empty")
+    if min(x.shape[1:]) == 0:
+        raise BadInputError(f"{source}: x has shape {x.shape}; images cannot be empty")
     if not np.isfinite(x).all():
         raise BadInputError(f"{source}: x holds NaN or Inf values")
     return np.ascontiguousarray(x)
@@ -58,23 +59,50 @@ def _as_labels(y: np.ndarray, n: int, source: str) -> np.ndarray:
     return y
 
 
-def load_npz(path: str | Path, *, extra: tuple[str, ...] = ()) -> tuple[Dataset, dict]:
-    """Read ``x`` and ``y`` (and the named ``extra`` arrays) from an ``.npz`` without pickle."""
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def read_arrays(path: str | Path, keys: tuple[str, ...], optional: tuple[str, ...] = ()):
+    """The arrays ``keys`` (and those of ``optional`` that exist) of an ``.npz``, or the one
+    array of a ``.npy`` (keys ``("x",)``), without pickle. Whatever the bytes, the only error
+    is :class:`BadInputError`: the file is untrusted input."""
     source = str(path)
+    kind = ".npy" if source.endswith(".npy") else ".npz"
     try:
-        with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in ("x", "y", *extra) if k not in f.files]
+        loaded = np.load(path, allow_pickle=False)
+        if kind == ".npy":
+            if not isinstance(loaded, np.ndarray):
+                loaded.close()
+                raise BadInputError(f"{source}: not a .npy array")
+            return {"x": loaded}
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise BadInputError(f"{source}: one array, not an .npz archive of named arrays")
+        with loaded as f:
+            missing = [k for k in keys if k not in f.files]
             if missing:
                 raise BadInputError(
                     f"{source}: missing array(s) {', '.join(missing)}; "
-                    f"found {', '.join(f.files) or 'none'}"
+                    f"found {', '.join(f.files[:10]) or 'none'}"
                 )
-            x, y = f["x"], f["y"]
-            more = {k: f[k] for k in extra}
+            return {k: f[k] for k in (*keys, *optional) if k in f.files}
+    except BadInputError:
+        raise
     except FileNotFoundError as exc:
         raise BadInputError(f"{source}: no such file") from exc
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise BadInputError(f"{source}: not a readable .npz file ({exc})") from exc
+    except (IsADirectoryError, PermissionError) as exc:
+        raise BadInputError(f"{source}: cannot read ({exc.strerror})") from exc
+    except Exception as exc:  # numpy/zipfile raise many types on malformed bytes
+        raise BadInputError(f"{source}: not a readable {kind} file ({_first_line(exc)})") from exc
+
+
+def load_npz(path: str | Path, *, extra: tuple[str, ...] = ()) -> tuple[Dataset, dict]:
+    """Read ``x`` and ``y`` (and the named ``extra`` arrays) from an ``.npz`` without pickle."""
+    source = str(path)
+    arrays = read_arrays(path, ("x", "y", *extra))
+    x, y = arrays["x"], arrays["y"]
+    more = {k: arrays[k] for k in extra}
     xs = _as_images(x, source)
     ys = _as_labels(y, xs.shape[0], source)
     for k, v in more.items():
@@ -87,25 +115,7 @@ def load_inputs(path: str | Path) -> np.ndarray:
     folder's images."""
     if Path(path).is_dir():
         return load_folder(path).x
-    source = str(path)
-    if source.endswith(".npy"):
-        try:
-            x = np.load(path, allow_pickle=False)
-        except FileNotFoundError as exc:
-            raise BadInputError(f"{source}: no such file") from exc
-        except (ValueError, OSError, EOFError) as exc:
-            raise BadInputError(f"{source}: not a readable .npy file ({exc})") from exc
-        return _as_images(x, source)
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            if "x" not in f.files:
-                raise BadInputError(f"{source}: no array x; found {', '.join(f.files) or 'none'}")
-            x = f["x"]
-    except FileNotFoundError as exc:
-        raise BadInputError(f"{source}: no such file") from exc
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise BadInputError(f"{source}: not a readable .npz file ({exc})") from exc
-    return _as_images(x, source)
+    return _as_images(read_arrays(path, ("x",))["x"], str(path))
 
 
 def load_folder(path: str | Path) -> Dataset:

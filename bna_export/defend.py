@@ -448,7 +448,15 @@ def _record(
     tensors: dict[str, np.ndarray] = {}
     layers = []
     for i, la in enumerate(model.layers):
-        layers.append({"index": i, "name": la.name, "channels": la.channels, "eps": la.eps})
+        layers.append(
+            {
+                "index": i,
+                "name": la.name,
+                "channels": la.channels,
+                "eps": la.eps,
+                "measured": la.measured,
+            }
+        )
         for key in ("running_mean", "running_var", "weight", "bias"):
             tensors[f"layer.{i}.{key}"] = getattr(la, key).numpy().astype(np.float32)
         tensors[f"theta.{i}"] = thetas[i].numpy().astype(np.float32)
@@ -515,6 +523,7 @@ def _record(
         "mode": mode,
         "attacked": bool(targets),
         "n_classes": n_classes,
+        "model_format": model.source,
         "input_shape": list(data.x.shape[1:]),
         "input_range": [float(input_range[0]), float(input_range[1])],
         "targets": targets,
@@ -561,15 +570,21 @@ class Mitigation:
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise FitFileError(f"fit file lacks a field or tensor: {exc}") from exc
         for i, (th, la) in enumerate(zip(thetas, layers, strict=True)):
-            if th.shape != (len(out.targets), 4, int(la["channels"])):
+            try:
+                channels = int(la["channels"])
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                raise FitFileError(f"fit file: layer {i} has no channel count") from exc
+            if th.shape != (len(out.targets), 4, channels):
                 raise FitFileError(
                     f"theta.{i} has shape {tuple(th.shape)}; expected "
-                    f"({len(out.targets)}, 4, {la['channels']})"
+                    f"({len(out.targets)}, 4, {channels})"
                 )
         return out
 
     def check_model(self, model: BnaModel, fit: FitFile) -> None:
-        """Fail unless ``model`` has the BN layers (same statistics) the fit was made on."""
+        """Fail unless ``model`` has the BN layers (same statistics) the fit was made on. A
+        measured layer (an ONNX model's Conv/Gemm output) takes the fit file's statistics, so
+        that h works in the units Θ was fitted in."""
         layers = fit.header["layers"]
         if len(layers) != len(model.layers):
             raise ModelError(
@@ -578,8 +593,20 @@ class Mitigation:
             )
         for i, (rec, la) in enumerate(zip(layers, model.layers, strict=True)):
             mean = fit.tensors.get(f"layer.{i}.running_mean")
+            spread = fit.tensors.get(f"layer.{i}.weight")
+            if (
+                la.measured
+                and bool(rec.get("measured"))
+                and rec.get("name") == la.name
+                and mean is not None
+                and spread is not None
+                and mean.shape == spread.shape == (la.channels,)
+            ):
+                la.set_statistics(torch.from_numpy(mean), torch.from_numpy(spread))
+                continue
             if (
                 mean is None
+                or la.measured
                 or mean.shape != (la.channels,)
                 or not np.allclose(mean, la.running_mean.numpy(), rtol=1e-5, atol=1e-6)
             ):

@@ -3,7 +3,10 @@ BatchNorm's normalisation for the per-channel transform h(z | θ) = max(min((z -
 
 Every BatchNorm becomes a :class:`BnaNorm` that computes f's own normalisation for samples routed
 to -1 and h(· | θ_t) followed by the BN's affine γ·h + β for samples routed to target index t.
-Nothing of f's trained parameters changes; Θ lives outside the model and is passed in.
+Nothing of f's trained parameters changes; Θ lives outside the model and is passed in. A model
+given as ONNX runs through :mod:`bna_export.graph.to_torch`; there the outputs of Conv and Gemm
+nodes (whose BN was folded in, or which had none) get a "measured" :class:`BnaNorm`: f passes
+through unchanged, and h works in units of the channel's mean and spread on clean data.
 """
 
 from __future__ import annotations
@@ -12,10 +15,13 @@ import contextlib
 import copy
 import importlib
 import logging
+import os
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
+import onnx_ir as ir
 import torch
 from torch import Tensor, nn
 
@@ -36,7 +42,10 @@ class BnaNorm(nn.Module):
 
     Buffers hold f's running mean/var and affine γ, β (shape [C]). ``theta`` is None (plain f) or
     [T, 4, C] holding (µ, σ, υ, ω) per target; ``route`` is None or [N] int64 with -1 for f.
-    ``capture`` (a list or None) receives this layer's output when set.
+    ``capture`` (a list or None) receives this layer's output when set. A ``measured`` layer
+    stands for a BN that is not in the graph (folded into a Conv/Gemm, or none): its statistics
+    are the channel's mean and spread on clean data (mean = bias = m, var = weight² = s², eps 0),
+    and f (route -1, or no θ) passes its input through unchanged.
     """
 
     def __init__(
@@ -47,6 +56,7 @@ class BnaNorm(nn.Module):
         bias: Tensor | None,
         eps: float,
         name: str,
+        measured: bool = False,
     ) -> None:
         super().__init__()
         c = mean.shape[0]
@@ -58,6 +68,7 @@ class BnaNorm(nn.Module):
         self.register_buffer("bias", b)
         self.eps = float(eps)
         self.name = name
+        self.measured = measured
         self.theta: Tensor | None = None
         self.route: Tensor | None = None
         self.capture_in: list[Tensor] | None = None
@@ -73,13 +84,30 @@ class BnaNorm(nn.Module):
         sigma = torch.sqrt(self.running_var + self.eps)
         return torch.stack([self.running_mean, sigma, -inf, inf])
 
+    def set_statistics(self, mean: Tensor, spread: Tensor) -> None:
+        """A measured layer's statistics: per-channel mean m and spread s (> 0)."""
+        self.running_mean = mean.detach().clone().float()
+        self.running_var = spread.detach().clone().float() ** 2
+        self.weight = spread.detach().clone().float()
+        self.bias = mean.detach().clone().float()
+
     def forward(self, z: Tensor) -> Tensor:
         if self.capture_in is not None:
             self.capture_in.append(z)
         if self.theta is None or self.route is None:
-            out = nn.functional.batch_norm(
-                z, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
-            )
+            if self.measured:
+                out = z
+            else:
+                out = nn.functional.batch_norm(
+                    z,
+                    self.running_mean,
+                    self.running_var,
+                    self.weight,
+                    self.bias,
+                    False,
+                    0.0,
+                    self.eps,
+                )
         else:
             full = torch.cat([self.theta, self.f_theta()[None]], 0)  # (T + 1, 4, C)
             idx = torch.where(self.route < 0, self.theta.shape[0], self.route)
@@ -89,6 +117,9 @@ class BnaNorm(nn.Module):
             h = torch.maximum(torch.minimum((z - mu) / sigma, hi), lo)
             cshape = (1, z.shape[1]) + (1,) * (z.dim() - 2)
             out = h * self.weight.reshape(cshape) + self.bias.reshape(cshape)
+            if self.measured:
+                keep = (self.route < 0).reshape((-1,) + (1,) * (z.dim() - 1))
+                out = torch.where(keep, z, out)
         if self.capture_out is not None:
             self.capture_out.append(out)
         return out
@@ -97,10 +128,11 @@ class BnaNorm(nn.Module):
 class BnaModel(nn.Module):
     """f with every BatchNorm as a :class:`BnaNorm`, in execution order."""
 
-    def __init__(self, net: nn.Module, layers: Sequence[BnaNorm]) -> None:
+    def __init__(self, net: nn.Module, layers: Sequence[BnaNorm], source: str = "torch") -> None:
         super().__init__()
         self.net = net
         self.layers = list(layers)
+        self.source = source  # "torch" (.pt2, module) or "onnx": how the layers were found
         for p in self.net.parameters():
             p.requires_grad_(False)
         self.train(False)
@@ -184,7 +216,9 @@ def adapt_module(net: nn.Module, example: Tensor) -> BnaModel:
     return _finish(net, layers, example)
 
 
-def _finish(net: nn.Module, layers: list[BnaNorm], example: Tensor) -> BnaModel:
+def _finish(
+    net: nn.Module, layers: list[BnaNorm], example: Tensor, source: str = "torch"
+) -> BnaModel:
     if not layers:
         raise ModelError("the model has no BatchNorm layer; BNA corrects BatchNorm statistics")
     try:
@@ -194,7 +228,7 @@ def _finish(net: nn.Module, layers: list[BnaNorm], example: Tensor) -> BnaModel:
             f"the model failed on an input of shape {tuple(example.shape)}: "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         ) from exc
-    return BnaModel(net, ordered)
+    return BnaModel(net, ordered, source)
 
 
 def _getattr_path(root: nn.Module, target: str) -> Tensor:
@@ -256,29 +290,128 @@ def adapt_graph_module(gm: torch.fx.GraphModule, example: Tensor) -> BnaModel:
     return _finish(gm, layers, example)
 
 
-def load_model(spec: str, weights: str | Path | None, example: Tensor) -> BnaModel:
-    """Load a classifier from a ``.pt2`` file or ``package.module:callable`` (+ ``weights``).
+class _Moments(nn.Module):
+    """Passes its input through and adds up per-channel sums (float64) for mean and spread."""
 
-    ``example`` is one input batch used to order layers and check that the model runs.
-    Nothing is unpickled: ``torch.export.load`` and ``torch.load(weights_only=True)`` only.
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.sum: Tensor | None = None
+        self.sumsq: Tensor | None = None
+
+    def forward(self, z: Tensor) -> Tensor:
+        if z.dim() < 2:
+            raise ModelError(f"a Conv/Gemm output of shape {tuple(z.shape)} has no channel axis")
+        flat = z.detach().transpose(0, 1).reshape(z.shape[1], -1).double()
+        s, sq = flat.sum(1), (flat * flat).sum(1)
+        self.sum = s if self.sum is None else self.sum + s
+        self.sumsq = sq if self.sumsq is None else self.sumsq + sq
+        self.count += flat.shape[1]
+        return z
+
+    def statistics(self) -> tuple[Tensor, Tensor]:
+        assert self.sum is not None and self.sumsq is not None
+        mean = self.sum / self.count
+        var = (self.sumsq / self.count - mean * mean).clamp_min(0.0)
+        spread = var.sqrt()
+        dead = spread <= 1e-6 * mean.abs().clamp_min(1.0)  # a constant channel: any unit works
+        return mean.float(), torch.where(dead, torch.ones_like(spread), spread).float()
+
+
+@contextlib.contextmanager
+def weights_only() -> Iterator[None]:
+    """Every ``torch.load`` inside the block loads plain tensors and containers only.
+
+    ``torch.export.load`` (torch 2.13) unpickles an archive's constants, pickled weights and
+    example inputs with ``weights_only=False`` (example inputs as a fallback when the safe load
+    fails): a crafted ``.pt2`` would run code. PyTorch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``
+    makes every call safe, whatever it asks for."""
+    keys = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ[keys[0]] = "1"
+    os.environ.pop(keys[1], None)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _constant(value: ir.Value | None, what: str) -> Tensor:
+    if value is None or value.const_value is None:
+        raise ModelError(f"{what} is not a constant; cannot adapt")
+    return torch.from_numpy(np.array(value.const_value.numpy(), dtype=np.float32))
+
+
+def adapt_onnx(path: str | Path, example: Tensor, calibration: Tensor | None = None) -> BnaModel:
+    """f from its ONNX file, as a differentiable module with a :class:`BnaNorm` at every site of
+    :func:`~bna_export.graph.to_torch.bn_sites`. A BatchNormalization node keeps its own
+    statistics; a Conv/Gemm output is measured on ``calibration`` (clean images; ``example``
+    when None)."""
+    from .graph.load import load_proto
+    from .graph.to_torch import OnnxModule, bn_sites
+
+    model = ir.from_proto(load_proto(path))
+    sites = bn_sites(model.graph)
+    measured = [v.name for v in sites if v.producer().op_type != "BatchNormalization"]
+    stats: dict[str, tuple[Tensor, Tensor]] = {}
+    if measured:
+        moments = {name: _Moments() for name in measured}
+        probe = OnnxModule(model, moments)
+        x = example if calibration is None else calibration
+        with torch.no_grad():
+            for start in range(0, len(x), 256):
+                probe(x[start : start + 256].float())
+        stats = {name: m.statistics() for name, m in moments.items()}
+        del probe
+    layers: dict[str, BnaNorm] = {}
+    for v in sites:
+        node = v.producer()
+        if v.name in stats:
+            mean, spread = stats[v.name]
+            bn = BnaNorm(mean, spread**2, spread, mean, 0.0, v.name, measured=True)
+        else:
+            what = f"BatchNormalization {node.name or v.name}"
+            scale, bias, mean, var = (_constant(node.inputs[i], what) for i in range(1, 5))
+            eps = node.attributes.get("epsilon")
+            bn = BnaNorm(mean, var, scale, bias, 1e-5 if eps is None else eps.as_float(), v.name)
+        layers[v.name] = bn
+    net = OnnxModule(model, layers)
+    return _finish(net, list(layers.values()), example, source="onnx")
+
+
+def load_model(
+    spec: str, weights: str | Path | None, example: Tensor, calibration: Tensor | None = None
+) -> BnaModel:
+    """Load a classifier from a ``.pt2`` file, an ``.onnx`` file, or ``package.module:callable``
+    (+ ``weights``).
+
+    ``example`` is one input batch used to order layers and check that the model runs;
+    ``calibration`` (clean images) measures the channels of an ONNX model's Conv/Gemm outputs.
+    Nothing is unpickled: ``torch.export.load``, ONNX protobuf (external data only from the
+    model's folder) and ``torch.load(weights_only=True)`` only.
     """
     path = Path(spec)
     if spec.endswith(".pt2"):
         if not path.is_file():
             raise ModelError(f"model file {spec} does not exist")
         try:
-            ep = torch.export.load(str(path))
+            with weights_only():
+                ep = torch.export.load(str(path))
+                gm = ep.module()
         except Exception as exc:
             raise ModelError(
-                f"{spec} is not a readable torch.export archive ({type(exc).__name__})"
+                f"{spec} is not a readable torch.export archive, or holds pickled objects "
+                f"that are not plain tensors ({type(exc).__name__})"
             ) from exc
-        gm = ep.module()
         return adapt_graph_module(gm, example)
     if spec.endswith(".onnx"):
-        raise ModelError(
-            "fitting from an .onnx model is not supported yet; pass the .pt2 "
-            "or package.module:callable with --weights"
-        )
+        if weights is not None:
+            raise ModelError("an .onnx model holds its weights: drop --weights")
+        return adapt_onnx(path, example, calibration)
     if ":" not in spec:
         raise ModelError(f"model {spec!r}: expected a .pt2 file or package.module:callable")
     module_name, _, attr = spec.partition(":")

@@ -3,6 +3,7 @@ family (text, or a PNG when matplotlib is installed) and the detected pairs with
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .artifact import write_atomic
-from .errors import BadInputError
+from .errors import BadInputError, FitFileError
 
 OVERFLOW = 20.0
 """Scores beyond ±OVERFLOW share the last bin (an infinite score, MAD = 0, lands there too)."""
@@ -39,6 +40,20 @@ def signed_scores(entries: list[dict[str, Any]]) -> np.ndarray:
     return np.where(stats > med, raw, -raw)
 
 
+def _malformed(fn: Any) -> Any:
+    """A fit file is untrusted: a header of the wrong shape is a :class:`FitFileError`."""
+
+    @functools.wraps(fn)
+    def wrapper(header: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(header, *args, **kwargs)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise FitFileError(f"fit file: malformed detection results ({exc!r})") from exc
+
+    return wrapper
+
+
+@_malformed
 def score_histograms(header: dict[str, Any]) -> list[Histogram]:
     """One histogram per family of the pair sweep (none when targets or pairs were given)."""
     det = header.get("detection") or {}
@@ -69,6 +84,7 @@ def score_histograms(header: dict[str, Any]) -> list[Histogram]:
     return out
 
 
+@_malformed
 def detected_pairs(header: dict[str, Any]) -> list[dict[str, Any]]:
     """The detected pairs, each with its family and its score in every family."""
     det = header.get("detection") or {}
@@ -86,8 +102,8 @@ def detected_pairs(header: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(by_pair.values(), key=lambda r: (r["target"], r["source"]))
 
 
-def plot_scores(header: dict[str, Any], path: str | Path) -> None:
-    """Write a PNG of the anomaly-score histograms (one panel per family)."""
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend; a one-line error when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -95,11 +111,33 @@ def plot_scores(header: dict[str, Any], path: str | Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise BadInputError("--plot needs matplotlib: pip install matplotlib") from exc
+    return plt
+
+
+def plot_scores(header: dict[str, Any], path: str | Path) -> None:
+    """Write a PNG of the anomaly-score histograms (one panel per family)."""
+    plt = pyplot()
     hists = score_histograms(header)
     if not hists:
         raise BadInputError("this fit file has no pair sweep to plot (targets or pairs were given)")
     fig, axes = plt.subplots(1, len(hists), figsize=(5 * len(hists), 3.2), squeeze=False)
-    for ax, h in zip(axes[0], hists, strict=True):
+    draw_scores(list(axes[0]), hists)
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+def save_png(fig: Any, path: str | Path) -> None:
+    """Write a matplotlib figure as a PNG (no timestamp inside), atomically, and close it."""
+    plt = pyplot()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+
+
+def draw_scores(axes: list[Any], hists: list[Histogram]) -> None:
+    """Draw each family's score histogram, detected pairs and threshold on its own axes."""
+    for ax, h in zip(axes, hists, strict=True):
         left = np.array(h.edges[:-1])
         clean = np.array(h.counts) - np.array(h.detected)
         ax.bar(left, clean, width=1.0, align="edge", color="#8aa", label="pairs")
@@ -111,8 +149,3 @@ def plot_scores(header: dict[str, Any], path: str | Path) -> None:
         ax.set_xlabel("anomaly score (+: smaller trigger than the median)")
         ax.set_ylabel("class pairs")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    write_atomic(path, buf.getvalue())

@@ -56,6 +56,16 @@ def session(
     return sess
 
 
+def is_built(path: str | Path) -> bool:
+    """Whether an ONNX file is a graph made by ``build`` (its outputs and metadata)."""
+    from .graph.load import load_proto  # graph imports this module
+
+    proto = load_proto(path)
+    meta = {p.key for p in proto.metadata_props}
+    outputs = [o.name for o in proto.graph.output]
+    return outputs == ["label", "triggered", "logits"] and "bna.f_logits" in meta
+
+
 def open_built(
     path: str | Path, provider: Provider = "cpu", with_f_logits: bool = False
 ) -> tuple[ort.InferenceSession, dict[str, str]]:

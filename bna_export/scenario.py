@@ -4,6 +4,7 @@ files the command line takes (``model.pt2``, ``defender.npz``, ``test.npz``, ``t
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 from collections.abc import Callable
@@ -112,10 +113,9 @@ def export_model(net: nn.Module, example: np.ndarray, path: str | Path) -> None:
     net = net.eval()
     batch = torch.export.Dim("batch", min=1)
     ep = torch.export.export(net, (torch.from_numpy(example[:2]),), dynamic_shapes=({0: batch},))
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    torch.export.save(ep, str(tmp))
-    tmp.replace(path)
+    buf = io.BytesIO()  # not saved under a temporary name: the archive records its file name
+    torch.export.save(ep, buf)
+    write_atomic(path, buf.getvalue())
 
 
 def export_onnx(net: nn.Module, example: np.ndarray, path: str | Path) -> None:
@@ -135,7 +135,6 @@ def export_onnx(net: nn.Module, example: np.ndarray, path: str | Path) -> None:
 
 def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
     """Write an ``.npz`` atomically."""
-    import io
 
     buf = io.BytesIO()
     np.savez(buf, **arrays)

@@ -19,7 +19,7 @@ import numpy as np
 from bna_export import __version__, artifact, distributed, report
 from bna_export.data import Dataset, load_data, load_inputs, load_npz
 from bna_export.defend import Mitigation, fit_defence
-from bna_export.errors import BadInputError, BnaError
+from bna_export.errors import BadInputError, BnaError, FitFileError
 from bna_export.evaluation import evaluate_built, evaluate_reference
 from bna_export.model import BnaModel, load_model
 from bna_export.settings import (
@@ -151,7 +151,7 @@ def _range(value: str | None) -> tuple[float, float] | None:
 def _load(model: str, weights: str | None, data: Dataset) -> BnaModel:
     import torch
 
-    return load_model(model, weights, torch.from_numpy(data.x[:2]))
+    return load_model(model, weights, torch.from_numpy(data.x[:2]), torch.from_numpy(data.x))
 
 
 def _size(value: float | None) -> str:
@@ -181,7 +181,9 @@ def cli() -> None:
     "--model",
     "model_spec",
     required=True,
-    help="A .pt2 file (torch.export.save) or package.module:callable.",
+    help="A .pt2 file (torch.export.save), package.module:callable, or the deployed .onnx "
+    "(then h goes on its BatchNormalization, Conv and Gemm outputs, and `build` on the same "
+    ".onnx finds the layers by name).",
 )
 @weights_option
 @click.option(
@@ -417,7 +419,10 @@ def inspect(fit_path: str, plot_path: str | None, as_json: bool, quiet: bool) ->
     """Show what a fit file holds: whether an attack was detected, the anomaly scores of the
     class pairs, targets, sources, triggers, layers and settings."""
     fit = artifact.load(fit_path)
-    s = _summary(fit, fit_path)
+    try:
+        s = _summary(fit, fit_path)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise FitFileError(f"{fit_path}: malformed header ({type(exc).__name__}: {exc})") from exc
     if plot_path is not None:
         if not Path(plot_path).resolve().parent.is_dir():
             raise BadInputError(f"{plot_path}: the folder does not exist")
@@ -425,54 +430,60 @@ def inspect(fit_path: str, plot_path: str | None, as_json: bool, quiet: bool) ->
     if as_json:
         _emit(s)
         return
-    click.echo(f"{fit_path}: made by bna-export {s['tool_version']} ({s['mode']} mode)")
-    click.echo(f"attacked: {'yes' if s['attacked'] else 'no'}; targets: {s['targets']}")
-    for t, src in (s["sources"] or {}).items():
-        click.echo(f"  target {t} <- sources {src} ({(s['families'] or {}).get(t)} trigger)")
-    for h in report.score_histograms(fit.header):
-        click.echo(
-            f"anomaly scores, {h.family} family ({h.pairs} pairs; threshold {h.threshold:g}; "
-            "+ = smaller trigger than the median; * = detected):"
-        )
-        top = max(h.counts)
-        for lo, n, hit in zip(h.edges[:-1], h.counts, h.detected, strict=True):
-            if n == 0 and lo < h.threshold - 1:
-                continue
-            bar = "#" * (0 if n == 0 else max(1, round(30 * (n - hit) / top))) + "*" * hit
-            mark = "  <- threshold" if lo <= h.threshold < lo + 1 else ""
-            click.echo(f"  [{lo:+4.0f},{lo + 1:+4.0f}) {n:4d} {bar}{mark}")
-    found = report.detected_pairs(fit.header)
-    if found:
-        click.echo("detected pairs:")
-        for r in found:
-            scores = ", ".join(
-                f"{k.removesuffix('_score')} {v:.1f}" if v is not None else f"{k} inf"
-                for k, v in sorted(r.items())
-                if k.endswith("_score")
+    out: list[str] = []
+    try:  # a fit file is untrusted input: render everything before printing anything
+        out.append(f"{fit_path}: made by bna-export {s['tool_version']} ({s['mode']} mode)")
+        out.append(f"attacked: {'yes' if s['attacked'] else 'no'}; targets: {s['targets']}")
+        for t, src in (s["sources"] or {}).items():
+            out.append(f"  target {t} <- sources {src} ({(s['families'] or {}).get(t)} trigger)")
+        for h in report.score_histograms(fit.header):
+            out.append(
+                f"anomaly scores, {h.family} family ({h.pairs} pairs; threshold {h.threshold:g}; "
+                "+ = smaller trigger than the median; * = detected):"
             )
-            click.echo(f"  {r['source']} -> {r['target']} ({r['family']}; scores {scores})")
-    for t, info in ((fit.header.get("detection") or {}).get("intrinsic") or {}).items():
-        click.echo(
-            f"intrinsic check, target {t}: pooled {info['family']} trigger "
-            f"{_size(info['pooled_size'])} vs per-pair up to {max(info['pair_sizes'].values()):.2f}"
-            + (f"; dropped sources {info['dropped']}" if info["dropped"] else "; all kept")
+            top = max(h.counts)
+            for lo, n, hit in zip(h.edges[:-1], h.counts, h.detected, strict=True):
+                if n == 0 and lo < h.threshold - 1:
+                    continue
+                bar = "#" * (0 if n == 0 else max(1, round(30 * (n - hit) / top))) + "*" * hit
+                mark = "  <- threshold" if lo <= h.threshold < lo + 1 else ""
+                out.append(f"  [{lo:+4.0f},{lo + 1:+4.0f}) {n:4d} {bar}{mark}")
+        found = report.detected_pairs(fit.header)
+        if found:
+            out.append("detected pairs:")
+            for r in found:
+                scores = ", ".join(
+                    f"{k.removesuffix('_score')} {v:.1f}" if v is not None else f"{k} inf"
+                    for k, v in sorted(r.items())
+                    if k.endswith("_score")
+                )
+                out.append(f"  {r['source']} -> {r['target']} ({r['family']}; scores {scores})")
+        for t, info in ((fit.header.get("detection") or {}).get("intrinsic") or {}).items():
+            largest = max(info["pair_sizes"].values())
+            out.append(
+                f"intrinsic check, target {t}: pooled {info['family']} trigger "
+                f"{_size(info['pooled_size'])} vs per-pair up to {largest:.2f}"
+                + (f"; dropped sources {info['dropped']}" if info["dropped"] else "; all kept")
+            )
+        out.append("triggers:")
+        out.append(f"  {'target':>6} {'family':<12} {'size':>8} {'rel.':>7} {'success':>8} used")
+        for tr in s["triggers"] or []:
+            out.append(
+                f"  {tr['target']:>6} {tr['family']:<12} {tr['size']:>8.3f} "
+                f"{tr['relative_size']:>7.4f} {tr['success']:>8.3f} "
+                f"{'yes' if tr['used'] else ''}"
+            )
+        n_ch = sum(la["channels"] for la in s["layers"] or [])
+        out.append(f"layers: {len(s['layers'] or [])} BatchNorm layers, {n_ch} channels")
+        st = s["settings"] or {}
+        f = st.get("fit", {})
+        out.append(
+            f"settings: divergence {f.get('divergence')}, epochs {f.get('epochs')}, "
+            f"lr {f.get('lr')}, seed {st.get('seed')}, trigger type {st.get('trigger_type')}"
         )
-    click.echo("triggers:")
-    click.echo(f"  {'target':>6} {'family':<12} {'size':>8} {'rel.':>7} {'success':>8} used")
-    for tr in s["triggers"] or []:
-        click.echo(
-            f"  {tr['target']:>6} {tr['family']:<12} {tr['size']:>8.3f} "
-            f"{tr['relative_size']:>7.4f} {tr['success']:>8.3f} "
-            f"{'yes' if tr['used'] else ''}"
-        )
-    n_ch = sum(la["channels"] for la in s["layers"] or [])
-    click.echo(f"layers: {len(s['layers'] or [])} BatchNorm layers, {n_ch} channels")
-    st = s["settings"] or {}
-    f = st.get("fit", {})
-    click.echo(
-        f"settings: divergence {f.get('divergence')}, epochs {f.get('epochs')}, "
-        f"lr {f.get('lr')}, seed {st.get('seed')}, trigger type {st.get('trigger_type')}"
-    )
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise FitFileError(f"{fit_path}: malformed header ({type(exc).__name__}: {exc})") from exc
+    click.echo("\n".join(out))
     if plot_path is not None:
         click.echo(f"plot -> {plot_path}")
 
@@ -517,12 +528,15 @@ def evaluate(
     """ACC, ASR, SIA, TPR, FPR of a model, or of its BNA-mitigated version with --fit.
 
     MODEL may also be a graph made by `build` (OUT.onnx, run in ONNX Runtime with --provider):
-    the 'model' column is then f inside it, the other column the routed graph.
+    the 'model' column is then f inside it, the other column the routed graph. A plain
+    model.onnx (f as exported) runs as the PyTorch reference, like a .pt2.
 
     FPR is the share of clean images of the attack's target classes (the attack labels of
     --triggered; without it the fit's targets) that get flagged.
     """
-    built = model_spec.endswith(".onnx")
+    from bna_export.runtime import is_built
+
+    built = model_spec.endswith(".onnx") and is_built(model_spec)
     if built and (fit_path is not None or weights is not None):
         raise BadInputError("a built .onnx graph holds its fit: drop --fit and --weights")
     clean = load_data(clean_path)
@@ -629,6 +643,7 @@ def build(
         "attacked": bool(built.targets),
         "targets": built.targets,
         "layers": built.layers,
+        "found_by": built.found_by,
         "self_check": {"probes": built.probes, "max_logit_error": built.max_logit_error},
         "seconds": time.perf_counter() - t0,
     }
@@ -638,7 +653,10 @@ def build(
     if not built.targets:
         click.echo("no backdoor in the fit file: the graph is f plus label/triggered/logits")
     else:
-        click.echo(f"targets {built.targets}; BatchNorm layers found in the graph:")
+        how = (
+            "by name (the fit was made from this .onnx)" if built.found_by == "name" else "by value"
+        )
+        click.echo(f"targets {built.targets}; BatchNorm layers found in the graph {how}:")
         for la in built.layers:
             click.echo(f"  {la['name']:<24} -> {la['node']} {la['tensor']!r}")
     click.echo(

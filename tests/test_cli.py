@@ -312,3 +312,33 @@ def test_set_overrides_settings_and_rejects_unknown_ones(patch_files, tmp_path):
     res = fit_cli(patch_files, tmp_path / "f.bna", "--targets", "0", "--set", "reverse.steps=x")
     assert res.exit_code == 2 and "expected int" in res.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fit_build_and_evaluate_from_the_onnx_alone(patch_files, built, tmp_path):
+    """A user with only model.onnx: fit it, build it (layers by name), evaluate both ways."""
+    onnx_path = built[0]
+    fit = tmp_path / "fit.bna"
+    data = ["--data", patch_files["defender"], "--targets", "0", "-o", fit, "--quiet"]
+    res = invoke("fit", "--model", onnx_path, *data, "--json")
+    assert res.exit_code == 0, res.output
+    layers = json.loads(invoke("inspect", fit, "--json").stdout)["layers"]
+    assert len(layers) == 3 and all(la["measured"] for la in layers)
+    again = tmp_path / "again.bna"  # deterministic: the same bytes
+    assert invoke("fit", "--model", onnx_path, *data[:4], "-o", again, "-q").exit_code == 0
+    assert again.read_bytes() == fit.read_bytes()
+    out = tmp_path / "out.onnx"
+    info = json.loads(invoke("build", onnx_path, "--fit", fit, "-o", out, "--json").stdout)
+    assert info["found_by"] == "name" and info["self_check"]["max_logit_error"] < 1e-4
+    common = ["--clean", patch_files["test"], "--triggered", patch_files["triggered"], "--json"]
+    ref = json.loads(invoke("evaluate", onnx_path, "--fit", fit, *common).stdout)
+    ev = json.loads(invoke("evaluate", out, *common).stdout)
+    keys = ("acc", "asr", "sia", "tpr", "fpr")
+    assert {k: ev[k] for k in keys} == {k: ref[k] for k in keys}
+    assert ref["asr"] < 0.1 and ref["model"]["asr"] > 0.9 and ref["sia"] > 0.8
+    # the .pt2 of the same model: the same layers are found by value in the same graph
+    pt2_fit = tmp_path / "pt2.bna"
+    invoke("fit", "--model", patch_files["model"], *data[:4], "-o", pt2_fit, "--quiet")
+    info = json.loads(invoke("build", onnx_path, "--fit", pt2_fit, "-o", out, "--json").stdout)
+    assert info["found_by"] == "value"
+    res = invoke("fit", "--model", onnx_path, "--weights", fit, *data)
+    assert res.exit_code == 2 and "drop --weights" in res.output

@@ -187,3 +187,70 @@ def test_whole_batch_graph_gives_the_same_answers(patch_reference, patch_scenari
     path = export_onnx(patch_scenario.net, torch.from_numpy(x[:2]), tmp_path / "f.onnx", "dynamo")
     naive = build_graph(path, fit, whole_batch=True)
     assert_matches(naive.data, reference(model, fit, x), x, sizes=(7, 64))
+
+
+def test_builds_are_byte_identical_and_hold_no_path(patch_reference, patch_scenario, tmp_path):
+    """The same model and fit file give the same bytes, wherever the files lie."""
+    _, fit, x = patch_reference
+    a, b = tmp_path / "a", tmp_path / "elsewhere" / "b"
+    b.mkdir(parents=True)
+    a.mkdir()
+    for folder in (a, b):
+        export_onnx(patch_scenario.net, torch.from_numpy(x[:2]), folder / "f.onnx", "dynamo")
+    first, second = build_graph(a / "f.onnx", fit).data, build_graph(b / "f.onnx", fit).data
+    assert first == second
+    assert str(tmp_path).encode() not in first and b"/tmp" not in first
+
+
+def test_nan_inf_zero_and_saturated_images_get_defined_labels(patch_reference, patch_scenario):
+    """No crash and a label in [0, K) for every image, whatever its values (documented in the
+    README: NaN/Inf images get meaningless labels; `run` and `bna_run` refuse them)."""
+    _, fit, x = patch_reference
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(
+            patch_scenario.net, torch.from_numpy(x[:2]), Path(tmp) / "f.onnx", "dynamo"
+        )
+        data = build_graph(path, fit).data
+    shape = (4, *x.shape[1:])
+    odd = np.concatenate(
+        [
+            np.full(shape, np.nan, np.float32),
+            np.full(shape, np.inf, np.float32),
+            np.full(shape, -np.inf, np.float32),
+            np.zeros(shape, np.float32),
+            np.ones(shape, np.float32),
+            np.full(shape, 1e30, np.float32),
+            x[:4],
+        ]
+    )
+    odd[-1, 0, 0, 0] = np.nan  # one NaN pixel in a real image
+    for n in (1, 5, len(odd)):
+        label, flag, logits = run(data, odd[:n])
+        assert label.dtype == np.int64 and ((label >= 0) & (label < 5)).all()
+        assert flag.dtype == np.bool_ and logits.shape == (n, 5)
+    label, _, logits = run(data, odd)
+    assert np.isfinite(logits[3 * 4 : 5 * 4]).all()  # zeros and ones: ordinary answers
+
+
+def test_one_session_serves_many_threads(patch_reference, patch_scenario, tmp_path):
+    """One ONNX Runtime session run from 8 threads at once, as a web service would: the same
+    answers as one thread, batch by batch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, fit, x = patch_reference
+    path = export_onnx(patch_scenario.net, torch.from_numpy(x[:2]), tmp_path / "f.onnx", "dynamo")
+    sess = ort.InferenceSession(build_graph(path, fit).data, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    batches = [x[rng.integers(0, len(x), int(rng.integers(1, 40)))] for _ in range(64)]
+    name = sess.get_inputs()[0].name
+    one = [sess.run(None, {name: b}) for b in batches]
+    with ThreadPoolExecutor(8) as pool:
+        many = list(pool.map(lambda b: sess.run(None, {name: b}), batches * 2))
+    for want, got in zip(one * 2, many, strict=True):
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[2], want[2])
+    assert any(w[1].any() for w in one)  # some batches route rows through g_t

@@ -16,7 +16,7 @@ from ..defend import Mitigation
 from ..errors import FitFileError, ModelError
 from ..runtime import run_built, session
 from .load import load_proto
-from .locate import locate_layers
+from .locate import Located, locate_by_name, locate_layers
 from .rewrite import LayerStats, metadata_for, rewrite, to_bytes
 
 LOGIT_TOLERANCE = 1e-3
@@ -33,6 +33,8 @@ class Built:
     layers: list[dict[str, object]]
     max_logit_error: float
     probes: int
+    found_by: str = "value"
+    """How the layers were found: "name" (the fit was made from this .onnx) or "value"."""
 
 
 def _stats(fit: FitFile) -> list[LayerStats]:
@@ -88,13 +90,19 @@ def build_graph(model_path: str | Path, fit: FitFile, whole_batch: bool = False)
         )
     targets = mitigation.targets
     names = [str(rec["name"]) for rec in fit.header["layers"]]
-    located = locate_layers(model.graph, proto, fingerprints, names, probe_x) if targets else []
+    located: list[Located] | None = []
+    found_by = "name"
+    if targets and fit.header.get("model_format") == "onnx":
+        located = locate_by_name(model.graph, proto, fingerprints, names, probe_x)
+    if targets and not located:
+        located = locate_layers(model.graph, proto, fingerprints, names, probe_x)
+        found_by = "value"
     thetas = [th.numpy() for th in mitigation.thetas]
     digest = hashlib.sha256(encode(fit)).hexdigest()
     built = rewrite(
         model,
         proto,
-        located,
+        located or [],
         _stats(fit),
         thetas,
         targets,
@@ -121,6 +129,6 @@ def build_graph(model_path: str | Path, fit: FitFile, whole_batch: bool = False)
             "node": loc.value.producer().op_type if loc.value.producer() else "input",
             "match_error": loc.error,
         }
-        for loc in located
+        for loc in located or []
     ]
-    return Built(data, list(targets), layers, err, len(probe_x))
+    return Built(data, list(targets), layers, err, len(probe_x), found_by)

@@ -5,7 +5,8 @@ so names and even node types lie. What does not change is the layer's output: th
 records, for every BN layer, the per-sample channel means of its output on the probe inputs.
 Running the graph on the same probes with every intermediate tensor exposed, the tensor whose
 channel means match is the layer's output, whichever node (BatchNormalization, a folded Conv
-or Gemm, ...) produced it.
+or Gemm, ...) produced it. A fit made from this very ONNX file (``fit --model model.onnx``)
+names its layers by tensor name; those are taken by name and only checked by value.
 """
 
 from __future__ import annotations
@@ -109,4 +110,32 @@ def locate_layers(
             )
         taken[best[1].name] = i
         out.append(Located(i, best[1], best[0], best[2]))
+    return out
+
+
+def locate_by_name(
+    graph: ir.Graph,
+    proto: onnx.ModelProto,
+    fingerprints: Sequence[np.ndarray],
+    names: Sequence[str],
+    probe_x: np.ndarray,
+) -> list[Located] | None:
+    """The fit layers' tensors by name (a fit made from this ONNX file), checked against their
+    fingerprints; None when a name is not in the graph (another export: match by value)."""
+    by_name = {v.name: v for v in candidate_values(graph)}
+    if not all(n in by_name for n in names):
+        return None
+    arrays = run_exposing(proto, list(names), probe_x) if names else []
+    out = []
+    for i, (name, fp, a) in enumerate(zip(names, fingerprints, arrays, strict=True)):
+        n, c = fp.shape
+        scale = max(float(np.abs(fp).max()), 1e-6)
+        ok = a.ndim >= 2 and a.shape[:2] == (n, c)
+        err = float(np.abs(a.reshape(n, c, -1).mean(2) - fp).max()) / scale if ok else np.inf
+        if not err <= MATCH_TOLERANCE:
+            raise ModelError(
+                f"layer {i} ({name}) of the fit file differs from tensor {name!r} of this ONNX "
+                f"graph (off by {err:.2g}): this is not the model that was fitted"
+            )
+        out.append(Located(i, by_name[name], err, a.ndim))
     return out

@@ -1,0 +1,89 @@
+"""What the fuzzers feed: bytes to every reader of untrusted files (the ``.bna`` fit file and the
+``.npz``/``.npy`` data loaders). Whatever the bytes, only the tool's own input errors
+(:class:`bna_export.BnaError`) may come out; anything else is a bug the fuzzers report.
+
+Used by ``tests/test_fuzz.py`` (hypothesis) and ``fuzz/fuzz_inputs.py`` (atheris).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+
+import numpy as np
+
+from bna_export import artifact, report
+from bna_export.data import load_inputs, load_npz
+from bna_export.defend import Mitigation
+from bna_export.errors import BnaError
+
+READERS = ("fit", "npz", "npy")
+_DIR = tempfile.mkdtemp(prefix="bna-fuzz-")
+
+
+def read_fit(buf: bytes) -> None:
+    """Decode a fit file and use it as ``evaluate``/``build``/``inspect`` would."""
+    try:
+        fit = artifact.decode(buf)
+        report.score_histograms(fit.header)
+        report.detected_pairs(fit.header)
+        Mitigation.from_fit(fit)
+    except BnaError:
+        pass
+
+
+def read_data(buf: bytes, suffix: str) -> None:
+    """Write the bytes to a file and load it as a labelled set (.npz) or images (.npy)."""
+    path = os.path.join(_DIR, "data" + suffix)
+    with open(path, "wb") as f:
+        f.write(buf)
+    try:
+        if suffix == ".npz":
+            load_npz(path, extra=("attack_label",))
+        else:
+            load_inputs(path)
+    except BnaError:
+        pass
+
+
+def one_input(buf: bytes) -> None:
+    """The first byte picks the reader, the rest is the file."""
+    if not buf:
+        return
+    reader, rest = READERS[buf[0] % len(READERS)], buf[1:]
+    if reader == "fit":
+        read_fit(rest)
+    else:
+        read_data(rest, "." + reader)
+
+
+def seeds() -> dict[str, bytes]:
+    """Small valid inputs of each reader (with their selector byte): the fuzzers mutate them."""
+    rng = np.random.default_rng(0)
+    fit = artifact.FitFile(
+        {
+            "targets": [1],
+            "n_classes": 3,
+            "input_shape": [1, 4, 4],
+            "input_range": [0.0, 1.0],
+            "layers": [{"index": 0, "name": "bn", "channels": 2, "eps": 1e-5}],
+            "scores": {"patch": [{"source": 0, "target": 1, "score": 3.5, "detected": True}]},
+            "detection": {"threshold": 7.0, "detected_pairs": [[0, 1]]},
+        },
+        {
+            "theta.0": rng.normal(size=(1, 4, 2)).astype(np.float32),
+            "probe.x": rng.random((2, 1, 4, 4), dtype=np.float32),
+            "probe.label": np.array([0, 1], np.int64),
+            "probe.triggered": np.array([False, True]),
+        },
+    )
+    npz, npy = io.BytesIO(), io.BytesIO()
+    x = rng.random((3, 1, 4, 4), dtype=np.float32)
+    np.savez(npz, x=x, y=np.array([0, 1, 2]), attack_label=np.array([1, 1, 1]))
+    np.save(npy, (x * 255).astype(np.uint8))
+    return {
+        "fit": bytes([0]) + artifact.encode(fit),
+        "npz": bytes([1]) + npz.getvalue(),
+        "npy": bytes([2]) + npy.getvalue(),
+    }
