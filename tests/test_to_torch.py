@@ -258,3 +258,15 @@ def test_a_model_with_two_inputs_is_refused():
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     with pytest.raises(ModelError, match="exactly one input"):
         OnnxModule(ir.from_proto(proto))
+
+
+def test_a_graph_out_of_order_is_refused():
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["z"], ["y"]), helper.make_node("Relu", ["x"], ["z"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    with pytest.raises(ModelError, match="uses tensor 'z' before any node computes it"):
+        OnnxModule(ir.from_proto(proto))

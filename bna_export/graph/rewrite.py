@@ -600,9 +600,28 @@ def _finish(
     return model
 
 
+def _strip(graph: onnx.GraphProto) -> None:
+    """Drop doc strings and per-node/tensor metadata: exporters store stack traces there, with
+    the exporting machine's file paths; the built graph carries none."""
+    graph.doc_string = ""
+    for item in (*graph.node, *graph.initializer, *graph.input, *graph.output, *graph.value_info):
+        item.doc_string = ""
+        if hasattr(item, "metadata_props"):
+            del item.metadata_props[:]
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                _strip(attr.g)
+            for sub in attr.graphs:
+                _strip(sub)
+
+
 def to_bytes(model: ir.Model) -> bytes:
-    """Serialize with every initializer inline; the result passes ``onnx.checker``."""
+    """Serialize with every initializer inline and no per-node metadata (so no file path of
+    any machine is inside); the result passes ``onnx.checker``."""
     proto = ir.to_proto(model)
+    _strip(proto.graph)
+    proto.doc_string = ""
     onnx.checker.check_model(proto)
     return proto.SerializeToString()
 

@@ -651,6 +651,14 @@ class OnnxModule(nn.Module):
                 unsupported.setdefault(node.op_type, node.name or "")
                 continue
             self.nodes.append((_Node(node, int(opset)), handler))
+        defined = {self.input_name, *self._buffers_by_value}
+        for node, _ in self.nodes:
+            for name in node.inputs:
+                if name and name not in defined:
+                    raise node.fail(f"uses tensor {name!r} before any node computes it")
+            defined.update(n for n in node.outputs if n)
+        if self.output_name not in defined and not unsupported:
+            raise ModelError(f"the graph output {self.output_name!r} is computed by no node")
         if unsupported:
             listed = ", ".join(f"{op} (node {name})" for op, name in unsupported.items())
             raise ModelError(
