@@ -586,6 +586,14 @@ class Mitigation:
         measured layer (an ONNX model's Conv/Gemm output) takes the fit file's statistics, so
         that h works in the units Θ was fitted in."""
         layers = fit.header["layers"]
+        made_from = fit.header.get("model_format", "torch")
+        if made_from != model.source:
+            kinds = {"onnx": "an .onnx file", "torch": "a .pt2 or a PyTorch module"}
+            raise ModelError(
+                f"the fit file was made from {kinds.get(made_from, made_from)} and this model is "
+                f"{kinds.get(model.source, model.source)}: evaluate with the kind of model it was "
+                "fitted on, or `build` the graph and evaluate that"
+            )
         if len(layers) != len(model.layers):
             raise ModelError(
                 f"the fit file has {len(layers)} BatchNorm layers, the model "

@@ -342,3 +342,5 @@ def test_fit_build_and_evaluate_from_the_onnx_alone(patch_files, built, tmp_path
     assert info["found_by"] == "value"
     res = invoke("fit", "--model", onnx_path, "--weights", fit, *data)
     assert res.exit_code == 2 and "drop --weights" in res.output
+    res = invoke("evaluate", patch_files["model"], "--fit", fit, *common)  # .pt2 + ONNX's fit
+    assert res.exit_code == 2 and "the fit file was made from an .onnx file" in res.stderr
