@@ -40,6 +40,11 @@ def signed_scores(entries: list[dict[str, Any]]) -> np.ndarray:
     return np.where(stats > med, raw, -raw)
 
 
+MALFORMED = (KeyError, TypeError, ValueError, IndexError, AttributeError)
+"""What reading a fit-file header of the wrong shape raises (a missing key, a list where a
+dict was expected, ...): callers turn these into :class:`FitFileError`."""
+
+
 def _malformed(fn: Any) -> Any:
     """A fit file is untrusted: a header of the wrong shape is a :class:`FitFileError`."""
 
@@ -47,7 +52,7 @@ def _malformed(fn: Any) -> Any:
     def wrapper(header: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(header, *args, **kwargs)
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        except MALFORMED as exc:
             raise FitFileError(f"fit file: malformed detection results ({exc!r})") from exc
 
     return wrapper

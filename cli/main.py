@@ -421,7 +421,7 @@ def inspect(fit_path: str, plot_path: str | None, as_json: bool, quiet: bool) ->
     fit = artifact.load(fit_path)
     try:
         s = _summary(fit, fit_path)
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+    except report.MALFORMED as exc:
         raise FitFileError(f"{fit_path}: malformed header ({type(exc).__name__}: {exc})") from exc
     if plot_path is not None:
         if not Path(plot_path).resolve().parent.is_dir():
@@ -481,7 +481,7 @@ def inspect(fit_path: str, plot_path: str | None, as_json: bool, quiet: bool) ->
             f"settings: divergence {f.get('divergence')}, epochs {f.get('epochs')}, "
             f"lr {f.get('lr')}, seed {st.get('seed')}, trigger type {st.get('trigger_type')}"
         )
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+    except report.MALFORMED as exc:
         raise FitFileError(f"{fit_path}: malformed header ({type(exc).__name__}: {exc})") from exc
     click.echo("\n".join(out))
     if plot_path is not None:

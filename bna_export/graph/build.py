@@ -90,19 +90,20 @@ def build_graph(model_path: str | Path, fit: FitFile, whole_batch: bool = False)
         )
     targets = mitigation.targets
     names = [str(rec["name"]) for rec in fit.header["layers"]]
-    located: list[Located] | None = []
-    found_by = "name"
+    located: list[Located] = []
+    found_by = "value"
     if targets and fit.header.get("model_format") == "onnx":
-        located = locate_by_name(model.graph, proto, fingerprints, names, probe_x)
-    if targets and not located:
+        by_name = locate_by_name(model.graph, proto, fingerprints, names, probe_x)
+        if by_name is not None:
+            located, found_by = by_name, "name"
+    if targets and found_by == "value":
         located = locate_layers(model.graph, proto, fingerprints, names, probe_x)
-        found_by = "value"
     thetas = [th.numpy() for th in mitigation.thetas]
     digest = hashlib.sha256(encode(fit)).hexdigest()
     built = rewrite(
         model,
         proto,
-        located or [],
+        located,
         _stats(fit),
         thetas,
         targets,
@@ -129,6 +130,6 @@ def build_graph(model_path: str | Path, fit: FitFile, whole_batch: bool = False)
             "node": loc.value.producer().op_type if loc.value.producer() else "input",
             "match_error": loc.error,
         }
-        for loc in located or []
+        for loc in located
     ]
     return Built(data, list(targets), layers, err, len(probe_x), found_by)
