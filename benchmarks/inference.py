@@ -10,14 +10,20 @@ target, and batches of clean traffic (about one sample in ten goes to the target
 ``--provider cuda`` it also checks that the built graph gives the same labels and flags on CUDA
 as on the CPU, on clean and triggered images.
 
-Run: ``python benchmarks/inference.py [--threads 2] [--repeats 200] [--batches 1,64]
-[--provider cpu|cuda]``. Times are medians of one ``session.run`` from NumPy (host-device
-copies included on CUDA).
+``--model resnet18`` (ResNet-18 at 32×32, trained for one epoch on coloured digits) and
+``--model resnet50`` (ResNet-50-style bottleneck net at 224×224, random seeded weights: the
+timing does not depend on them; its "clean" labels are f's own answers) time the models users
+deploy; their target is the class f gives about one clean image in ten.
+
+Run: ``python benchmarks/inference.py [--model cnn|resnet18|resnet50] [--threads 2]
+[--repeats 200] [--batches 1,64] [--provider cpu|cuda]``. Times are medians of one
+``session.run`` from NumPy (host-device copies included on CUDA).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -26,10 +32,11 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from bna_export.data import Dataset
 from bna_export.defend import fit_defence
 from bna_export.graph import build_graph
 from bna_export.model import adapt_module
-from bna_export.scenario import build_scenario, export_onnx
+from bna_export.scenario import Scenario, build_scenario, coloured_digits, export_onnx
 from bna_export.settings import FitSettings, ReverseSettings, Settings
 from bna_export.zoo import synthetic_classes
 
@@ -68,8 +75,86 @@ def seconds(sessions: list[ort.InferenceSession], x: np.ndarray, repeats: int) -
     return [float(t) for t in np.median(times, 0)]
 
 
+def scenario(name: str) -> tuple[Scenario, int]:
+    """The model to time, its data, and the target of its fit."""
+    if name == "cnn":
+        x, y = synthetic_classes(10, 300, 28, seed=1)
+        return build_scenario(x, y, attack="patch", target=TARGET, width=16, epochs=3), TARGET
+    if name == "resnet18":
+        x, y = coloured_digits(32)
+        sc = build_scenario(x, y, attack=None, arch="resnet18", width=64, epochs=1)
+    else:  # random weights at 224×224; "clean" labels are f's own answers
+        x, y = coloured_digits(32)
+        x = torch.nn.functional.interpolate(torch.from_numpy(x[:1200]), size=224).numpy()
+        torch.manual_seed(0)
+        net = ResNet50().eval()
+        with torch.no_grad():
+            y = torch.cat([net(torch.from_numpy(b)).argmax(1) for b in np.split(x, 30)]).numpy()
+        sc = Scenario(net, *_split(x, y), {}, None, "a2o", [])  # type: ignore[arg-type]
+    with torch.no_grad():
+        pred = sc.net.eval()(torch.from_numpy(sc.test.x[:512])).argmax(1).numpy()
+    share = np.bincount(pred, minlength=10) / len(pred)
+    present = [c for c in range(10) if (sc.defender.y == c).any()]
+    return sc, int(min(present, key=lambda c: abs(share[c] - 0.1)))
+
+
+def _split(x: np.ndarray, y: np.ndarray) -> tuple[Dataset, Dataset]:
+    """Defender (up to 20 per class) and test images of a labelled set."""
+    d = np.concatenate([np.flatnonzero(y == c)[:20] for c in np.unique(y)])
+    rest = np.setdiff1d(np.arange(len(y)), d)
+    return Dataset(x[d], y[d]), Dataset(x[rest], y[rest])
+
+
+class ResNet50(torch.nn.Module):
+    """A ResNet-50-shaped bottleneck net for 224×224 (7×7 stem, [3, 4, 6, 3] bottlenecks of
+    expansion 4, 53 BN layers), with seeded random weights and BN statistics."""
+
+    def __init__(self, n_classes: int = 10) -> None:
+        super().__init__()
+        nn = torch.nn
+
+        class Bottleneck(nn.Module):
+            def __init__(self, cin: int, mid: int, stride: int) -> None:
+                super().__init__()
+                out = 4 * mid
+                self.body = nn.Sequential(
+                    nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
+                    nn.Conv2d(mid, mid, 3, stride, 1, bias=False), nn.BatchNorm2d(mid),
+                    nn.ReLU(), nn.Conv2d(mid, out, 1, bias=False), nn.BatchNorm2d(out),
+                )  # fmt: skip
+                self.short = (
+                    nn.Sequential(nn.Conv2d(cin, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+                    if stride != 1 or cin != out
+                    else nn.Identity()
+                )
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return torch.relu(self.body(x) + self.short(x))
+
+        layers, cin = [], 64
+        for i, (mid, n) in enumerate(((64, 3), (128, 4), (256, 6), (512, 3))):
+            for j in range(n):
+                layers.append(Bottleneck(cin, mid, 2 if i > 0 and j == 0 else 1))
+                cin = 4 * mid
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+            nn.MaxPool2d(3, 2, 1), *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(cin, n_classes),
+        )  # fmt: skip
+        g = torch.Generator().manual_seed(0)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.data.copy_(torch.rand(m.num_features, generator=g) * 0.5 + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="cnn", choices=("cnn", "resnet18", "resnet50"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=200)
     ap.add_argument("--batches", default="1,64", help="comma-separated batch sizes")
@@ -77,11 +162,10 @@ def main() -> None:
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     torch.set_num_threads(args.threads)
-    x, y = synthetic_classes(10, 300, 28, seed=1)
-    sc = build_scenario(x, y, attack="patch", target=TARGET, width=16, epochs=3, seed=0)
+    sc, target = scenario(args.model)
     model = adapt_module(sc.net, torch.from_numpy(sc.test.x[:2]))
     quick = Settings(reverse=ReverseSettings(steps=100), fit=FitSettings(epochs=3))
-    fit = fit_defence(model, sc.defender, targets=[TARGET], settings=quick).fit
+    fit = fit_defence(model, sc.defender, targets=[target], settings=quick).fit
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "f.onnx"
         export_onnx(sc.net, sc.test.x, path)
@@ -97,7 +181,7 @@ def main() -> None:
         name = f_sess.get_inputs()[0].name
         agree = ""
         if args.provider == "cuda":
-            everything = np.concatenate([sc.test.x, sc.triggered["x"]])
+            everything = np.concatenate([sc.test.x, *([sc.triggered["x"]] if sc.triggered else [])])
             on_gpu = sessions["built graph"].run(["label", "triggered"], {name: everything})
             on_cpu = make_session(built, args.threads).run(
                 ["label", "triggered"], {name: everything}
@@ -108,16 +192,16 @@ def main() -> None:
                 f"({int(on_cpu[1].sum())} flagged): labels and flags "
                 + ("identical" if same else "DIFFER")
             )
-        clean = sc.test.x[sc.test.y != TARGET]
+        clean = sc.test.x[sc.test.y != target]
         labels = f_sess.run(None, {name: clean})[0].argmax(1)
         inputs = {
-            n: clean[labels != TARGET][:1]
+            n: clean[labels != target][:1]
             if n == 1
             else np.resize(sc.test.x, (n, *sc.test.x.shape[1:]))
             for n in batches
         }
         routed = {
-            n: int((f_sess.run(None, {name: xb})[0].argmax(1) == TARGET).sum())
+            n: int((f_sess.run(None, {name: xb})[0].argmax(1) == target).sum())
             for n, xb in inputs.items()
         }
         rng = np.random.default_rng(0)
@@ -141,7 +225,10 @@ def main() -> None:
             rows.append(row)
     where = "CUDA" if args.provider == "cuda" else f"CPU, {args.threads} threads"
     sent = ", ".join(f"batch {n}: {k}" for n, k in routed.items())
-    print(f"{where}, ONNX Runtime {ort.__version__}; samples f sends to the target: {sent}{agree}")
+    print(
+        f"{args.model}, {where}, ONNX Runtime {ort.__version__}, load average "
+        f"{os.getloadavg()[0]:.2f}; samples f sends to target {target}: {sent}{agree}"
+    )
     keys = [k for k in rows[0] if k != "batch"]
     print("| batch | " + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))

@@ -1,14 +1,15 @@
-"""Mitigation figures on real digits: for each attack, train a poisoned CNN (A2O, 20 clean
-images per class for the defender), run ``fit`` with the known target, and print ACC before,
-then ACC, ASR, SIA, TPR, FPR of the repaired classifier, and the fit time.
+"""Mitigation figures on real digits: for each attack, train a poisoned classifier (A2O, 20
+clean images per class for the defender), run ``fit`` with the known target, and print ACC
+before, then ACC, ASR, SIA, TPR, FPR of the repaired classifier, and the fit time.
 
-Run: ``python benchmarks/mitigation.py [--attacks patch,blend] [--set fit.lr=0.03 ...]``.
+Run: ``python benchmarks/mitigation.py [--arch cnn,small-resnet] [--attacks patch,blend]
+[--seeds 0,1] [--set fit.lr=0.03 ...]``. ``cnn`` is the digits CNN (3 BN layers), ``small-resnet``
+a ResNet-style digits classifier (stem and three basic blocks, 16-64 channels, 9 BN layers).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 
@@ -20,7 +21,7 @@ from bna_export.fit import predict_mitigated
 from bna_export.metrics import compute_metrics
 from bna_export.model import adapt_module
 from bna_export.scenario import build_scenario, digits
-from bna_export.settings import Settings
+from bna_export.settings import Settings, with_overrides
 
 TRIGGER_OPTIONS = {
     "patch": {},
@@ -31,25 +32,17 @@ TRIGGER_OPTIONS = {
 }
 
 
-def with_overrides(settings: Settings, items: list[str]) -> Settings:
-    for item in items:
-        key, _, raw = item.partition("=")
-        part, _, name = key.partition(".")
-        value = json.loads(raw) if raw[:1] in "0123456789-[{tf" else raw
-        if not name:  # a top-level field such as family_rule
-            settings = dataclasses.replace(settings, **{part: value})
-            continue
-        sub = getattr(settings, part)
-        settings = dataclasses.replace(
-            settings, **{part: dataclasses.replace(sub, **{name: value})}
-        )
-    return settings
-
-
-def evaluate_one(attack: str, target: int, seed: int, settings: Settings) -> dict:
+def evaluate_one(attack: str, target: int, seed: int, settings: Settings, arch: str) -> dict:
     x, y = digits()
     sc = build_scenario(
-        x, y, attack=attack, target=target, seed=seed, trigger_options=TRIGGER_OPTIONS[attack]
+        x,
+        y,
+        attack=attack,
+        target=target,
+        seed=seed,
+        trigger_options=TRIGGER_OPTIONS[attack],
+        arch=arch,
+        width=16 if arch == "cnn" else None,
     )
     model = adapt_module(sc.net, torch.from_numpy(sc.test.x[:2]))
     base_c = predict_mitigated(model, [], None, sc.test.x)
@@ -82,6 +75,7 @@ def evaluate_one(attack: str, target: int, seed: int, settings: Settings) -> dic
     )
     fam = out.fit.header["families"][str(target)]
     return {
+        "arch": arch,
         "attack": attack,
         "seed": seed,
         "acc0": before["acc"],
@@ -94,6 +88,7 @@ def evaluate_one(attack: str, target: int, seed: int, settings: Settings) -> dic
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="cnn", help="cnn, small-resnet, or both comma-separated")
     ap.add_argument("--attacks", default="patch,blend,chessboard,pixel,warp")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--target", type=int, default=7)
@@ -104,26 +99,28 @@ def main() -> None:
     settings = with_overrides(Settings(), args.overrides)
     rows = []
     print(
-        "| attack | seed | ACC before | ASR before | ACC | ASR | SIA | TPR | FPR | family | fit s |"
+        "| arch | attack | seed | ACC before | ASR before | ACC | ASR | SIA | TPR | FPR | family "
+        "| fit s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for attack in args.attacks.split(","):
-        for seed in (int(s) for s in args.seeds.split(",")):
-            r = evaluate_one(attack, args.target, seed, settings)
-            rows.append(r)
-            print(
-                f"| {attack} | {seed} | {r['acc0']:.3f} | {r['asr0']:.3f} | {r['acc']:.3f} | "
-                f"{r['asr']:.3f} | {r['sia']:.3f} | {r['tpr']:.3f} | {r['fpr']:.3f} | "
-                f"{r['family']} | {r['seconds']:.0f} |",
-                flush=True,
-            )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for arch in args.arch.split(","):
+        for attack in args.attacks.split(","):
+            for seed in (int(s) for s in args.seeds.split(",")):
+                r = evaluate_one(attack, args.target, seed, settings, arch)
+                rows.append(r)
+                print(
+                    f"| {arch} | {attack} | {seed} | {r['acc0']:.3f} | {r['asr0']:.3f} | "
+                    f"{r['acc']:.3f} | {r['asr']:.3f} | {r['sia']:.3f} | {r['tpr']:.3f} | "
+                    f"{r['fpr']:.3f} | {r['family']} | {r['seconds']:.0f} |",
+                    flush=True,
+                )
     if len(rows) > 1:
         mean = {
             k: float(np.mean([r[k] for r in rows]))
             for k in ("acc0", "acc", "asr", "sia", "tpr", "fpr")
         }
         print(
-            f"| mean | | {mean['acc0']:.3f} | | {mean['acc']:.3f} | {mean['asr']:.3f} | "
+            f"| mean | | | {mean['acc0']:.3f} | | {mean['acc']:.3f} | {mean['asr']:.3f} | "
             f"{mean['sia']:.3f} | {mean['tpr']:.3f} | {mean['fpr']:.3f} | | |"
         )
     if args.json:

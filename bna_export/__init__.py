@@ -8,7 +8,7 @@ from .artifact import load as load_fit
 from .artifact import save as save_fit
 from .attacks import Trigger, all_to_all, all_to_one, poison, triggered_set
 from .data import Dataset, load_data, load_npz
-from .defend import FitOutcome, Mitigation, fit_defence, pair_problems, size_matrices
+from .defend import FitOutcome, Mitigation, fit_defence
 from .detect import (
     Detection,
     detect_pairs,
@@ -23,7 +23,8 @@ from .errors import BadInputError, BnaError, FitFileError, ModelError
 from .fit import Prediction, fit_thetas, predict_mitigated
 from .histogram import divergence, soft_histogram
 from .metrics import compute_metrics
-from .model import BnaModel, BnaNorm, adapt_onnx, load_model
+from .model import BnaModel, adapt_onnx, load_model
+from .norm import BnaNorm
 from .reverse import Problem, TriggerEstimate, reverse_engineer
 from .settings import (
     DetectSettings,
@@ -33,6 +34,7 @@ from .settings import (
     Settings,
     with_overrides,
 )
+from .sweep import SweepResult, pair_problems, run_sweep, size_matrices
 
 __all__ = [
     "BadInputError",
@@ -54,6 +56,7 @@ __all__ = [
     "ReverseSettings",
     "Settings",
     "Shard",
+    "SweepResult",
     "Trigger",
     "TriggerEstimate",
     "__version__",
@@ -77,6 +80,7 @@ __all__ = [
     "poison",
     "predict_mitigated",
     "reverse_engineer",
+    "run_sweep",
     "save_fit",
     "size_matrices",
     "soft_histogram",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,7 @@ import torch
 from . import __version__
 from .artifact import FitFile
 from .data import Dataset
-from .detect import Detection, detect_pairs, intrinsic_check
+from .detect import Detection, intrinsic_check
 from .distributed import Shard, solve
 from .errors import BadInputError, FitFileError, ModelError
 from .fit import fit_thetas, g_logits, predict_mitigated
@@ -37,10 +37,12 @@ from .reverse import (
     succeeds,
 )
 from .settings import Settings
+from .sweep import SweepResult, run_sweep
 
 StageProgress = Callable[[str, int, int, str], None]
-"""progress(stage, done, total, note); stages: 'sweep' (every class pair), 'reverse' (per
-target), 'fit' (Θ); ``note`` says what is done in words (e.g. '37/90 pairs')."""
+"""progress(stage, done, total, note); stages: 'screen' (one untargeted problem per source, many
+classes only), 'sweep' (class pairs), 'reverse' (per target), 'fit' (Θ); ``note`` says what is
+done in words (e.g. '37/90 pairs')."""
 
 PROBES_PER_CLASS = 2
 PROBES_PER_TARGET = 4
@@ -49,7 +51,7 @@ PROBES_PER_TARGET = 4
 def model_output_classes(model: BnaModel, x: np.ndarray) -> int:
     """Number of classes K: the width of f's logits on the first images of x."""
     with torch.no_grad():
-        out = model(torch.from_numpy(x[:2]))
+        out = model(torch.from_numpy(x[:2]).to(model.device))
     if out.dim() != 2:
         raise ModelError(f"the model returns shape {tuple(out.shape)}; expected [N, K] logits")
     return int(out.shape[1])
@@ -97,48 +99,11 @@ class FitOutcome:
     detection: Detection | None = None
 
 
-@dataclass
-class _Sweep:
-    """The pair sweep: every pair's estimates, the [K, K] size matrices (the smallest over
-    restarts) per family, the detection, and the intrinsic-backdoor check per target."""
-
-    estimates: list[TriggerEstimate]
-    sizes: dict[str, np.ndarray]
-    detection: Detection
-    intrinsic: dict[int, dict[str, Any]] = field(default_factory=dict)
-
-
-def pair_problems(n_classes: int, families: Sequence[str], restarts: int) -> list[Problem]:
-    """Every ordered pair (s, t), s != t, in every family and restart."""
-    return [
-        Problem(f, t, (s,), r)
-        for f in families
-        for t in range(n_classes)
-        for s in range(n_classes)
-        if s != t
-        for r in range(restarts)
-    ]
-
-
-def size_matrices(
-    estimates: Sequence[TriggerEstimate], n_classes: int, families: Sequence[str]
-) -> dict[str, np.ndarray]:
-    """Per family a [K, K] matrix of per-pair trigger sizes (the smallest over restarts; NaN
-    on the diagonal and for pairs not solved)."""
-    out = {f: np.full((n_classes, n_classes), np.nan) for f in families}
-    for e in estimates:
-        if len(e.problem.sources) == 1:
-            z = out[e.family]
-            s, t = e.problem.sources[0], e.problem.target
-            z[s, t] = e.size if np.isnan(z[s, t]) else min(z[s, t], e.size)
-    return out
-
-
 def _pairs_progress(
-    problems: Sequence[Problem], progress: StageProgress | None, shard: Shard
+    problems: Sequence[Problem], progress: StageProgress | None, shard: Shard, stage: str
 ) -> Callable[[int, int, torch.Tensor], None] | None:
-    """Turn the solver's per-problem progress into 'pairs done' (of this rank's pairs) for
-    the sweep's bar."""
+    """Turn the solver's per-problem progress into 'pairs done' (of this rank's problems'
+    source-target pairs) for the stage's bar."""
     if progress is None:
         return None
     mine = shard.mine(len(problems))
@@ -146,10 +111,11 @@ def _pairs_progress(
     slot = {k: j for j, k in enumerate(keys)}
     pair_of = torch.tensor([slot[(problems[i].sources, problems[i].target)] for i in mine])
     index = torch.tensor(mine, dtype=torch.int64)
+    what = "pairs" if stage == "sweep" else "problems"
 
     def report(done: int, total: int, finished: torch.Tensor) -> None:
         left = torch.zeros(len(keys)).index_add_(0, pair_of, (~finished[index]).float())
-        progress("sweep", done, total, f"{int((left == 0).sum())}/{len(keys)} pairs")
+        progress(stage, done, total, f"{int((left == 0).sum())}/{len(keys)} {what}")
 
     return report
 
@@ -171,6 +137,7 @@ def fit_defence(
     reverse-engineering step; rank 0 fits Θ and returns the outcome, the others return None.
     """
     torch.manual_seed(settings.seed)
+    model.use_channels_last(torch.from_numpy(data.x[:8]), settings.channels_last)
     n_classes = model_output_classes(model, data.x)
     detecting = targets is None and pairs is None
     sources = {} if detecting else resolve_sources(n_classes, targets, pairs)
@@ -205,6 +172,8 @@ def fit_defence(
             ok = [e for e in mine if succeeds(e, settings.reverse.success)]
             chosen[t] = ok or chosen[t]
     if tlist:
+        # Θ's per-sample transforms and spatial sampling run faster on the default layout
+        model.use_channels_last(torch.from_numpy(data.x[:8]), enable=False)
         result = fit_thetas(
             model,
             data,
@@ -286,14 +255,17 @@ class _Job:
         self,
         problems: Sequence[Problem],
         progress: Callable[[int, int, torch.Tensor], None] | None,
+        sweep: bool = False,
     ) -> list[TriggerEstimate]:
+        """Estimates of ``problems`` with the sweep's solver settings (``sweep``) or the
+        per-target ones."""
         s = self.settings
         return solve(
             self.model,
             self.data,
             problems,
             self.input_range,
-            s.reverse,
+            s.sweep if sweep else s.reverse,
             s.seed,
             self.shard,
             progress,
@@ -319,20 +291,20 @@ class _Job:
         return [found[p] for p in problems]
 
 
-def _find_backdoors(job: _Job, n_classes: int) -> _Sweep:
-    """The pair sweep and the detection (design step 1, before the intrinsic check)."""
-    problems = pair_problems(n_classes, job.families, job.settings.detect.restarts)
-    found = job.solve(problems, _pairs_progress(problems, job.progress, job.shard))
-    sizes = size_matrices(found, n_classes, job.families)
-    det = job.settings.detect
-    detection = detect_pairs(
-        sizes, det.mad_threshold, det.consistency, det.normalise, det.target_rule
+def _find_backdoors(job: _Job, n_classes: int) -> SweepResult:
+    """The pair sweep (or its screen) and the detection, before the intrinsic check."""
+
+    def solve(problems: Sequence[Problem], stage: str) -> list[TriggerEstimate]:
+        report = _pairs_progress(problems, job.progress, job.shard, stage)
+        return job.solve(problems, report, sweep=True)
+
+    return run_sweep(
+        job.model, job.data, n_classes, job.families, job.input_range, job.settings, solve
     )
-    return _Sweep(found, sizes, detection)
 
 
 def _intrinsic_check(
-    sweep: _Sweep,
+    sweep: SweepResult,
     sources: dict[int, list[int]],
     estimates: Sequence[TriggerEstimate],
     settings: Settings,
@@ -392,7 +364,7 @@ def _probe_inputs(
 
 
 def _scores(
-    sweep: _Sweep | None, triggers: list[dict[str, Any]]
+    sweep: SweepResult | None, triggers: list[dict[str, Any]]
 ) -> dict[str, list[dict[str, Any]]]:
     """Per family, per pair: size, statistic, anomaly score and whether it was detected. With
     no sweep (targets or pairs given), the per-target triggers, unscored."""
@@ -424,6 +396,7 @@ def _scores(
                 "statistic": float(st[s, t]),
                 "score": float(sc[s, t]) if np.isfinite(sc[s, t]) else None,
                 "detected": det.family.get((s, t)) == f,
+                **({} if sweep.weights is None else {"weight": float(sweep.weights[f][s, t])}),
             }
             for s, t in np.argwhere(~np.isnan(z)).tolist()
         ]
@@ -442,7 +415,7 @@ def _record(
     thetas: list[torch.Tensor],
     history: list[float],
     mode: str,
-    sweep: _Sweep | None = None,
+    sweep: SweepResult | None = None,
 ) -> FitFile:
     targets = list(sources)
     tensors: dict[str, np.ndarray] = {}
@@ -458,7 +431,7 @@ def _record(
             }
         )
         for key in ("running_mean", "running_var", "weight", "bias"):
-            tensors[f"layer.{i}.{key}"] = getattr(la, key).numpy().astype(np.float32)
+            tensors[f"layer.{i}.{key}"] = getattr(la, key).cpu().numpy().astype(np.float32)
         tensors[f"theta.{i}"] = thetas[i].numpy().astype(np.float32)
     triggers = []
     for j, e in enumerate(estimates):
@@ -482,11 +455,11 @@ def _record(
             tensors[f"trigger.{j}.mask"] = e.mask.astype(np.float32)
     probes = _probe_inputs(data, sources, chosen, input_range, n_classes)
     with torch.no_grad(), model.capturing() as outputs:
-        f_logits = model(torch.from_numpy(probes)).numpy()
+        f_logits = model(torch.from_numpy(probes).to(model.device)).cpu().numpy()
     for i, out in enumerate(outputs):  # each BN output's per-sample channel means: finds the
         z = torch.cat(out)  # layer again in an ONNX graph, whatever the exporter folded
         tensors[f"layer.{i}.probe_mean"] = (
-            z.reshape(len(z), z.shape[1], -1).mean(2).numpy().astype(np.float32)
+            z.reshape(len(z), z.shape[1], -1).mean(2).cpu().numpy().astype(np.float32)
         )
     pred = predict_mitigated(model, targets, thetas, probes)
     tensors["probe.x"] = probes
@@ -516,6 +489,14 @@ def _record(
             for f, sc in sweep.detection.target_scores.items()
         },
         "intrinsic": {} if sweep is None else {str(t): v for t, v in sweep.intrinsic.items()},
+        "sweep": {}
+        if sweep is None
+        else {
+            "exhaustive": sweep.weights is None,
+            "problems": sweep.problems,
+            "problem_steps": sweep.problem_steps,
+            "screen": sweep.screen,
+        },
     }
     header = {
         "tool": "bna-export",

@@ -14,6 +14,12 @@ alone. Families are scored separately; a pair is detected when it is an outlier 
 in *any* family (the defender does not know which family the trigger belongs to, and a trigger
 of one family can be invisible to the other: an additive chessboard has no small patch).
 
+Sampled pairs: when the sweep solved only some pairs (the screen of :mod:`bna_export.sweep`),
+each solved pair carries a weight, the number of pairs of the population it stands for (1 for a
+pair the screen chose, the inverse of the sampling rate for a random reference pair), and every
+median (of all pairs, of a source's row, of a target's column) is the weighted median: the
+estimate of the median over all pairs. Equal weights give ``np.median`` exactly.
+
 All-to-one rule: an all-to-one backdoor makes the trigger of *every* source to t small, each
 perhaps only a little, which a pair-by-pair test misses. The median over sources of a target's
 pair statistics, scored by MAD across targets with the same threshold, catches it; such a target
@@ -35,8 +41,33 @@ _MEDIAN_SE = math.sqrt(math.pi / 2)  # sd of a sample median = 1.2533·σ/√n (
 Normalise = Literal["source", "none"]
 
 
-def mad_scores(stats: np.ndarray, consistency: float = 1.4826) -> np.ndarray:
-    """Anomaly score of every statistic (any shape; the median is over all of them).
+def weighted_median(values: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """The median of ``values`` (1-D, no NaN), each counted ``weights`` times (None: once).
+
+    The midpoint of the values where the cumulative weight crosses half the total; where it
+    reaches exactly half, the mean of that value and the next (so equal weights give
+    ``np.median``: the mean of the two middle values for an even count)."""
+    v = np.asarray(values, dtype=np.float64)
+    if weights is None:
+        return float(np.median(v))
+    order = np.argsort(v, kind="stable")
+    v, c = v[order], np.cumsum(np.asarray(weights, dtype=np.float64)[order])
+    half = c[-1] / 2
+    i = int(np.searchsorted(c, half * (1 - 1e-12), "left"))
+    if i + 1 < len(v) and np.isclose(c[i], half, rtol=1e-9, atol=0.0):
+        return float((v[i] + v[i + 1]) / 2)
+    return float(v[i])
+
+
+def _select(weights: np.ndarray | None, mask: np.ndarray) -> np.ndarray | None:
+    return None if weights is None else np.asarray(weights, dtype=np.float64)[mask]
+
+
+def mad_scores(
+    stats: np.ndarray, consistency: float = 1.4826, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """Anomaly score of every statistic (any shape; the median is over all of them, weighted
+    by ``weights`` of the same shape when given).
 
     NaN entries are left out of the median and score NaN. When MAD = 0 (more than half the
     statistics equal), a statistic equal to the median scores 0 and any other scores +inf: it is
@@ -46,15 +77,20 @@ def mad_scores(stats: np.ndarray, consistency: float = 1.4826) -> np.ndarray:
     finite = ~np.isnan(s)
     if not finite.any():
         return s.copy()
-    dev = np.abs(s - np.median(s[finite]))
-    mad = float(np.median(dev[finite])) * consistency
+    w = _select(weights, finite)
+    dev = np.abs(s - weighted_median(s[finite], w))
+    mad = weighted_median(dev[finite], w) * consistency
     if mad == 0.0:
         return np.where(np.isnan(s), np.nan, np.where(dev == 0.0, 0.0, np.inf))
     return dev / mad
 
 
 def outliers(
-    stats: np.ndarray, scores: np.ndarray, threshold: float, side: Side = "large"
+    stats: np.ndarray,
+    scores: np.ndarray,
+    threshold: float,
+    side: Side = "large",
+    weights: np.ndarray | None = None,
 ) -> np.ndarray:
     """Boolean mask of statistics whose score exceeds ``threshold`` on the given side of the
     median ('large' for reciprocal trigger sizes: a small trigger is a large statistic)."""
@@ -63,19 +99,34 @@ def outliers(
     finite = ~np.isnan(s)
     if not finite.any() or side == "both":
         return over
-    med = np.median(s[finite])
+    med = weighted_median(s[finite], _select(weights, finite))
     return over & (s > med if side == "large" else s < med)
 
 
-def pair_statistics(sizes: np.ndarray, normalise: Normalise = "source") -> np.ndarray:
+def _row_medians(z: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """Weighted median of every row's non-NaN entries, [K, K] -> [K, 1] (NaN: empty row)."""
+    out = np.full((z.shape[0], 1), np.nan)
+    for i, row in enumerate(z):
+        ok = ~np.isnan(row)
+        if ok.any():
+            out[i, 0] = weighted_median(row[ok], None if weights is None else weights[i][ok])
+    return out
+
+
+def pair_statistics(
+    sizes: np.ndarray, normalise: Normalise = "source", weights: np.ndarray | None = None
+) -> np.ndarray:
     """Detection statistic of every ordered pair from a [K, K] matrix of trigger sizes
     (row = source, column = target, NaN on the diagonal and for pairs not solved).
 
-    ``none``: 1 / size (the paper). ``source``: median over t' of size(s, t') / size(s, t).
+    ``none``: 1 / size (the paper). ``source``: median over t' of size(s, t') / size(s, t)
+    (weighted by ``weights`` when the pairs are a sample).
     """
     z = np.maximum(np.asarray(sizes, dtype=np.float64), 1e-12)  # NaN stays NaN
     if normalise == "none":
         return 1.0 / z
+    if weights is not None:
+        return _row_medians(z, np.asarray(weights, dtype=np.float64)) / z
     with warnings.catch_warnings():  # a source with no solved pair has an all-NaN row
         warnings.simplefilter("ignore", RuntimeWarning)
         row = np.nanmedian(z, axis=1, keepdims=True)  # (K, 1)
@@ -114,15 +165,20 @@ class Detection:
         return self.family[best]
 
 
-def target_statistics(stats: np.ndarray) -> np.ndarray:
+def target_statistics(stats: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """Per target, the median over sources of its pair statistics: [K, K] -> [K]. An
     all-to-one backdoor makes every source's trigger to t small, a natural easy pair one."""
+    if weights is not None:
+        st = np.asarray(stats, dtype=np.float64)
+        return _row_medians(st.T, np.asarray(weights, dtype=np.float64).T)[:, 0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmedian(np.asarray(stats, dtype=np.float64), axis=0)
 
 
-def target_scores(stats: np.ndarray, consistency: float = 1.4826) -> np.ndarray:
+def target_scores(
+    stats: np.ndarray, consistency: float = 1.4826, weights: np.ndarray | None = None
+) -> np.ndarray:
     """Anomaly score of every target's median pair statistic: [K, K] -> [K].
 
     The scale is the larger of the spread of the targets' medians (MAD across targets) and
@@ -131,15 +187,20 @@ def target_scores(stats: np.ndarray, consistency: float = 1.4826) -> np.ndarray:
     a small wobble look like an attack.
     """
     st = np.asarray(stats, dtype=np.float64)
-    ts = target_statistics(st)
+    ts = target_statistics(st, weights)
     finite = ~np.isnan(ts)
     out = np.full(ts.shape, np.nan)
     if not finite.any():
         return out
     dev = np.abs(ts - np.median(ts[finite]))
     spread = consistency * float(np.median(dev[finite]))
-    pairs = st[~np.isnan(st)]
-    sigma = consistency * float(np.median(np.abs(pairs - np.median(pairs)))) if pairs.size else 0.0
+    solved = ~np.isnan(st)
+    pairs, w = st[solved], _select(weights, solved)
+    sigma = (
+        consistency * weighted_median(np.abs(pairs - weighted_median(pairs, w)), w)
+        if pairs.size
+        else 0.0
+    )
     n = np.maximum((~np.isnan(st)).sum(axis=0), 1)
     scale = np.maximum(spread, _MEDIAN_SE * sigma / np.sqrt(n))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -155,23 +216,26 @@ def detect_pairs(
     consistency: float = 1.4826,
     normalise: Normalise = "source",
     target_rule: bool = True,
+    weights: Mapping[str, np.ndarray] | None = None,
 ) -> Detection:
     """Score every pair in every family and take the union of the outliers.
 
-    sizes: family -> [K, K] trigger sizes (NaN on the diagonal). With ``target_rule``, a target
-    whose median pair statistic is an outlier among the targets' (all-to-one rule) is detected
-    with every source.
+    sizes: family -> [K, K] trigger sizes (NaN on the diagonal and for pairs not solved);
+    ``weights``: family -> [K, K] the pairs each solved one stands for (None: every pair was
+    solved). With ``target_rule``, a target whose median pair statistic is an outlier among the
+    targets' (all-to-one rule) is detected with every solved source.
     """
     stats, scores, tscores, best, a2o = {}, {}, {}, {}, {}
     for fam, z in sizes.items():
-        st = pair_statistics(z, normalise)
-        sc = mad_scores(st, consistency)
+        w = None if weights is None else weights[fam]
+        st = pair_statistics(z, normalise, w)
+        sc = mad_scores(st, consistency, w)
         stats[fam], scores[fam] = st, sc
-        for s, t in np.argwhere(outliers(st, sc, threshold, "large")).tolist():
+        for s, t in np.argwhere(outliers(st, sc, threshold, "large", w)).tolist():
             if (s, t) not in best or sc[s, t] > scores[best[(s, t)]][s, t]:
                 best[(s, t)] = fam
-        ts = target_statistics(st)
-        tscores[fam] = target_scores(st, consistency)
+        ts = target_statistics(st, w)
+        tscores[fam] = target_scores(st, consistency, w)
         if target_rule:
             for t in np.flatnonzero(outliers(ts, tscores[fam], threshold, "large")).tolist():
                 if t not in a2o or tscores[fam][t] > tscores[a2o[t]][t]:

@@ -41,7 +41,30 @@ class Shard:
         return list(range(self.rank, n, self.world))
 
 
-def start(device: str = "cpu") -> Shard:
+def resolve_device(spec: str = "auto") -> torch.device:
+    """The device ``fit --device`` names: ``cpu``, ``cuda`` (this process's GPU: under
+    ``torchrun`` the one numbered by LOCAL_RANK, so one rank per GPU) or ``auto`` (CUDA when
+    PyTorch sees a GPU). ``cuda`` without one is a :class:`BadInputError`."""
+    if spec not in ("auto", "cpu", "cuda"):
+        raise BadInputError(f"--device {spec!r}: expected auto, cpu or cuda")
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise BadInputError(
+            "--device cuda: this PyTorch sees no CUDA GPU (a CPU build, or no driver); "
+            "use --device cpu or auto"
+        )
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if local >= torch.cuda.device_count():
+        raise BadInputError(
+            f"--device cuda: rank {local} needs GPU {local} but "
+            f"{torch.cuda.device_count()} are visible; start one rank per GPU"
+        )
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
+def start(device: torch.device | str = "cpu") -> Shard:
     """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1): gloo on CPU,
     nccl on CUDA. A plain launch is rank 0 of 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -50,7 +73,7 @@ def start(device: str = "cpu") -> Shard:
     if not dist.is_available():
         raise BadInputError("this PyTorch build has no torch.distributed; run without torchrun")
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group(backend="nccl" if str(device).startswith("cuda") else "gloo")
     return Shard(dist.get_rank(), dist.get_world_size())
 
 
@@ -98,8 +121,11 @@ def solve(
         if est.mask is not None:
             masks[i] = torch.from_numpy(est.mask)
         patterns[i] = torch.from_numpy(est.pattern)
+    dev = model.device  # nccl reduces tensors on the GPU, gloo on the CPU
+    numbers, masks, patterns = (t.to(dev) for t in (numbers, masks, patterns))
     for t in (numbers, masks, patterns):
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    numbers, masks, patterns = (t.cpu() for t in (numbers, masks, patterns))
     return [
         TriggerEstimate(
             problem=p,

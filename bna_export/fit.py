@@ -4,16 +4,20 @@ of the mitigated classifier.
 For target t, p is the soft histogram of f's BN output on the clean images of S(t), q that of g_t's
 BN output on the same images with t's estimated trigger(s) embedded; Θ_t minimises Σ D(p || q)
 over every BN channel (a conv channel's spatial positions are samples of one distribution), plus
-an optional cross-entropy keeping g_t's answer t on clean images of t. All targets are fitted in
-one batch: each sample carries the index of the target whose Θ it runs under.
+the cross-entropy terms of :class:`~bna_export.settings.FitSettings`. All targets are fitted in
+one batch (each sample carries the index of the target whose Θ it runs under), and every layer's
+histograms in one call, each from a bounded subsample (:mod:`bna_export.statistics`).
 
 Parametrisation (for Adam's step size to mean the same in every channel): µ = µ₀ + σ₀·a,
 σ = σ₀·exp(s), with µ₀, σ₀ = f's running mean and √(var + ε); υ, ω in normalised units.
+
+One fit is: the clean statistics (:func:`~bna_export.statistics.clean_statistics`), the start
+of the parameters (:class:`_Parameters`), the image sets each step draws from
+(:class:`_Variants`, :func:`_draws`), and the loss of a step (:func:`_step_loss`).
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -22,10 +26,11 @@ import torch
 from torch import Tensor
 
 from .data import Dataset
-from .histogram import bin_layout, divergence, normalise, soft_histogram
+from .histogram import divergence, normalise, soft_histogram
 from .model import BnaModel
 from .reverse import TriggerEstimate
 from .settings import FitSettings, HistogramSettings
+from .statistics import CleanStatistics, Table, clean_statistics, sample_blocks
 
 Progress = Callable[[int, int], None]
 
@@ -39,30 +44,6 @@ class FitResult:
     history: list[float] = field(default_factory=list)
 
 
-def _forward_captured(model: BnaModel, x: Tensor, batch: int, inputs: bool) -> list[Tensor]:
-    outs: list[list[Tensor]] = [[] for _ in model.layers]
-    with torch.no_grad():
-        for xb in torch.split(x, batch):
-            with model.capturing(inputs=inputs) as cap:
-                model(xb)
-            for acc, got in zip(outs, cap, strict=True):
-                acc.append(got[0])
-    return [torch.cat(o) for o in outs]
-
-
-def _channels_last(a: Tensor) -> Tensor:
-    """(N, C, *S) -> (C, N·S): every spatial position is a sample of its channel."""
-    return a.transpose(0, 1).reshape(a.shape[1], -1)
-
-
-def _rows(route: Tensor, a: Tensor) -> Tensor:
-    """Row index route·C + c of every element of a: (N, C, *S), flattened like a."""
-    c = a.shape[1]
-    shape = (a.shape[0], c) + (1,) * (a.dim() - 2)
-    r = route.view(-1, *([1] * (a.dim() - 1))) * c + torch.arange(c).view(1, c, *shape[2:])
-    return r.expand_as(a).reshape(-1)
-
-
 def _jitter(x: Tensor, pixels: int, rng: np.random.Generator) -> Tensor:
     """Shift each image by up to ``pixels`` in each direction (edge-replicated): augmentation
     so the few clean target images generalise. x: (N, C, H, W)."""
@@ -70,16 +51,184 @@ def _jitter(x: Tensor, pixels: int, rng: np.random.Generator) -> Tensor:
         return x
     n, _, h, w = x.shape
     pad = torch.nn.functional.pad(x, (pixels,) * 4, mode="replicate")
-    dy = torch.from_numpy(rng.integers(0, 2 * pixels + 1, n))
-    dx = torch.from_numpy(rng.integers(0, 2 * pixels + 1, n))
-    rows = (
-        (dy[:, None] + torch.arange(h)[None])
-        .view(n, 1, h, 1)
-        .expand(n, x.shape[1], h, w + 2 * pixels)
-    )
+    dy = torch.from_numpy(rng.integers(0, 2 * pixels + 1, n)).to(x.device)
+    dx = torch.from_numpy(rng.integers(0, 2 * pixels + 1, n)).to(x.device)
+    ar_h, ar_w = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    rows = (dy[:, None] + ar_h[None]).view(n, 1, h, 1).expand(n, x.shape[1], h, w + 2 * pixels)
     out = pad.gather(2, rows)
-    cols = (dx[:, None] + torch.arange(w)[None]).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
+    cols = (dx[:, None] + ar_w[None]).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
     return out.gather(3, cols)
+
+
+class _Variants:
+    """Every way an image is shown to the fit, stacked so that a batch embeds them in one op:
+    x' = clip((1 − m)·x + m·p + v, lo, hi). Variant 0 is the clean image; then each estimate
+    of each target at each scale (a patch sets m and p, a perturbation v)."""
+
+    def __init__(
+        self,
+        targets: Sequence[int],
+        triggers: dict[int, Sequence[TriggerEstimate]],
+        settings: FitSettings,
+        shape: tuple[int, int, int],
+        input_range: tuple[float, float],
+    ) -> None:
+        _, h, w = shape
+        self.lo, self.hi = input_range
+        masks, patterns, adds = [np.zeros((1, h, w))], [np.zeros(shape)], [np.zeros(shape)]
+        index: dict[tuple[int, float], int] = {}
+
+        def variant(est: TriggerEstimate, scale: float) -> int:
+            key = (id(est), scale)
+            if key not in index:
+                index[key] = len(masks)
+                if est.mask is not None:
+                    masks.append(np.clip(est.mask * scale, 0, 1)[None])
+                    patterns.append(est.pattern)
+                    adds.append(np.zeros(shape))
+                else:
+                    masks.append(np.zeros((1, h, w)))
+                    patterns.append(np.zeros(shape))
+                    adds.append(scale * est.pattern)
+            return index[key]
+
+        self.triggered = [
+            [variant(e, s) for e in triggers[t] for s in settings.trigger_scales] for t in targets
+        ]
+        self.keep = [
+            [0] + ([variant(e, 1.0) for e in triggers[t]] if settings.target_triggered else [])
+            for t in targets
+        ]
+        self.mask = torch.from_numpy(np.stack(masks).astype(np.float32))
+        self.pattern = torch.from_numpy(np.stack(patterns).astype(np.float32))
+        self.add = torch.from_numpy(np.stack(adds).astype(np.float32))
+
+    def to(self, device: torch.device) -> _Variants:
+        self.mask, self.pattern, self.add = (
+            t.to(device) for t in (self.mask, self.pattern, self.add)
+        )
+        return self
+
+    def apply(self, x: Tensor, which: Tensor) -> Tensor:
+        """x: (N, C, H, W) with variant ``which`` [N] embedded."""
+        m = self.mask[which]
+        out = (1 - m) * x + m * self.pattern[which] + self.add[which]
+        return torch.clamp(out, self.lo, self.hi)
+
+
+def _draws(
+    pools: Sequence[np.ndarray],
+    choices: Sequence[Sequence[int]],
+    length: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One pass: per target (row), its pool of images in a fresh random order, each with a
+    random one of its ``choices``, cycled to ``length``. Returns images and variants (T, L)."""
+    sizes = np.array([len(p) for p in pools])
+    keys = rng.random((len(pools), int(sizes.max())))
+    keys[np.arange(keys.shape[1])[None, :] >= sizes[:, None]] = np.inf
+    order = np.argsort(keys, axis=1, kind="stable")
+    pos = order[np.arange(len(pools))[:, None], np.arange(length)[None, :] % sizes[:, None]]
+    width = max(len(c) for c in choices)
+    table = np.array([list(c) + [c[0]] * (width - len(c)) for c in choices])
+    n_choice = np.array([len(c) for c in choices])
+    pick = np.floor(rng.random((len(pools), length)) * n_choice[:, None]).astype(np.int64)
+    padded = np.array([np.pad(p, (0, int(sizes.max()) - len(p))) for p in pools])
+    rows = np.arange(len(pools))[:, None]
+    return padded[rows, pos], table[rows, pick]
+
+
+class _Parameters:
+    """Θ of every layer as learnable tensors: a, s ([T, C], µ = µ₀ + σ₀·a, σ = σ₀·eˢ) and the
+    clip bounds υ, ω ([T, C], normalised units), started at f and the clean clip range."""
+
+    def __init__(
+        self,
+        model: BnaModel,
+        clean: CleanStatistics,
+        n_targets: int,
+        settings: FitSettings,
+    ) -> None:
+        dev = model.device
+        self.base = [la.f_theta().to(dev) for la in model.layers]  # (4, C)
+        self.a = [torch.zeros(n_targets, la.channels, device=dev) for la in model.layers]
+        self.s = [torch.zeros(n_targets, la.channels, device=dev) for la in model.layers]
+        if settings.clip_init == "clean":
+            lows, highs = clean.clip_lo, clean.clip_hi
+        else:
+            lows = [torch.full((la.channels,), -settings.wide_clip) for la in model.layers]
+            highs = [torch.full((la.channels,), settings.wide_clip) for la in model.layers]
+        self.lo = [v.to(dev).repeat(n_targets, 1) for v in lows]
+        self.hi = [v.to(dev).repeat(n_targets, 1) for v in highs]
+        self.learned = self.lo + self.hi + (self.a + self.s if settings.learn == "all" else [])
+        for p in self.learned:
+            p.requires_grad_(True)
+
+    def thetas(self) -> list[Tensor]:
+        """Per layer [T, 4, C]: µ, σ, υ, ω."""
+        return [
+            torch.stack([b[0] + b[1] * a, b[1] * torch.exp(s), lo, hi], 1)
+            for b, a, s, lo, hi in zip(self.base, self.a, self.s, self.lo, self.hi, strict=True)
+        ]
+
+    def keep_ordered(self) -> None:
+        """σ stays positive through exp; keep υ ≤ ω."""
+        with torch.no_grad():
+            for lo, hi in zip(self.lo, self.hi, strict=True):
+                low = torch.minimum(lo, hi)
+                hi.copy_(torch.maximum(lo, hi))
+                lo.copy_(low)
+
+
+def _q_divergence(
+    captured: list[list[Tensor]],
+    table: Table,
+    n_targets: int,
+    settings: FitSettings,
+    hist: HistogramSettings,
+    gen: torch.Generator,
+) -> Tensor:
+    """Σ over every layer, target and channel of D(p || q), q from the captured BN outputs of
+    a step (``n_targets`` equal blocks of images), all layers in one histogram call."""
+    values, rows, totals = [], [], []
+    for li, outs in enumerate(captured):
+        v = sample_blocks(outs[0], n_targets, settings.samples_per_channel, gen)  # (T, M, C)
+        t_idx = torch.arange(n_targets, device=v.device)[:, None, None]
+        c_idx = torch.arange(v.shape[2], device=v.device)[None, None, :]
+        values.append(v.reshape(-1))
+        rows.append((table.offset[li] + t_idx * v.shape[2] + c_idx).expand_as(v).reshape(-1))
+        totals.append(torch.full((n_targets * v.shape[2],), v.shape[1], device=v.device))
+    counts = soft_histogram(torch.cat(values), torch.cat(rows), table.lo, table.nbins, hist)
+    q = normalise(counts, torch.cat(totals))
+    return divergence(table.p, q, settings.divergence, settings.kl_eps).sum()
+
+
+def _keep_target(
+    model: BnaModel,
+    thetas: list[Tensor],
+    x_all: Tensor,
+    variants: _Variants,
+    tgt: Sequence[np.ndarray],
+    which: Tensor,
+    per_target: int,
+    rng: np.random.Generator,
+    settings: FitSettings,
+) -> Tensor:
+    """g_t's logits on ``per_target`` clean images of each target t, each plain or with one of
+    t's estimated triggers (``which`` indexes each target's (image, variant) pairs, image-major),
+    shifted by up to ``settings.jitter`` pixels."""
+    n_keep = torch.tensor([len(k) for k in variants.keep])
+    route = torch.arange(len(tgt)).repeat_interleave(per_target)
+    image = which // n_keep[route]
+    width = max(len(k) for k in variants.keep)
+    keep = torch.tensor([list(k) + [0] * (width - len(k)) for k in variants.keep])
+    var = keep[route, which % n_keep[route]]
+    size = max(len(t) for t in tgt)
+    pools = torch.tensor(np.stack([np.pad(t, (0, size - len(t))) for t in tgt]))
+    dev = x_all.device
+    x = variants.apply(x_all[pools[route, image].to(dev)], var.to(dev))
+    with model.mitigated(thetas, route.to(dev)):
+        return model(_jitter(x, settings.jitter, rng))
 
 
 def fit_thetas(
@@ -93,153 +242,93 @@ def fit_thetas(
     hist: HistogramSettings = HistogramSettings(),
     seed: int = 0,
     progress: Progress | None = None,
-    eval_batch: int = 256,
 ) -> FitResult:
-    """Fit Θ_t for every t in ``targets`` (sources S(t), triggers used to build q)."""
-    lo_x, hi_x = input_range
-    n_t = len(targets)
-    rng = np.random.default_rng(seed)
-    x_all = torch.from_numpy(data.x)
-
-    # Clean statistics: pre-normalisation z for the clip start, f's outputs for p and the bins.
-    z_clean = _forward_captured(model, x_all, eval_batch, inputs=True)
-    out_clean = _forward_captured(model, x_all, eval_batch, inputs=False)
-    layers = model.layers
-    src_idx = [torch.from_numpy(data.of_classes(list(sources[t]))) for t in targets]
-    tgt_idx = [torch.from_numpy(data.of_classes([t])) for t in targets]
-
-    bins_lo, bins_n, p_hist = [], [], []
-    for out in out_clean:
-        c = out.shape[1]
-        lows, highs, ps, ns = [], [], [], []
-        for idx in src_idx:
-            vals = _channels_last(out[idx])  # (C, n·S)
-            lows.append(vals.min(1).values)
-            highs.append(vals.max(1).values)
-        lo_r, hi_r = torch.cat(lows), torch.cat(highs)  # (T·C,)
-        n_r = bin_layout(lo_r, hi_r, hist.bin_width)
-        for ti, idx in enumerate(src_idx):
-            a = out[idx]
-            rows = _rows(torch.full((a.shape[0],), ti), a)
-            ps.append(a.reshape(-1))
-            ns.append(rows)
-        counts = soft_histogram(torch.cat(ps), torch.cat(ns), lo_r, n_r, hist)
-        totals = torch.bincount(torch.cat(ns), minlength=n_t * c)
-        bins_lo.append(lo_r)
-        bins_n.append(n_r)
-        p_hist.append(normalise(counts, totals))
-
-    # Θ parameters per layer: a, s: (T, C) start at f; υ, ω start at the clean range.
-    base = [la.f_theta() for la in layers]  # (4, C)
-    a_par = [torch.zeros(n_t, la.channels, requires_grad=True) for la in layers]
-    s_par = [torch.zeros(n_t, la.channels, requires_grad=True) for la in layers]
-    clip_lo, clip_hi = [], []
-    for la, z, b in zip(layers, z_clean, base, strict=True):
-        if settings.clip_init == "clean":
-            zn = _channels_last(
-                (z - b[0].view(1, -1, *[1] * (z.dim() - 2)))
-                / b[1].view(1, -1, *[1] * (z.dim() - 2))
-            )
-            lo_c, hi_c = zn.min(1).values, zn.max(1).values
-        else:
-            lo_c = torch.full((la.channels,), -settings.wide_clip)
-            hi_c = torch.full((la.channels,), settings.wide_clip)
-        clip_lo.append(lo_c.repeat(n_t, 1).requires_grad_(True))
-        clip_hi.append(hi_c.repeat(n_t, 1).requires_grad_(True))
-    params = clip_lo + clip_hi
-    if settings.learn == "all":
-        params = a_par + s_par + params
-    opt = torch.optim.Adam(params, lr=settings.lr)
-
-    def thetas() -> list[Tensor]:
+    """Fit Θ_t for every t in ``targets`` (sources S(t), triggers used to build q), at most
+    ``settings.targets_per_pass`` targets at a time (each group seeded by its place)."""
+    group = settings.targets_per_pass
+    if len(targets) > group:
+        parts = [list(targets[i : i + group]) for i in range(0, len(targets), group)]
         out = []
-        for b, a, s, lo_c, hi_c in zip(base, a_par, s_par, clip_lo, clip_hi, strict=True):
-            mu = b[0] + b[1] * a
-            sigma = b[1] * torch.exp(s)
-            out.append(torch.stack([mu, sigma, lo_c, hi_c], 1))  # (T, 4, C)
-        return out
+        for j, part in enumerate(parts):
+            report = None
+            if progress is not None:
 
-    # Triggered source images per target: every clean source image with every trigger of t.
-    trig_x, trig_route, trig_y = [], [], []
-    y_all = torch.from_numpy(data.y)
-    with torch.no_grad():
-        for ti, t in enumerate(targets):
-            for est, scale in itertools.product(triggers[t], settings.trigger_scales):
-                trig_x.append(est.apply(x_all[src_idx[ti]], lo_x, hi_x, scale))
-                trig_route.append(torch.full((len(src_idx[ti]),), ti))
-                trig_y.append(y_all[src_idx[ti]])
-    per_target = [torch.nonzero(torch.cat(trig_route) == ti).flatten() for ti in range(n_t)]
-    trig_x_all, trig_route_all = torch.cat(trig_x), torch.cat(trig_route)
-    trig_y_all = torch.cat(trig_y)
+                def report(done: int, total: int, j: int = j) -> None:
+                    progress(j * total + done, total * len(parts))
+
+            out.append(
+                fit_thetas(
+                    model,
+                    data,
+                    part,
+                    sources,
+                    triggers,
+                    input_range,
+                    settings,
+                    hist,
+                    seed + j,
+                    report,
+                )
+            )
+        thetas = [torch.cat([r.thetas[i] for r in out]) for i in range(len(out[0].thetas))]
+        history = [float(sum(h)) for h in zip(*(r.history for r in out), strict=True)]
+        return FitResult(list(targets), thetas, history)
+    n_t, dev = len(targets), model.device
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    clean = clean_statistics(model, data, [sources[t] for t in targets], settings, hist, gen)
+    params = _Parameters(model, clean, n_t, settings)
+    opt = torch.optim.Adam(params.learned, lr=settings.lr)
+    variants = _Variants(targets, triggers, settings, data.x.shape[1:], input_range).to(dev)
+    x_all, y_all = torch.from_numpy(data.x).to(dev), torch.from_numpy(data.y).to(dev)
+    src = [data.of_classes(list(sources[t])) for t in targets]
+    tgt = [data.of_classes([t]) for t in targets]
+    keep_pairs = [  # every (clean image of t, keep variant) pair, as a flat pool per target
+        np.arange(len(i) * len(k)) for i, k in zip(tgt, variants.keep, strict=True)
+    ]
     b = settings.batch_size
-    steps_per_epoch = max(1, -(-max(len(p) for p in per_target) // b))
+    steps_per_epoch = max(1, -(-max(len(s) for s in src) // b))
+    tb = settings.target_batch or max(len(p) for p in keep_pairs)
+    target_label = torch.tensor(list(targets), device=dev)
     total = settings.epochs * steps_per_epoch
-    # Clean images of t (and, with target_triggered, t's images with t's triggers): g_t keeps t.
-    ce_parts, ce_routes = [], []
-    with torch.no_grad():
-        for ti, t in enumerate(targets):
-            ce_parts.append(x_all[tgt_idx[ti]])
-            if settings.target_triggered:
-                ce_parts += [e.apply(x_all[tgt_idx[ti]], lo_x, hi_x) for e in triggers[t]]
-            n_t_imgs = sum(len(p) for p in ce_parts) - sum(len(r) for r in ce_routes)
-            ce_routes.append(torch.full((n_t_imgs,), ti))
-    ce_x, ce_route = torch.cat(ce_parts), torch.cat(ce_routes)
-    ce_y = torch.tensor(targets, dtype=torch.int64)[ce_route]
-    keep_idx = torch.cat(src_idx)
-    keep_route = torch.cat([torch.full((len(s),), ti) for ti, s in enumerate(src_idx)])
-    keep_x, keep_y = x_all[keep_idx], torch.from_numpy(data.y)[keep_idx]
     history: list[float] = []
     step = 0
     for _ in range(settings.epochs):
-        perms = [p[torch.from_numpy(rng.permutation(len(p)))] for p in per_target]
+        img, var = _draws(src, variants.triggered, steps_per_epoch * b, rng)
+        pair, _ = _draws(keep_pairs, [[0]] * n_t, steps_per_epoch * tb, rng)
         epoch_loss = 0.0
         for k in range(steps_per_epoch):
-            # b images per target, cycling through that target's permutation.
-            sel = torch.cat([pm[(torch.arange(b) + k * b) % len(pm)] for pm in perms])
-            xb, rb = trig_x_all[sel], trig_route_all[sel]
-            th = thetas()
-            with model.mitigated(th, rb), model.capturing() as cap:
-                logits_b = model(xb)
-            loss = torch.zeros(())
+            cut = slice(k * b, (k + 1) * b)
+            sel = torch.from_numpy(img[:, cut].reshape(-1)).to(dev)
+            xb = variants.apply(x_all[sel], torch.from_numpy(var[:, cut].reshape(-1)).to(dev))
+            route = torch.arange(n_t, device=dev).repeat_interleave(b)
+            th = params.thetas()
+            with model.mitigated(th, route), model.capturing() as cap:
+                logits = model(xb)
+            loss = _q_divergence(cap, clean.table, n_t, settings, hist, gen)
             if settings.source_ce_weight > 0:
-                loss = loss + settings.source_ce_weight * torch.nn.functional.cross_entropy(
-                    logits_b, trig_y_all[sel]
-                )
-            for li, outs in enumerate(cap):
-                a = outs[0]
-                rows = _rows(rb, a)
-                counts = soft_histogram(a.reshape(-1), rows, bins_lo[li], bins_n[li], hist)
-                totals = torch.bincount(rows, minlength=counts.shape[0])
-                q = normalise(counts, totals)
-                d = divergence(p_hist[li], q, settings.divergence, settings.kl_eps)
-                loss = loss + (d * (totals > 0)).sum()
-            if settings.target_ce_weight > 0 and len(ce_x):
-                with model.mitigated(th, ce_route):
-                    logits = model(_jitter(ce_x, settings.jitter, rng))
-                loss = loss + settings.target_ce_weight * torch.nn.functional.cross_entropy(
-                    logits, ce_y
-                )
+                ce = torch.nn.functional.cross_entropy(logits, y_all[sel])
+                loss = loss + settings.source_ce_weight * ce
+            if settings.target_ce_weight > 0:
+                which = torch.from_numpy(pair[:, k * tb : (k + 1) * tb].reshape(-1))
+                logits_t = _keep_target(model, th, x_all, variants, tgt, which, tb, rng, settings)
+                ce = torch.nn.functional.cross_entropy(logits_t, target_label.repeat_interleave(tb))
+                loss = loss + settings.target_ce_weight * ce
             if settings.clean_ce_weight > 0:
-                with model.mitigated(th, keep_route):
-                    logits = model(keep_x)
-                loss = loss + settings.clean_ce_weight * torch.nn.functional.cross_entropy(
-                    logits, keep_y
-                )
+                with model.mitigated(th, route):
+                    ce = torch.nn.functional.cross_entropy(model(x_all[sel]), y_all[sel])
+                loss = loss + settings.clean_ce_weight * ce
             opt.zero_grad()
             loss.backward()
             opt.step()
-            with torch.no_grad():  # σ stays positive through exp; keep υ ≤ ω
-                for lo_c, hi_c in zip(clip_lo, clip_hi, strict=True):
-                    mid = torch.minimum(lo_c, hi_c)
-                    hi_c.copy_(torch.maximum(lo_c, hi_c))
-                    lo_c.copy_(mid)
+            params.keep_ordered()
             epoch_loss += float(loss.detach())
             step += 1
             if progress is not None:
                 progress(step, total)
         history.append(epoch_loss / steps_per_epoch)
     with torch.no_grad():
-        final = [t.detach().clone() for t in thetas()]
+        final = [t.detach().cpu().clone() for t in params.thetas()]
     return FitResult(list(targets), final, history)
 
 
@@ -262,25 +351,28 @@ def predict_mitigated(
     """The mitigated classifier (design step 3), in PyTorch: f first; samples that f sends to a
     target t run g_t; a sample whose g_t answer differs from t is flagged and answered by g_t."""
     labels, flags, logits = [], [], []
-    lut = torch.full((max([*targets, 0]) + 1,), -1, dtype=torch.int64)
+    dev = model.device
+    lut = torch.full((max([*targets, 0]) + 1,), -1, dtype=torch.int64, device=dev)
     for ti, t in enumerate(targets):
         lut[t] = ti
+    thetas = None if thetas is None else [t.to(dev) for t in thetas]
     with torch.no_grad():
         for xb in torch.split(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), batch):
+            xb = xb.to(dev)
             lf = model(xb)
             y = lf.argmax(1)
             route = torch.where(y < lut.numel(), lut[y.clamp_max(lut.numel() - 1)], -1)
             routed = torch.nonzero(route >= 0).flatten()
-            out, flag = lf.clone(), torch.zeros(len(y), dtype=torch.bool)
+            out, flag = lf.clone(), torch.zeros(len(y), dtype=torch.bool, device=dev)
             if targets and thetas is not None and routed.numel():
                 with model.mitigated(thetas, route[routed]):
                     lg = model(xb[routed])
                 changed = lg.argmax(1) != y[routed]
                 flag[routed] = changed
                 out[routed[changed]] = lg[changed]
-            labels.append(out.argmax(1))
-            flags.append(flag)
-            logits.append(out)
+            labels.append(out.argmax(1).cpu())
+            flags.append(flag.cpu())
+            logits.append(out.cpu())
     return Prediction(
         torch.cat(labels).numpy(), torch.cat(flags).numpy(), torch.cat(logits).numpy()
     )
@@ -290,16 +382,18 @@ def g_logits(
     model: BnaModel, thetas: Sequence[Tensor], n_targets: int, x: np.ndarray, batch: int = 256
 ) -> np.ndarray:
     """Every g_t's logits on x: [T, N, K] (for the fit file's probes)."""
+    dev = model.device
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    thetas = [t.to(dev) for t in thetas]
     out = []
     with torch.no_grad():
         for ti in range(n_targets):
             parts = []
             for xb in torch.split(xt, batch):
-                with model.mitigated(thetas, torch.full((len(xb),), ti)):
-                    parts.append(model(xb))
+                with model.mitigated(thetas, torch.full((len(xb),), ti, device=dev)):
+                    parts.append(model(xb.to(dev)).cpu())
             out.append(torch.cat(parts))
     if not out:  # no target: an empty [0, N, K]
         with torch.no_grad():
-            return np.zeros((0, len(xt), model(xt[:1]).shape[1]), dtype=np.float32)
+            return np.zeros((0, len(xt), model(xt[:1].to(dev)).shape[1]), dtype=np.float32)
     return torch.stack(out).numpy()

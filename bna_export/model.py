@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import itertools
 import logging
 import os
 import re
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ModelError
+from .norm import BnaNorm
 
 log = logging.getLogger(__name__)
 
@@ -37,94 +39,6 @@ _BN_OPS = {
 }
 
 
-class BnaNorm(nn.Module):
-    """One BatchNorm of f with optional per-sample replacement of its normalisation.
-
-    Buffers hold f's running mean/var and affine γ, β (shape [C]). ``theta`` is None (plain f) or
-    [T, 4, C] holding (µ, σ, υ, ω) per target; ``route`` is None or [N] int64 with -1 for f.
-    ``capture`` (a list or None) receives this layer's output when set. A ``measured`` layer
-    stands for a BN that is not in the graph (folded into a Conv/Gemm, or none): its statistics
-    are the channel's mean and spread on clean data (mean = bias = m, var = weight² = s², eps 0),
-    and f (route -1, or no θ) passes its input through unchanged.
-    """
-
-    def __init__(
-        self,
-        mean: Tensor,
-        var: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        eps: float,
-        name: str,
-        measured: bool = False,
-    ) -> None:
-        super().__init__()
-        c = mean.shape[0]
-        self.register_buffer("running_mean", mean.detach().clone().float())
-        self.register_buffer("running_var", var.detach().clone().float())
-        w = torch.ones(c) if weight is None else weight.detach().clone().float()
-        b = torch.zeros(c) if bias is None else bias.detach().clone().float()
-        self.register_buffer("weight", w)
-        self.register_buffer("bias", b)
-        self.eps = float(eps)
-        self.name = name
-        self.measured = measured
-        self.theta: Tensor | None = None
-        self.route: Tensor | None = None
-        self.capture_in: list[Tensor] | None = None
-        self.capture_out: list[Tensor] | None = None
-
-    @property
-    def channels(self) -> int:
-        return int(self.running_mean.shape[0])
-
-    def f_theta(self) -> Tensor:
-        """f's own normalisation as θ: µ = mean, σ = sqrt(var + eps), υ = -inf, ω = +inf. [4, C]"""
-        inf = torch.full_like(self.running_mean, float("inf"))
-        sigma = torch.sqrt(self.running_var + self.eps)
-        return torch.stack([self.running_mean, sigma, -inf, inf])
-
-    def set_statistics(self, mean: Tensor, spread: Tensor) -> None:
-        """A measured layer's statistics: per-channel mean m and spread s (> 0)."""
-        self.running_mean = mean.detach().clone().float()
-        self.running_var = spread.detach().clone().float() ** 2
-        self.weight = spread.detach().clone().float()
-        self.bias = mean.detach().clone().float()
-
-    def forward(self, z: Tensor) -> Tensor:
-        if self.capture_in is not None:
-            self.capture_in.append(z)
-        if self.theta is None or self.route is None:
-            if self.measured:
-                out = z
-            else:
-                out = nn.functional.batch_norm(
-                    z,
-                    self.running_mean,
-                    self.running_var,
-                    self.weight,
-                    self.bias,
-                    False,
-                    0.0,
-                    self.eps,
-                )
-        else:
-            full = torch.cat([self.theta, self.f_theta()[None]], 0)  # (T + 1, 4, C)
-            idx = torch.where(self.route < 0, self.theta.shape[0], self.route)
-            th = full[idx]  # (N, 4, C)
-            shape = (z.shape[0], z.shape[1]) + (1,) * (z.dim() - 2)
-            mu, sigma, lo, hi = (th[:, i].reshape(shape) for i in range(4))
-            h = torch.maximum(torch.minimum((z - mu) / sigma, hi), lo)
-            cshape = (1, z.shape[1]) + (1,) * (z.dim() - 2)
-            out = h * self.weight.reshape(cshape) + self.bias.reshape(cshape)
-            if self.measured:
-                keep = (self.route < 0).reshape((-1,) + (1,) * (z.dim() - 1))
-                out = torch.where(keep, z, out)
-        if self.capture_out is not None:
-            self.capture_out.append(out)
-        return out
-
-
 class BnaModel(nn.Module):
     """f with every BatchNorm as a :class:`BnaNorm`, in execution order."""
 
@@ -133,9 +47,17 @@ class BnaModel(nn.Module):
         self.net = net
         self.layers = list(layers)
         self.source = source  # "torch" (.pt2, module) or "onnx": how the layers were found
+        self.channels_last = False  # see use_channels_last
         for p in self.net.parameters():
             p.requires_grad_(False)
         self.train(False)
+
+    @property
+    def device(self) -> torch.device:
+        """Where f's tensors live (the device its first buffer or parameter is on)."""
+        for t in itertools.chain(self.net.buffers(), self.net.parameters()):
+            return t.device
+        return torch.device("cpu")
 
     def train(self, mode: bool = True) -> BnaModel:
         """Always eval: BNA never trains f (exported programs refuse .train()/.eval())."""
@@ -145,10 +67,36 @@ class BnaModel(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         out = self.net(x)
         if isinstance(out, (tuple, list)):
             out = out[0]
         return out
+
+    def use_channels_last(self, example: Tensor, enable: bool = True) -> bool:
+        """Run f in channels-last memory layout (oneDNN's and cuDNN's fast path for
+        convolutions) when ``enable`` and f gives the same logits on ``example`` that way (to
+        1e-4 of the largest); else keep the default layout. Returns whether it is on."""
+        self.channels_last = False
+        if not enable or example.dim() != 4:
+            return False
+        example = example.to(self.device)
+        with torch.no_grad():
+            plain = self(example)
+            self.net.to(memory_format=torch.channels_last)
+            self.channels_last = True
+            try:
+                fast = self(example)
+                same = fast.shape == plain.shape and bool(
+                    (fast - plain).abs().max() <= 1e-4 * plain.abs().max().clamp_min(1.0)
+                )
+            except (RuntimeError, ModelError):  # e.g. a .view() that needs the default layout
+                same = False
+        if not same:
+            self.net.to(memory_format=torch.contiguous_format)
+            self.channels_last = False
+        return self.channels_last
 
     @contextlib.contextmanager
     def mitigated(self, thetas: Sequence[Tensor], route: Tensor) -> Iterator[None]:
@@ -167,16 +115,27 @@ class BnaModel(nn.Module):
     def capturing(self, inputs: bool = False) -> Iterator[list[list[Tensor]]]:
         """Collect every layer's output (or input, pre-normalisation) during the block."""
         lists: list[list[Tensor]] = [[] for _ in self.layers]
+        versions: list[list[int]] = [[] for _ in self.layers]
         try:
-            for layer, buf in zip(self.layers, lists, strict=True):
+            for layer, buf, ver in zip(self.layers, lists, versions, strict=True):
                 if inputs:
-                    layer.capture_in = buf
+                    layer.capture_in, layer.versions_in = buf, ver
                 else:
-                    layer.capture_out = buf
+                    layer.capture_out, layer.versions_out = buf, ver
             yield lists
         finally:
             for layer in self.layers:
-                layer.capture_in = layer.capture_out = None
+                if inputs:
+                    layer.capture_in = None
+                else:
+                    layer.capture_out = None
+        for layer, buf, ver in zip(self.layers, lists, versions, strict=True):
+            if [t._version for t in buf] != ver:
+                raise ModelError(
+                    f"the model changes the output of BatchNorm {layer.name} in place (an "
+                    "in-place operation such as F.relu(x, inplace=True) in its forward): BNA "
+                    "needs it unchanged; use the out-of-place form"
+                )
 
 
 def _execution_order(net: nn.Module, layers: list[BnaNorm], example: Tensor) -> list[BnaNorm]:
@@ -199,8 +158,13 @@ def _execution_order(net: nn.Module, layers: list[BnaNorm], example: Tensor) -> 
 
 
 def adapt_module(net: nn.Module, example: Tensor) -> BnaModel:
-    """A copy of an eager module with every ``nn.BatchNorm*`` replaced by a :class:`BnaNorm`."""
+    """A copy of an eager module with every ``nn.BatchNorm*`` replaced by a :class:`BnaNorm`,
+    and its in-place activations (``nn.ReLU(inplace=True)``…) made out-of-place, so that a BN
+    output stays what BNA measured."""
     net = copy.deepcopy(net).eval()
+    for m in net.modules():
+        if isinstance(getattr(m, "inplace", None), bool):
+            m.inplace = False
     layers: list[BnaNorm] = []
     for parent_name, parent in list(net.named_modules()):
         for child_name, child in list(parent.named_children()):
@@ -213,12 +177,36 @@ def adapt_module(net: nn.Module, example: Tensor) -> BnaModel:
                 )
                 setattr(parent, child_name, bn)
                 layers.append(bn)
-    return _finish(net, layers, example)
+    others = any(isinstance(m, _OTHER_NORM_MODULES) for m in net.modules())
+    return _finish(net, layers, example, other_norms=others)
+
+
+OTHER_NORMS = (
+    "the model has no BatchNorm layer but normalises its activations another way (GroupNorm, "
+    "LayerNorm or InstanceNorm): BNA corrects BatchNorm statistics, so it cannot repair this "
+    "model"
+)
+"""The one answer every input form gives for a model normalised without BatchNorm."""
+_OTHER_NORM_OPS = {
+    "aten.group_norm.default",
+    "aten.native_group_norm.default",
+    "aten.layer_norm.default",
+    "aten.native_layer_norm.default",
+    "aten.instance_norm.default",
+}
+_OTHER_NORM_MODULES = (nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+_OTHER_NORM_ONNX = {"GroupNormalization", "LayerNormalization", "InstanceNormalization"}
 
 
 def _finish(
-    net: nn.Module, layers: list[BnaNorm], example: Tensor, source: str = "torch"
+    net: nn.Module,
+    layers: list[BnaNorm],
+    example: Tensor,
+    source: str = "torch",
+    other_norms: bool = False,
 ) -> BnaModel:
+    if not layers and other_norms:
+        raise ModelError(OTHER_NORMS)
     if not layers:
         raise ModelError("the model has no BatchNorm layer; BNA corrects BatchNorm statistics")
     try:
@@ -236,6 +224,29 @@ def _getattr_path(root: nn.Module, target: str) -> Tensor:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _out_of_place(graph: torch.fx.Graph) -> None:
+    """Rewrite in-place ATen calls (``aten.relu_``, ``aten.add_``…, which torch.export keeps
+    for ``inplace=True`` modules) as their out-of-place forms, later reads of the mutated
+    tensor taking the result: the same values, and a BN output no later node overwrites."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        name = target._schema.name.split("::")[-1]
+        if not name.endswith("_") or name.startswith("_") or not node.args:
+            continue
+        packet = getattr(torch.ops.aten, name[:-1], None)
+        functional = getattr(packet, target._overloadname, None) if packet else None
+        mutated = node.args[0]
+        if functional is None or not isinstance(mutated, torch.fx.Node):
+            continue
+        node.target = functional
+        for user in list(mutated.users):
+            if user is not node and order[user] > order[node]:
+                user.replace_input_with(mutated, node)
 
 
 def adapt_graph_module(gm: torch.fx.GraphModule, example: Tensor) -> BnaModel:
@@ -282,12 +293,14 @@ def adapt_graph_module(gm: torch.fx.GraphModule, example: Tensor) -> BnaModel:
                 elif user.users:
                     raise ModelError(f"BatchNorm {node.name}: statistics outputs are used")
         layers.append(bn)
+    _out_of_place(graph)
+    others = any(str(n.target) in _OTHER_NORM_OPS for n in graph.nodes)
     graph.eliminate_dead_code()
     for node in list(graph.nodes):  # guards pin the traced input shape; BNA runs other batches
         if node.op == "call_module" and str(node.target) == "_guards_fn":
             graph.erase_node(node)
     gm.recompile()
-    return _finish(gm, layers, example)
+    return _finish(gm, layers, example, other_norms=others)
 
 
 class _Moments(nn.Module):
@@ -355,6 +368,9 @@ def adapt_onnx(path: str | Path, example: Tensor, calibration: Tensor | None = N
     from .graph.to_torch import OnnxModule, bn_sites
 
     model = ir.from_proto(load_proto(path))
+    ops = {node.op_type for node in model.graph}
+    if ops & _OTHER_NORM_ONNX and "BatchNormalization" not in ops:
+        raise ModelError(OTHER_NORMS)  # a Conv/Gemm site would carry no BN statistic
     sites = bn_sites(model.graph)
     measured = [v.name for v in sites if v.producer().op_type != "BatchNormalization"]
     stats: dict[str, tuple[Tensor, Tensor]] = {}
@@ -384,16 +400,30 @@ def adapt_onnx(path: str | Path, example: Tensor, calibration: Tensor | None = N
 
 
 def load_model(
-    spec: str, weights: str | Path | None, example: Tensor, calibration: Tensor | None = None
+    spec: str,
+    weights: str | Path | None,
+    example: Tensor,
+    calibration: Tensor | None = None,
+    device: torch.device | str = "cpu",
 ) -> BnaModel:
     """Load a classifier from a ``.pt2`` file, an ``.onnx`` file, or ``package.module:callable``
-    (+ ``weights``).
+    (+ ``weights``), on ``device``.
 
     ``example`` is one input batch used to order layers and check that the model runs;
     ``calibration`` (clean images) measures the channels of an ONNX model's Conv/Gemm outputs.
     Nothing is unpickled: ``torch.export.load``, ONNX protobuf (external data only from the
     model's folder) and ``torch.load(weights_only=True)`` only.
     """
+    return _load(spec, weights, example, calibration, torch.device(device)).to(device)
+
+
+def _load(
+    spec: str,
+    weights: str | Path | None,
+    example: Tensor,
+    calibration: Tensor | None,
+    device: torch.device,
+) -> BnaModel:
     path = Path(spec)
     if spec.endswith(".pt2"):
         if not path.is_file():
@@ -401,13 +431,15 @@ def load_model(
         try:
             with weights_only():
                 ep = torch.export.load(str(path))
+                if device.type != "cpu":  # device arguments recorded in the graph move too
+                    ep = torch.export.passes.move_to_device_pass(ep, device)
                 gm = ep.module()
         except Exception as exc:
             raise ModelError(
                 f"{spec} is not a readable torch.export archive, or holds pickled objects "
                 f"that are not plain tensors ({type(exc).__name__})"
             ) from exc
-        return adapt_graph_module(gm, example)
+        return adapt_graph_module(gm, example.to(device))
     if spec.endswith(".onnx"):
         if weights is not None:
             raise ModelError("an .onnx model holds its weights: drop --weights")

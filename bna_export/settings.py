@@ -38,6 +38,10 @@ class ReverseSettings:
     batch_size: int = 32
     """Clean images per problem per step; a problem with fewer images (one class of 20) sees
     all of them every step."""
+    max_problems: int = 512
+    """Problems solved at once (more are solved in consecutive groups, with the same
+    estimates): their parameters, Adam moments, best and gradient copies take about
+    (8C + 5)·H·W floats each, e.g. 60 MB for 512 problems at 3×32×32, 3 GB at 3×224×224."""
     images_per_forward: int = 512
     """Images per forward pass of f (problems are chunked to this): bounds memory, and on CPU
     a few hundred images per pass is as fast per image as any larger batch."""
@@ -64,11 +68,25 @@ class ReverseSettings:
     """Early stop after this many checks without a 1% smaller successful trigger."""
     min_steps: int = 100
     """Never stop a patch problem before this many steps."""
+    precision: Literal["float32", "bfloat16", "auto"] = "float32"
+    """Arithmetic of f's forward and backward passes: float32, bfloat16 (autocast: weights,
+    triggers and their updates stay float32), or auto (bfloat16 where the hardware computes it
+    natively: a CPU with AVX512-BF16/AMX or a GPU with bf16; float32 elsewhere). bfloat16 makes
+    the sweep about 2.4× faster on such a CPU but the patch family's sizes noisier: it lost one
+    of 8 all-to-all pairs and added a false pair on the 12-class test sets (README)."""
     restarts: int = 2
     """Independent trigger estimates per target for fitting (different initialisations and
     minibatches); every estimate of the chosen family is used for fitting (more diverse
     estimates generalise better to the real trigger: digits patch A2O ASR 5.2% → 2.8% from 1
     to 2, see README)."""
+
+
+SWEEP = ReverseSettings(steps=300, perturbation_step=0.04)
+"""The pair sweep's solver (detection needs comparable sizes, not the best estimate): the
+per-target defaults but at most 300 steps per patch problem (on digits the sizes have converged
+by then; 1000 stops the same problems at 370-520 steps within 2%) and perturbation steps twice
+as long (half the steps, sizes to ±0.04). On the digits panel these detect the same pairs with
+the same margins (README, Detection)."""
 
 
 @dataclass(frozen=True)
@@ -78,16 +96,38 @@ class FitSettings:
     divergence: Divergence = "tv"
     """D(p||q): total variation (paper's default), Jensen-Shannon or Kullback-Leibler."""
     epochs: int = 30
-    """Passes over the triggered source images (paper: 30)."""
+    """Passes over the clean source images, each image with one of t's estimated triggers
+    (drawn anew every pass) (paper: 30 passes over the triggered images)."""
     lr: float = 0.03
     """Adam step size (paper: 0.01 on raw µ, σ; here µ, σ move in units of σ₀, where 0.01
     left 45-90% ASR on digits and 0.03 fits in the same 30 epochs)."""
     batch_size: int = 64
-    """Triggered images per step; p always uses every clean source image."""
-    target_ce_weight: float = 3.0
+    """Triggered source images per target per step (each with one of t's estimated triggers);
+    with the model's size and input size this bounds the fit's peak memory."""
+    samples_per_channel: int = 2048
+    """Samples of each BN channel per target per step that q is made of: (image, position)
+    pairs of the step's triggered images, drawn uniformly without replacement and shared by
+    the layer's channels (all of them when there are fewer). An unbiased estimate of the
+    step's histogram at a cost that follows channels, not pixels; see README, Θ fit cost."""
+    clean_samples_per_channel: int = 16384
+    """Samples of each BN channel per target that p is made of (spatial positions drawn
+    uniformly per pass of clean images; all of them when there are fewer)."""
+    images_per_pass: int = 64
+    """Clean images per forward pass when measuring f's statistics: bounds the memory of
+    every BN layer's output held at once (images_per_pass × the BN outputs of one image)."""
+    targets_per_pass: int = 16
+    """Targets fitted together (one batch of (batch_size + target_batch) images per target per
+    step); more are fitted in consecutive groups, so memory stays bounded for all-to-all
+    attacks on many classes."""
+    target_batch: int = 64
+    """Images per target per step in the keep-t term: clean images of t, plain or with one of
+    t's estimated triggers, taken in turn from a shuffled list of every such pair (0: all of
+    them every step)."""
+    target_ce_weight: float = 5.0
     """Weight of the cross-entropy that keeps g_t's answer t on clean target-class images, so
     that clean images of t are not flagged (the paper's objective has no such term; 0 = off:
-    digits FPR 19-33%, with it 3-5%)."""
+    digits FPR 19-33%, with it 3-5%; 5 with the stronger trigger copies of trigger_scales,
+    which flag more clean images of t at 3: README, Θ fit)."""
     target_triggered: bool = True
     """Also keep g_t's answer t on clean target images with t's estimated trigger embedded:
     the trigger alone must not flip an image away from its true class."""
@@ -99,9 +139,11 @@ class FitSettings:
     45-90% ASR on digits; 0 = off)."""
     clean_ce_weight: float = 0.0
     """Weight of a cross-entropy keeping g_t's answers on clean source images (0 = off)."""
-    trigger_scales: tuple[float, ...] = (1.0,)
-    """Strengths at which each estimated trigger is embedded for q (mask or perturbation times
-    the scale): stronger copies stand in for a real trigger larger than the minimal estimate."""
+    trigger_scales: tuple[float, ...] = (1.0, 2.0, 3.0)
+    """Strengths at which each estimated trigger is embedded for q (mask, clipped to 1, or
+    perturbation times the scale): a reverse-engineered trigger is the *smallest* that works,
+    and a real one is usually stronger, so stronger copies stand in for it (digits patch,
+    known target, small ResNet: ASR 9-12% with (1,), 3-4% with (1, 2, 3); README)."""
     learn: Literal["all", "clip"] = "all"
     """Learn µ, σ, υ, ω (paper, 'all') or only the clip bounds υ, ω with f's µ, σ ('clip')."""
     clip_init: Literal["clean", "wide"] = "clean"
@@ -129,6 +171,19 @@ class DetectSettings:
     median over sources, scored across targets); see bna_export/detect.py."""
     restarts: int = 1
     """Trigger estimates per pair and family in the sweep (the smallest size is scored)."""
+    screen_above: int = 9
+    """Up to this many classes the sweep solves every ordered pair (K·(K−1) problems per
+    family); above, it screens first (bna_export/sweep.py): about K·(1 + m + r) + k·(K − 1)."""
+    screen_candidates: int = 2
+    """m: targets per source taken from its untargeted screen (the classes its shortest way
+    out reaches most)."""
+    screen_references: int = 3
+    """r: other targets per source drawn at random; they stand for the unsolved pairs of their
+    source (weighted medians). 2 left a false pair (a 6 → 8 perturbation scored 7.2) on the
+    small digits ResNet that 3 did not."""
+    screen_targets: int = 1
+    """k: the targets that are candidates of the most sources, all of whose pairs are solved
+    (all-to-one suspects), besides any that half the sources name."""
     intrinsic_ratio: float = 2.0
     """Intrinsic-backdoor check: a target's detected sources are not one backdoor when the
     trigger on their pooled images is more than this many times the largest per-pair trigger
@@ -141,6 +196,10 @@ class Settings:
 
     histogram: HistogramSettings = field(default_factory=HistogramSettings)
     reverse: ReverseSettings = field(default_factory=ReverseSettings)
+    """The solver of the per-target trigger estimates, which Θ is fitted on."""
+    sweep: ReverseSettings = field(default_factory=lambda: SWEEP)
+    """The solver of the pair sweep (detection only: it needs comparable sizes, not the best
+    estimate): :data:`SWEEP`."""
     fit: FitSettings = field(default_factory=FitSettings)
     detect: DetectSettings = field(default_factory=DetectSettings)
     trigger_type: TriggerType = "both"
@@ -152,6 +211,11 @@ class Settings:
     ASR chessboard 52% → 21%, pixel 19% → 16%, patch 5.8% → 4.1%, at twice the Θ-fit time."""
     seed: int = 0
     """Seed of every random choice (sampling, initialisation)."""
+    channels_last: bool = True
+    """Run f's convolutions in channels-last memory layout when f allows it (checked on the
+    clean images: the same logits to 1e-4): oneDNN's fast path, 1.2-1.5x faster forward and
+    backward passes of the conv nets here on 2 CPU cores; no result changes beyond float
+    rounding."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -161,6 +225,7 @@ class Settings:
         parts = {
             "histogram": HistogramSettings,
             "reverse": ReverseSettings,
+            "sweep": ReverseSettings,
             "fit": FitSettings,
             "detect": DetectSettings,
         }

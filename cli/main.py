@@ -32,13 +32,18 @@ from bna_export.settings import (
 
 
 class BnaGroup(click.Group):
-    """Turns library errors into one line on stderr and exit 2, Ctrl-C into exit 130."""
+    """Turns library errors and bad options into one line on stderr and exit 2, Ctrl-C into
+    exit 130."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except BnaError as exc:
             click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+        except click.UsageError as exc:  # a bad option: one line, and where the help is
+            where = exc.ctx.command_path if exc.ctx else ctx.command_path
+            click.echo(f"error: {exc.format_message()} (see {where} --help)", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted; nothing was written", err=True)
@@ -49,7 +54,8 @@ class Progress:
     """One click progress bar per stage on stderr; silent when quiet or not a terminal."""
 
     LABELS: ClassVar[dict[str, str]] = {
-        "sweep": "reverse-engineering every class pair",
+        "screen": "screening every source and target",
+        "sweep": "reverse-engineering class pairs",
         "reverse": "reverse-engineering per target",
         "fit": "fitting Θ",
         "run": "running the graph",
@@ -148,10 +154,11 @@ def _range(value: str | None) -> tuple[float, float] | None:
     return lo, hi
 
 
-def _load(model: str, weights: str | None, data: Dataset) -> BnaModel:
+def _load(model: str, weights: str | None, data: Dataset, device: Any = "cpu") -> BnaModel:
     import torch
 
-    return load_model(model, weights, torch.from_numpy(data.x[:2]), torch.from_numpy(data.x))
+    x = torch.from_numpy(data.x)
+    return load_model(model, weights, x[:2], x, device)
 
 
 def _size(value: float | None) -> str:
@@ -250,10 +257,11 @@ def cli() -> None:
 )
 @click.option(
     "--device",
-    type=click.Choice(["cpu"]),
-    default="cpu",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
     show_default=True,
-    help="Where to compute.",
+    help="Where to compute: auto takes the GPU when PyTorch sees one; under torchrun each "
+    "rank takes the GPU of its LOCAL_RANK (one rank per GPU).",
 )
 @click.option(
     "--seed",
@@ -314,9 +322,10 @@ def fit(
         detect=dataclasses.replace(base.detect, mad_threshold=mad_threshold),
     )
     settings = with_overrides(settings, overrides)
+    where = distributed.resolve_device(device)
     data = load_data(data_path)
-    model = _load(model_spec, weights, data)
-    shard = distributed.start(device)
+    model = _load(model_spec, weights, data, where)
+    shard = distributed.start(where)
     progress = Progress(enabled=shard.primary and not quiet and sys.stderr.isatty())
     start = time.perf_counter()
     try:
@@ -353,6 +362,7 @@ def fit(
                 "detected_pairs": h["detection"]["detected_pairs"],
                 "intrinsic": h["detection"]["intrinsic"],
                 "ranks": shard.world,
+                "device": str(where),
             }
         )
         return

@@ -68,6 +68,12 @@ def test_inspect_json_has_the_design_keys(fitted):
         (["--pairs", "1-2"], "expected SOURCE:TARGET"),
         (["--targets", "a"], "comma-separated"),
         (["--targets", "1", "--pairs", "0:1"], "at most one of --targets and --pairs"),
+        (["--device", "tpu"], "'tpu' is not one of"),
+        pytest.param(
+            ["--device", "cuda"],
+            "sees no CUDA GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
     ],
 )
 def test_fit_bad_options_exit_2_with_one_line(patch_files, tmp_path, extra, message):

@@ -6,8 +6,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from bna_export.distributed import Shard
+from bna_export.distributed import Shard, resolve_device
+from bna_export.errors import BadInputError
 
 FAST = [
     "--set",
@@ -26,6 +28,20 @@ def test_shards_interleave_and_cover_every_problem():
     got = sorted(i for s in shards for i in s.mine(10))
     assert got == list(range(10)) and shards[1].mine(10) == [1, 4, 7]
     assert Shard().primary and not shards[2].primary
+
+
+def test_device_names():
+    assert resolve_device("cpu") == torch.device("cpu")
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == want
+    with pytest.raises(BadInputError, match="expected auto, cpu or cuda"):
+        resolve_device("tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_a_gpu_is_bad_input():
+    with pytest.raises(BadInputError, match="sees no CUDA GPU"):
+        resolve_device("cuda")
 
 
 def run(*command: str) -> subprocess.CompletedProcess:

@@ -91,8 +91,13 @@ def locate_layers(
             if a.ndim < 2 or a.shape[0] != n or a.shape[1] != c:
                 continue
             err = float(np.abs(a.reshape(n, c, -1).mean(2) - fp).max()) / scale
-            if best is None or err < best[0]:  # ties: the earliest tensor (its producer)
+            if best is None or err < best[0]:
                 best = (err, v, a.ndim)
+            if err <= MATCH_TOLERANCE:
+                # the earliest match is the layer's output: what follows it and keeps its
+                # channel means (a global average pool, a flatten) matches as well, and its
+                # float rounding can be the smaller one
+                break
         if best is None or best[0] > MATCH_TOLERANCE:
             near = (
                 ""

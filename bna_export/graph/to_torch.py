@@ -618,6 +618,10 @@ def bn_sites(graph: ir.Graph) -> list[ir.Value]:
     return sites
 
 
+_CONSTANTS = {"Constant", "ConstantOfShape", "Shape", "Size", "Range", "EyeLike"}
+"""Operators whose outputs the handlers make on the CPU."""
+
+
 class OnnxModule(nn.Module):
     """Runs an ONNX graph's nodes in order with PyTorch ops; differentiable in its input.
 
@@ -691,6 +695,8 @@ class OnnxModule(nn.Module):
                     raise node.fail(f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
                 if first in self._site_keys:
                     outs = (self.sites[self._site_keys[first]](outs[0]), *outs[1:])
+            if node.op in _CONSTANTS and x.device.type != "cpu":  # values made on the CPU
+                outs = tuple(o.to(x.device) for o in outs)
             for name, value in zip(node.outputs, outs, strict=False):
                 if name:
                     env[name] = value

@@ -1,0 +1,114 @@
+"""How the fit with no hint scales with the number of classes K: seeded synthetic 16×16 classes
+(K = 10, 20, 50, 100), a small CNN (width 8) poisoned all-to-one to class 0 with a 3×3 patch,
+20 clean images per class for the defender, default settings.
+
+Prints per K: the sweep's form (every pair, or the screen), its problems and problem-steps
+(one step of one problem: a forward and backward pass of its images) and their ratio to K = 10,
+the whole fit's wall time and peak memory (one process per K, its peak resident memory from
+the kernel), what was detected and the repaired ASR.
+
+Run: ``python benchmarks/fit_scaling.py [--classes 10,20,50,100] [--set SECTION.FIELD=V ...]``
+(one K per child process: ``--one K`` is what the parent runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from bna_export.defend import fit_defence
+from bna_export.fit import predict_mitigated
+from bna_export.metrics import compute_metrics
+from bna_export.model import adapt_module
+from bna_export.scenario import build_scenario
+from bna_export.settings import Settings, with_overrides
+from bna_export.zoo import synthetic_classes
+
+
+def one(k: int, overrides: list[str]) -> dict:
+    torch.set_num_threads(2)
+    x, y = synthetic_classes(k, 120, 16, seed=k)
+    t0 = time.perf_counter()
+    sc = build_scenario(
+        x, y, attack="patch", target=0, width=8, epochs=8, seed=0, defender_per_class=20,
+        test_fraction=0.25,
+    )  # fmt: skip
+    train_s = time.perf_counter() - t0
+    model = adapt_module(sc.net, torch.from_numpy(sc.test.x[:2]))
+    settings = with_overrides(Settings(), overrides)
+    t0 = time.perf_counter()
+    out = fit_defence(model, sc.defender, settings=settings)
+    fit_s = time.perf_counter() - t0
+    h = out.fit.header
+    sweep = h["detection"]["sweep"]
+    m = out.fit.tensors
+    thetas = [torch.from_numpy(m[f"theta.{i}"]) for i in range(len(model.layers))]
+    clean = predict_mitigated(model, h["targets"], thetas, sc.test.x)
+    trig = predict_mitigated(model, h["targets"], thetas, sc.triggered["x"])
+    base = predict_mitigated(model, [], None, sc.triggered["x"])
+    t = sc.triggered
+    after = compute_metrics(
+        clean.label, sc.test.y, clean.triggered, trig.label, t["y"], t["attack_label"],
+        trig.triggered, [0],
+    )  # fmt: skip
+    return {
+        "k": k,
+        "exhaustive": sweep["exhaustive"],
+        "problems": sweep["problems"],
+        "problem_steps": sweep["problem_steps"],
+        "fit_s": fit_s,
+        "train_s": train_s,
+        "targets": h["targets"],
+        "sources_of_0": len(h["sources"].get("0", [])),
+        "asr_before": float(np.mean(base.label == 0)),
+        "asr": after["asr"],
+        "acc": after["acc"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--classes", default="10,20,50,100")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one is not None:
+        print(json.dumps(one(args.one, args.overrides)))
+        return
+    print(f"2 torch threads, load average {os.getloadavg()[0]:.2f} at start")
+    print(
+        "| K | sweep | problems | problem-steps | × K=10 | fit s | peak RSS MB | targets "
+        "| sources of 0 | ASR before | ASR | ACC |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    base = None
+    for k in (int(v) for v in args.classes.split(",")):
+        sets = [a for o in args.overrides for a in ("--set", o)]
+        child = subprocess.Popen(
+            [sys.executable, __file__, "--one", str(k), *sets], stdout=subprocess.PIPE
+        )
+        out = child.stdout.read().decode() if child.stdout else ""
+        _, status, usage = os.wait4(child.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"K = {k} failed")
+        r = json.loads(out.strip().splitlines()[-1])
+        base = base or r["problem_steps"]
+        found = f"{r['targets'][:6]}{'…' if len(r['targets']) > 6 else ''}"
+        print(
+            f"| {k} | {'every pair' if r['exhaustive'] else 'screen'} | {r['problems']} | "
+            f"{r['problem_steps']} | {r['problem_steps'] / base:.1f} | {r['fit_s']:.0f} | "
+            f"{usage.ru_maxrss / 1024:.0f} | {found} | {r['sources_of_0']}/{k - 1} | "
+            f"{r['asr_before']:.3f} | {r['asr']:.3f} | {r['acc']:.3f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""The per-channel transform h(z | θ) = max(min((z − µ)/σ, ω), υ) that replaces a BatchNorm's
+normalisation, and :class:`BnaNorm`, the module that applies f's own normalisation or h per
+sample.
+
+h runs once per BN channel of every image in every step of the Θ fit, so it is one autograd
+node (:class:`_ClipNormalise`) with a hand-written backward: a chain of PyTorch ops
+(subtract, divide, minimum, maximum, affine) kept about ten full-size temporaries alive and
+ran about twenty passes over them in backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class _ClipNormalise(torch.autograd.Function):
+    """γ·max(min((z − µ)/σ, ω), υ) + β, differentiable in z, µ, σ, υ and ω (γ, β constant).
+
+    µ, σ, υ, ω broadcast to z as (N, C, 1, …); γ, β as (1, C, 1, …). Where min and max tie, the
+    gradient goes to the bound (a set of measure zero: PyTorch splits it)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, z: Tensor, mu: Tensor, sigma: Tensor, lo: Tensor, hi: Tensor, g: Tensor, b: Tensor
+    ) -> Tensor:
+        t = (z - mu) / sigma
+        below = torch.minimum(t, hi) < lo  # υ wins (also where υ > ω)
+        above = (t > hi) & ~below  # ω wins
+        ctx.save_for_backward(t, below, above, sigma, g)
+        return torch.maximum(torch.minimum(t, hi), lo) * g + b
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        t, below, above, sigma, g = ctx.saved_tensors
+        gy = grad * g
+        dims = tuple(range(2, t.dim()))
+
+        def reduce(v: Tensor) -> Tensor:
+            return v.sum(dims, keepdim=True) if dims else v
+
+        need = ctx.needs_input_grad
+        g_lo = reduce(torch.where(below, gy, 0.0)) if need[3] else None
+        g_hi = reduce(torch.where(above, gy, 0.0)) if need[4] else None
+        gt = torch.where(below | above, 0.0, gy) / sigma
+        g_mu = -reduce(gt) if need[1] else None
+        g_sigma = -reduce(gt * t) if need[2] else None
+        return (gt if need[0] else None), g_mu, g_sigma, g_lo, g_hi, None, None
+
+
+def clip_normalise(
+    z: Tensor, mu: Tensor, sigma: Tensor, lo: Tensor, hi: Tensor, weight: Tensor, bias: Tensor
+) -> Tensor:
+    """γ·h(z | µ, σ, υ, ω) + β, with µ, σ, υ, ω per sample and channel (N, C, 1, …)."""
+    return _ClipNormalise.apply(z, mu, sigma, lo, hi, weight, bias)
+
+
+class BnaNorm(nn.Module):
+    """One BatchNorm of f with optional per-sample replacement of its normalisation.
+
+    Buffers hold f's running mean/var and affine γ, β (shape [C]). ``theta`` is None (plain f) or
+    [T, 4, C] holding (µ, σ, υ, ω) per target; ``route`` is None or [N] int64 with -1 for f.
+    ``capture`` (a list or None) receives this layer's output when set. A ``measured`` layer
+    stands for a BN that is not in the graph (folded into a Conv/Gemm, or none): its statistics
+    are the channel's mean and spread on clean data (mean = bias = m, var = weight² = s², eps 0),
+    and f (route -1, or no θ) passes its input through unchanged.
+    """
+
+    def __init__(
+        self,
+        mean: Tensor,
+        var: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        name: str,
+        measured: bool = False,
+    ) -> None:
+        super().__init__()
+        c = mean.shape[0]
+        self.register_buffer("running_mean", mean.detach().clone().float())
+        self.register_buffer("running_var", var.detach().clone().float())
+        w = torch.ones(c) if weight is None else weight.detach().clone().float()
+        b = torch.zeros(c) if bias is None else bias.detach().clone().float()
+        self.register_buffer("weight", w)
+        self.register_buffer("bias", b)
+        self.eps = float(eps)
+        self.name = name
+        self.measured = measured
+        self.theta: Tensor | None = None
+        self.route: Tensor | None = None
+        self.capture_in: list[Tensor] | None = None
+        self.capture_out: list[Tensor] | None = None
+        self.versions_in: list[int] = []  # version counter of each capture when taken
+        self.versions_out: list[int] = []
+
+    @property
+    def channels(self) -> int:
+        return int(self.running_mean.shape[0])
+
+    def f_theta(self) -> Tensor:
+        """f's own normalisation as θ: µ = mean, σ = sqrt(var + eps), υ = -inf, ω = +inf. [4, C]"""
+        inf = torch.full_like(self.running_mean, float("inf"))
+        sigma = torch.sqrt(self.running_var + self.eps)
+        return torch.stack([self.running_mean, sigma, -inf, inf])
+
+    def set_statistics(self, mean: Tensor, spread: Tensor) -> None:
+        """A measured layer's statistics: per-channel mean m and spread s (> 0)."""
+        dev = self.running_mean.device
+        self.running_mean = mean.detach().clone().float().to(dev)
+        self.running_var = spread.detach().clone().float().to(dev) ** 2
+        self.weight = spread.detach().clone().float().to(dev)
+        self.bias = mean.detach().clone().float().to(dev)
+
+    def forward(self, z: Tensor) -> Tensor:
+        if self.capture_in is not None:
+            self.capture_in.append(z)
+            self.versions_in.append(z._version)
+        if self.theta is None or self.route is None:
+            if self.measured:
+                out = z
+            else:
+                out = nn.functional.batch_norm(
+                    z,
+                    self.running_mean,
+                    self.running_var,
+                    self.weight,
+                    self.bias,
+                    False,
+                    0.0,
+                    self.eps,
+                )
+        else:
+            full = torch.cat([self.theta, self.f_theta()[None]], 0)  # (T + 1, 4, C)
+            idx = torch.where(self.route < 0, self.theta.shape[0], self.route)
+            th = full[idx]  # (N, 4, C)
+            shape = (z.shape[0], z.shape[1]) + (1,) * (z.dim() - 2)
+            mu, sigma, lo, hi = (th[:, i].reshape(shape) for i in range(4))
+            cshape = (1, z.shape[1]) + (1,) * (z.dim() - 2)
+            out = clip_normalise(
+                z, mu, sigma, lo, hi, self.weight.reshape(cshape), self.bias.reshape(cshape)
+            )
+            if self.measured and bool((self.route < 0).any()):
+                keep = (self.route < 0).reshape((-1,) + (1,) * (z.dim() - 1))
+                out = torch.where(keep, z, out)
+        if self.capture_out is not None:
+            self.capture_out.append(out)
+            self.versions_out.append(out._version)
+        return out

@@ -1,0 +1,199 @@
+"""The pair sweep of detection: a trigger for every ordered class pair (s, t), or, for many
+classes, a screen that finds the pairs worth solving and a weighted sample of the rest.
+
+Exhaustive (K ≤ ``detect.screen_above``): K·(K − 1) problems per family and restart.
+
+Screen (more classes), per family:
+
+1. per source s, one untargeted problem: the smallest trigger that sends s's images to any other
+   class. The classes are ranked by the mean probability f gives them on s's triggered images;
+   the first ``screen_candidates`` are s's candidate targets (a backdoor s → t is the shortest
+   way out of s, and that is what a backdoored source's trigger finds);
+2. the targets that are candidates of the most sources (the ``screen_targets`` first, and any
+   that half the sources name) are all-to-one suspects: every source of theirs is solved;
+3. the pairs: every source's candidates, every source of a suspect target, and
+   ``screen_references`` other targets per source drawn at random, which stand for the pairs
+   left unsolved: each carries the weight (unsolved pairs of its row) / (references of its
+   row), and detection takes weighted medians (:mod:`bna_export.detect`);
+4. after detection, the unsolved sources of every detected target are solved and detection runs
+   again, so that a target is found with all its sources.
+
+An untargeted problem costs what a pair costs (one class's images), so the screen adds K
+problems; there is no pooled per-target problem (its pool of every other class makes it far
+costlier per step, and on digits it cost more than the pairs it saved).
+
+Cost per family: K + K·(m + r) + k·(K − 1) problems at most (m candidates, r references, k
+suspect targets; candidates and suspects overlap) plus the completed columns of detected
+targets, against K·(K − 1): linear in K.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import Dataset
+from .detect import Detection, detect_pairs
+from .model import BnaModel
+from .reverse import ANY, Problem, TriggerEstimate
+from .settings import Settings
+
+Solve = Callable[[Sequence[Problem], str], list[TriggerEstimate]]
+"""solve(problems, stage): the estimates of ``problems`` (stage names the progress bar)."""
+
+
+@dataclass
+class SweepResult:
+    """Every solved pair's estimates, the [K, K] size matrices (NaN: not solved) per family,
+    the weights of a sampled sweep (None: exhaustive), the detection, what the screen found,
+    and the cost in problems and problem-steps."""
+
+    estimates: list[TriggerEstimate]
+    sizes: dict[str, np.ndarray]
+    weights: dict[str, np.ndarray] | None
+    detection: Detection
+    screen: dict[str, Any] = field(default_factory=dict)
+    problems: int = 0
+    problem_steps: int = 0
+    intrinsic: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """Filled by the intrinsic-backdoor check (:mod:`bna_export.defend`), per target."""
+
+
+def pair_problems(n_classes: int, families: Sequence[str], restarts: int) -> list[Problem]:
+    """Every ordered pair (s, t), s != t, in every family and restart."""
+    return [
+        Problem(f, t, (s,), r)
+        for f in families
+        for t in range(n_classes)
+        for s in range(n_classes)
+        if s != t
+        for r in range(restarts)
+    ]
+
+
+def size_matrices(
+    estimates: Sequence[TriggerEstimate], n_classes: int, families: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Per family a [K, K] matrix of per-pair trigger sizes (the smallest over restarts; NaN
+    on the diagonal and for pairs not solved)."""
+    out = {f: np.full((n_classes, n_classes), np.nan) for f in families}
+    for e in estimates:
+        if len(e.problem.sources) == 1 and e.problem.target != ANY:
+            z = out[e.family]
+            s, t = e.problem.sources[0], e.problem.target
+            z[s, t] = e.size if np.isnan(z[s, t]) else min(z[s, t], e.size)
+    return out
+
+
+def landing(
+    model: BnaModel,
+    data: Dataset,
+    estimate: TriggerEstimate,
+    input_range: tuple[float, float],
+    n_classes: int,
+) -> np.ndarray:
+    """Mean probability f gives every class on the source images with the trigger: [K]."""
+    idx = data.of_classes(list(estimate.problem.sources))
+    x = torch.from_numpy(data.x[idx]).to(model.device)
+    with torch.no_grad():
+        p = torch.softmax(model(estimate.apply(x, *input_range)), 1).mean(0)
+    return p.cpu().double().numpy()[:n_classes]
+
+
+def _weights(solved: np.ndarray, references: dict[int, set[int]], n_classes: int) -> np.ndarray:
+    """Per pair the number of population pairs it stands for: 1 for a chosen pair, (unsolved
+    pairs of the row) / (references of the row) for a reference. NaN where not solved."""
+    w = np.where(solved, 1.0, np.nan)
+    for s, refs in references.items():
+        refs = {t for t in refs if solved[s, t]}
+        chosen = int(solved[s].sum()) - len(refs)
+        if refs:
+            w[s, sorted(refs)] = (n_classes - 1 - chosen) / len(refs)
+    return w
+
+
+def _detect(
+    sizes: dict[str, np.ndarray], weights: dict[str, np.ndarray] | None, settings: Settings
+) -> Detection:
+    d = settings.detect
+    return detect_pairs(sizes, d.mad_threshold, d.consistency, d.normalise, d.target_rule, weights)
+
+
+def run_sweep(
+    model: BnaModel,
+    data: Dataset,
+    n_classes: int,
+    families: Sequence[str],
+    input_range: tuple[float, float],
+    settings: Settings,
+    solve: Solve,
+) -> SweepResult:
+    """The sweep and the detection (design step 1, before the intrinsic check)."""
+    d = settings.detect
+    if n_classes <= d.screen_above:
+        problems = pair_problems(n_classes, families, d.restarts)
+        found = solve(problems, "sweep")
+        sizes = size_matrices(found, n_classes, families)
+        steps = sum(e.steps for e in found)
+        return SweepResult(
+            found, sizes, None, _detect(sizes, None, settings), {}, len(found), steps
+        )
+    screen = [Problem(f, ANY, (s,)) for f in families for s in range(n_classes)]
+    screened = solve(screen, "screen")
+    rng = np.random.default_rng(settings.seed)
+    chosen: dict[str, set[tuple[int, int]]] = {}
+    references: dict[str, dict[int, set[int]]] = {}
+    record: dict[str, Any] = {}
+    for f in families:
+        mine = [e for e in screened if e.family == f]
+        prob = np.stack([landing(model, data, e, input_range, n_classes) for e in mine])
+        prob[np.arange(n_classes), np.arange(n_classes)] = -np.inf  # (source, class)
+        ranks = np.argsort(-prob, axis=1, kind="stable")[:, : d.screen_candidates]
+        votes = np.bincount(ranks.reshape(-1), minlength=n_classes)
+        order = np.lexsort((-np.where(np.isinf(prob), 0, prob).sum(0), -votes))
+        suspects = set(order[: d.screen_targets].tolist())
+        suspects |= set(np.flatnonzero(votes >= n_classes / 2).tolist())
+        pairs = {(s, int(t)) for s in range(n_classes) for t in ranks[s]}
+        pairs |= {(s, t) for t in suspects for s in range(n_classes) if s != t}
+        refs: dict[int, set[int]] = {}
+        for s in range(n_classes):
+            rest = [t for t in range(n_classes) if t != s and (s, t) not in pairs]
+            take = min(d.screen_references, len(rest))
+            drawn = rng.choice(rest, size=take, replace=False) if take else []
+            refs[s] = {int(t) for t in drawn}
+        chosen[f], references[f] = pairs, refs
+        record[f] = {
+            "candidates": {str(s): [int(t) for t in ranks[s]] for s in range(n_classes)},
+            "votes": votes.tolist(),
+            "suspect_targets": sorted(int(t) for t in suspects),
+        }
+    problems = [
+        Problem(f, t, (s,), r)
+        for f in families
+        for s, t in sorted(chosen[f] | {(s, t) for s, ts in references[f].items() for t in ts})
+        for r in range(d.restarts)
+    ]
+    found = solve(problems, "sweep")
+    sizes = size_matrices(found, n_classes, families)
+    weights = {f: _weights(~np.isnan(sizes[f]), references[f], n_classes) for f in families}
+    detection = _detect(sizes, weights, settings)
+    missing = [
+        Problem(f, t, (s,), r)
+        for f in families
+        for t in detection.targets
+        for s in range(n_classes)
+        if s != t and np.isnan(sizes[f][s, t])
+        for r in range(d.restarts)
+    ]
+    if missing:  # a detected target is found with every source
+        found += solve(missing, "sweep")
+        sizes = size_matrices(found, n_classes, families)
+        weights = {f: _weights(~np.isnan(sizes[f]), references[f], n_classes) for f in families}
+        detection = _detect(sizes, weights, settings)
+    record["problems"] = {"screen": len(screened), "pairs": len(found)}
+    steps = sum(e.steps for e in screened) + sum(e.steps for e in found)
+    return SweepResult(found, sizes, weights, detection, record, len(screened) + len(found), steps)

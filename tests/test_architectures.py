@@ -1,0 +1,119 @@
+"""The architectures users deploy, tiny: each is poisoned with a patch, fitted (known target,
+default settings) from its ``.pt2`` and from its ONNX, built from every export form, evaluated,
+and repaired; models without BatchNorm get the same clear refusal from every input form."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from tiny_models import EXPORT_FORMS, export_onnx
+
+from bna_export.architectures import make_classifier
+from bna_export.data import Dataset
+from bna_export.defend import Mitigation, fit_defence
+from bna_export.errors import ModelError
+from bna_export.evaluation import evaluate_built
+from bna_export.fit import predict_mitigated
+from bna_export.graph import build_graph
+from bna_export.metrics import compute_metrics
+from bna_export.model import OTHER_NORMS, load_model
+from bna_export.scenario import Scenario, build_scenario, export_model
+from bna_export.zoo import synthetic_classes
+
+ZOO = {  # architecture: (width, training epochs) at which it trains in seconds
+    "vgg11-bn": (4, 8),
+    "resnet18": (4, 8),
+    "preact-resnet18": (4, 8),
+    "mobilenetv2-short": (8, 8),  # 7 blocks, one per stage (the full 17 take minutes here)
+    "se-silu": (4, 8),
+    "densenet": (4, 8),
+    "cnn": (8, 6),  # a BatchNorm1d head
+    "normalized-cnn": (8, 6),  # (x - mean) / std inside the model
+}
+TARGET = 0
+
+
+def colour_data() -> tuple[np.ndarray, np.ndarray]:
+    return synthetic_classes(5, 300, 16, channels=3, seed=3)
+
+
+def metrics(model, fit, sc: Scenario) -> dict:
+    m = Mitigation.from_fit(fit)
+    pc = predict_mitigated(model, m.targets, m.thetas, sc.test.x)
+    pt = predict_mitigated(model, m.targets, m.thetas, sc.triggered["x"])
+    t = sc.triggered
+    return compute_metrics(
+        pc.label, sc.test.y, pc.triggered, pt.label, t["y"], t["attack_label"], pt.triggered, [0]
+    )
+
+
+@pytest.fixture(scope="module", params=list(ZOO))
+def poisoned(request, tmp_path_factory):
+    arch = request.param
+    width, epochs = ZOO[arch]
+    x, y = colour_data()
+    sc = build_scenario(
+        x, y, attack="patch", target=TARGET, arch=arch, width=width, epochs=epochs, seed=0
+    )
+    folder = tmp_path_factory.mktemp(arch)
+    export_model(sc.net, sc.test.x, folder / "model.pt2")
+    return arch, sc, folder
+
+
+def test_fit_build_evaluate_and_repair(poisoned):
+    arch, sc, folder = poisoned
+    example, clean = torch.from_numpy(sc.test.x[:2]), torch.from_numpy(sc.defender.x)
+    model = load_model(str(folder / "model.pt2"), None, example, clean)
+    before = predict_mitigated(model, [], None, sc.triggered["x"])
+    assert (before.label == TARGET).mean() > 0.9, f"{arch}: the attack did not take"
+    fit = fit_defence(model, sc.defender, targets=[TARGET]).fit
+    ref = metrics(model, fit, sc)
+    acc0 = (predict_mitigated(model, [], None, sc.test.x).label == sc.test.y).mean()
+    assert ref["asr"] <= 0.10, (arch, ref)
+    assert ref["acc"] >= acc0 - 0.03, (arch, acc0, ref)
+    x = np.concatenate([sc.test.x[:48], sc.triggered["x"][:48]])
+    m = Mitigation.from_fit(fit)
+    expect = predict_mitigated(model, m.targets, m.thetas, x)
+    for form in EXPORT_FORMS:
+        path = export_onnx(sc.net, example, folder / f"{form}.onnx", form)
+        built = build_graph(path, fit)  # refuses to write a graph that disagrees on the probes
+        sess = ort.InferenceSession(built.data, providers=["CPUExecutionProvider"])
+        label, flag = sess.run(["label", "triggered"], {"images": x})
+        np.testing.assert_array_equal(label, expect.label, err_msg=f"{arch} {form}")
+        np.testing.assert_array_equal(flag, expect.triggered, err_msg=f"{arch} {form}")
+    out = folder / "repaired.onnx"
+    out.write_bytes(built.data)
+    trig = sc.triggered
+    graph = evaluate_built(
+        out, Dataset(sc.test.x, sc.test.y), Dataset(trig["x"], trig["y"]), trig["attack_label"]
+    )
+    assert graph.main["asr"] == pytest.approx(ref["asr"], abs=1e-9)
+    assert graph.main["acc"] == pytest.approx(ref["acc"], abs=1e-9)
+
+
+def test_fit_from_the_onnx_alone_repairs(poisoned):
+    arch, sc, folder = poisoned
+    path = export_onnx(sc.net, torch.from_numpy(sc.test.x[:2]), folder / "fit.onnx", "dynamo")
+    model = load_model(
+        str(path), None, torch.from_numpy(sc.test.x[:2]), torch.from_numpy(sc.defender.x)
+    )
+    fit = fit_defence(model, sc.defender, targets=[TARGET]).fit
+    assert fit.header["model_format"] == "onnx"
+    got = metrics(model, fit, sc)
+    assert got["asr"] <= 0.10, (arch, got)
+
+
+@pytest.mark.parametrize("norm", ["groupnorm", "layernorm"])
+def test_a_model_without_batchnorm_is_refused_alike_from_every_form(norm, tmp_path):
+    net = make_classifier(norm, 3, 5, 16, 4).eval()
+    x = torch.rand(4, 3, 16, 16)
+    export_model(net, x.numpy(), tmp_path / "m.pt2")
+    export_onnx(net, x[:2], tmp_path / "m.onnx", "dynamo")
+    messages = []
+    for spec in (tmp_path / "m.pt2", tmp_path / "m.onnx"):
+        with pytest.raises(ModelError) as err:
+            load_model(str(spec), None, x[:2], x)
+        messages.append(str(err.value))
+    assert messages[0] == messages[1] == OTHER_NORMS
