@@ -16,7 +16,7 @@ timing does not depend on them; its "clean" labels are f's own answers) time the
 deploy; their target is the class f gives about one clean image in ten.
 
 Run: ``python benchmarks/inference.py [--model cnn|resnet18|resnet50] [--threads 2]
-[--repeats 200] [--batches 1,64] [--provider cpu|cuda]``. Times are medians of one
+[--repeats 200] [--batches 1,64] [--provider cpu|cuda] [--no-strip]``. Times are medians of one
 ``session.run`` from NumPy (host-device copies included on CUDA).
 """
 
@@ -159,6 +159,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=200)
     ap.add_argument("--batches", default="1,64", help="comma-separated batch sizes")
     ap.add_argument("--provider", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument(
+        "--no-strip", action="store_true", help="skip STRIP (100 passes of f per input: slow)"
+    )
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     torch.set_num_threads(args.threads)
@@ -205,13 +208,17 @@ def main() -> None:
             for n, xb in inputs.items()
         }
         rng = np.random.default_rng(0)
-        blends = {
-            n: (
-                0.5 * np.repeat(xb, 100, 0)
-                + 0.5 * sc.defender.x[rng.integers(0, len(sc.defender), 100 * n)]
-            ).astype(np.float32)
-            for n, xb in inputs.items()
-        }
+        blends = (
+            {}
+            if args.no_strip
+            else {
+                n: (
+                    0.5 * np.repeat(xb, 100, 0)
+                    + 0.5 * sc.defender.x[rng.integers(0, len(sc.defender), 100 * n)]
+                ).astype(np.float32)
+                for n, xb in inputs.items()
+            }
+        )
         rows = []
         for n, xb in inputs.items():
             row = {
@@ -220,8 +227,9 @@ def main() -> None:
                     zip(sessions, seconds(list(sessions.values()), xb, args.repeats), strict=True)
                 ),
             }
-            (strip,) = seconds([f_sess], blends[n], max(5, args.repeats // 20))
-            row["STRIP (100 blends)"] = strip
+            if not args.no_strip:
+                (strip,) = seconds([f_sess], blends[n], max(5, args.repeats // 20))
+                row["STRIP (100 blends)"] = strip
             rows.append(row)
     where = "CUDA" if args.provider == "cuda" else f"CPU, {args.threads} threads"
     sent = ", ".join(f"batch {n}: {k}" for n, k in routed.items())

@@ -293,15 +293,21 @@ class DenseNet(nn.Module):
 
 class NormalizedInput(nn.Module):
     """``net`` behind an input normalisation (x − mean) / std per channel, the way many
-    deployed models take [0, 1] images."""
+    deployed models take [0, 1] images; ``inplace`` normalises the caller's tensor in place, as
+    torchvision's ``Normalize(inplace=True)`` does."""
 
-    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(
+        self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], inplace: bool = False
+    ) -> None:
         super().__init__()
         self.net = net
+        self.in_place = inplace  # not named `inplace`: adapt_module switches those off
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_place:
+            return self.net(x.sub_(self.mean).div_(self.std))
         return self.net((x - self.mean) / self.std)
 
 
@@ -352,20 +358,23 @@ def make_classifier(
     arch: str, in_channels: int, n_classes: int, image_size: int, width: int | None = None
 ) -> nn.Module:
     """A classifier of ``arch`` ('cnn': :class:`~bna_export.zoo.SmallCNN`, or a key of
-    :data:`ARCHITECTURES`; 'normalized-cnn': the CNN behind an input normalisation) at
+    :data:`ARCHITECTURES`; 'normalized-cnn': the CNN behind an input normalisation,
+    'normalized-cnn-inplace' one that normalises the caller's tensor in place) at
     ``width`` (the architecture's own default when None)."""
     from .zoo import SmallCNN
 
     kw = {} if width is None else {"width": width}
     if arch == "cnn":
         return SmallCNN(in_channels, n_classes, image_size, **kw)
-    if arch == "normalized-cnn":
+    if arch in ("normalized-cnn", "normalized-cnn-inplace"):
         net = SmallCNN(in_channels, n_classes, image_size, **kw)
-        return NormalizedInput(net, (0.5,) * in_channels, (0.25,) * in_channels)
+        mean, std = (0.5,) * in_channels, (0.25,) * in_channels
+        return NormalizedInput(net, mean, std, inplace=arch.endswith("inplace"))
     if arch in ("groupnorm", "layernorm"):
         return NormNet(in_channels, n_classes, norm=arch[:-4], **kw)
     if arch not in ARCHITECTURES:
-        known = ", ".join(["cnn", "normalized-cnn", *ARCHITECTURES, "groupnorm", "layernorm"])
+        names = ["cnn", "normalized-cnn", "normalized-cnn-inplace", *ARCHITECTURES]
+        known = ", ".join([*names, "groupnorm", "layernorm"])
         raise ValueError(f"unknown architecture {arch!r}; expected one of {known}")
     if arch == "vgg11-bn":
         return VGG11BN(in_channels, n_classes, image_size=image_size, **kw)

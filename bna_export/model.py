@@ -67,9 +67,12 @@ class BnaModel(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        out = self.net(x)
+        # f gets its own copy: a model that normalises its input in place (x.sub_(mean), as
+        # torchvision's Normalize(inplace=True) does) would otherwise rewrite our images, and
+        # every later pass would see them normalised again
+        last = self.channels_last and x.dim() == 4
+        fmt = torch.channels_last if last else torch.contiguous_format
+        out = self.net(x.clone(memory_format=fmt))
         if isinstance(out, (tuple, list)):
             out = out[0]
         return out

@@ -211,11 +211,23 @@ def test_no_pickle_is_ever_run(patch_scenario, patch_files, fitted, out, tmp_pat
 
 def test_ctrl_c_leaves_nothing_behind(patch_files, out):
     """SIGINT in the middle of a fit: exit 130, one line, no fit file and no temporary file."""
-    cmd = [sys.executable, "-m", "bna_export.cli.main", "fit", "--model", str(patch_files["model"]),
-           "--data", str(patch_files["defender"]), "-o", str(out / "f.bna")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "bna_export.cli.main",
+        "fit",
+        "--model",
+        str(patch_files["model"]),
+        "--data",
+        str(patch_files["defender"]),
+        "-o",
+        str(out / "f.bna"),
+        "--epochs",
+        "100000",
+    ]  # fmt: skip  (still running when the signal comes)
     before = set(out.iterdir())
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(8)  # imports done, the pair sweep running
+    time.sleep(8)  # imports done, the pair sweep or the Θ fit running
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

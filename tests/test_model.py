@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+from bna_export.architectures import NormalizedInput
 from bna_export.errors import ModelError
 from bna_export.model import adapt_graph_module, adapt_module, load_model
 from bna_export.scenario import export_model
@@ -46,6 +47,27 @@ def test_exported_program_adapter_keeps_f(tmp_path):
     with torch.no_grad():
         assert torch.allclose(model(X), ref, atol=1e-5)
         assert model(X[:1]).shape == (1, 5)  # dynamic batch
+
+
+@pytest.mark.parametrize("form", ["module", "pt2"])
+def test_a_model_that_normalises_its_input_in_place_leaves_ours_alone(form, tmp_path):
+    inner = trained_like()
+    net = NormalizedInput(inner, (0.5,), (0.25,), inplace=True).eval()
+    twin = NormalizedInput(inner, (0.5,), (0.25,)).eval()
+    with torch.no_grad():
+        ref = twin(X)
+    if form == "pt2":
+        export_model(net, X.numpy(), tmp_path / "m.pt2")
+        model = load_model(str(tmp_path / "m.pt2"), None, X[:2].clone())
+    else:
+        model = adapt_module(net, X[:2].clone())
+    x = X.clone()
+    for channels_last in (False, True):
+        model.channels_last = channels_last
+        with torch.no_grad():
+            first, second = model(x), model(x)
+        assert torch.equal(x, X)  # not normalised again on every pass
+        assert torch.allclose(first, ref, atol=1e-5) and torch.equal(first, second)
 
 
 def test_theta_equal_to_f_gives_f_and_routes_per_sample():
