@@ -368,10 +368,13 @@ def fit(
         return
     if h["mode"] == "detect":
         found = h["detection"]["detected_pairs"]
-        click.echo(
-            f"checked {h['n_classes'] * (h['n_classes'] - 1)} class pairs: "
-            + (f"{len(found)} detected" if found else "no backdoor detected")
+        k, sweep = h["n_classes"], h["detection"].get("sweep", {})
+        how = (
+            f"checked {k * (k - 1)} class pairs"
+            if sweep.get("exhaustive", True)
+            else f"screened {k} classes ({sweep['problems']} trigger problems)"
         )
+        click.echo(f"{how}: " + (f"{len(found)} detected" if found else "no backdoor detected"))
         for t, info in h["detection"]["intrinsic"].items():
             if info["dropped"]:
                 click.echo(
