@@ -78,16 +78,6 @@ class TriggerEstimate:
     def family(self) -> str:
         return self.problem.family
 
-    def stacked(self, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor]:
-        """(mask [1, H, W], pattern [C, H, W], additive v [C, H, W]) with x' = clip((1 − m)·x
-        + m·p + v): a patch sets m and p (v = 0), a perturbation v (m = p = 0)."""
-        pattern = torch.as_tensor(self.pattern, dtype=torch.float32, device=device)
-        if self.mask is not None:
-            m = torch.as_tensor(self.mask, dtype=torch.float32, device=device)[None]
-            return m, pattern, torch.zeros_like(pattern)
-        zeros = torch.zeros_like(pattern)
-        return zeros[:1], zeros, pattern
-
     def apply(self, x: Tensor, lo: float, hi: float, scale: float = 1.0) -> Tensor:
         """Embed the trigger in x: [N, C, H, W]; ``scale`` multiplies the mask (clipped to
         [0, 1]) or the perturbation, to make a weaker or stronger version of it."""
