@@ -50,13 +50,24 @@ def weighted_median(values: np.ndarray, weights: np.ndarray | None = None) -> fl
     v = np.asarray(values, dtype=np.float64)
     if weights is None:
         return float(np.median(v))
-    order = np.argsort(v, kind="stable")
-    v, c = v[order], np.cumsum(np.asarray(weights, dtype=np.float64)[order])
-    half = c[-1] / 2
-    i = int(np.searchsorted(c, half * (1 - 1e-12), "left"))
-    if i + 1 < len(v) and np.isclose(c[i], half, rtol=1e-9, atol=0.0):
-        return float((v[i] + v[i + 1]) / 2)
-    return float(v[i])
+    return float(weighted_medians(v[None], np.asarray(weights, dtype=np.float64)[None])[0])
+
+
+def weighted_medians(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """:func:`weighted_median` of every row of ``values`` [R, n] with ``weights`` [R, n] (no
+    NaN; a weight of 0 leaves its value out): [R]."""
+    order = np.argsort(values, axis=1, kind="stable")
+    v = np.take_along_axis(values, order, 1)
+    w = np.take_along_axis(weights, order, 1)
+    c = np.cumsum(w, axis=1)
+    half = c[:, -1:] / 2
+    i = np.argmax(c >= half * (1 - 1e-12), axis=1)
+    rows = np.arange(len(v))
+    tie = np.isclose(c[rows, i], half[:, 0], rtol=1e-9, atol=0.0)
+    # the next value that counts: the first after i with a weight
+    after = np.where((np.arange(v.shape[1]) > i[:, None]) & (w > 0), np.arange(v.shape[1]), -1)
+    nxt = np.where(after.max(1) >= 0, np.where(after < 0, v.shape[1], after).min(1), i)
+    return np.where(tie, (v[rows, i] + v[rows, nxt]) / 2, v[rows, i])
 
 
 def _select(weights: np.ndarray | None, mask: np.ndarray) -> np.ndarray | None:
@@ -113,20 +124,38 @@ def _row_medians(z: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
     return out
 
 
+def _others_medians(z: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """For every entry (s, t) of [K, K] ``z``, the weighted median of row s's other non-NaN
+    entries (NaN where (s, t) is NaN or is the row's only entry)."""
+    out = np.full(z.shape, np.nan)
+    for s, row in enumerate(z):
+        ok = np.flatnonzero(~np.isnan(row))
+        if len(ok) < 2:
+            continue
+        w = np.ones(len(ok)) if weights is None else np.asarray(weights, np.float64)[s, ok]
+        w = np.broadcast_to(w, (len(ok), len(ok))) * (1 - np.eye(len(ok)))  # row j leaves j out
+        out[s, ok] = weighted_medians(np.broadcast_to(row[ok], w.shape), w)
+    return out
+
+
 def pair_statistics(
     sizes: np.ndarray, normalise: Normalise = "source", weights: np.ndarray | None = None
 ) -> np.ndarray:
     """Detection statistic of every ordered pair from a [K, K] matrix of trigger sizes
     (row = source, column = target, NaN on the diagonal and for pairs not solved).
 
-    ``none``: 1 / size (the paper). ``source``: median over t' of size(s, t') / size(s, t)
-    (weighted by ``weights`` when the pairs are a sample).
+    ``none``: 1 / size (the paper). ``source``: median over t' of size(s, t') / size(s, t).
+    A sampled sweep (``weights`` given) takes the weighted median over t' != t: the pair is left
+    out of its normaliser, because with it the row's middle pair scores exactly 1, and three
+    heavily weighted references per row put a third of the weight there, which shrank the MAD
+    scale about twofold and made natural pairs outliers (README, Detection). An exhaustive row
+    (K − 1 equal weights) keeps the plain median, as in the paper's appendix.
     """
     z = np.maximum(np.asarray(sizes, dtype=np.float64), 1e-12)  # NaN stays NaN
     if normalise == "none":
         return 1.0 / z
     if weights is not None:
-        return _row_medians(z, np.asarray(weights, dtype=np.float64)) / z
+        return _others_medians(z, np.asarray(weights, dtype=np.float64)) / z
     with warnings.catch_warnings():  # a source with no solved pair has an all-NaN row
         warnings.simplefilter("ignore", RuntimeWarning)
         row = np.nanmedian(z, axis=1, keepdims=True)  # (K, 1)

@@ -43,7 +43,7 @@ from .data import Dataset
 from .detect import Detection, detect_pairs
 from .model import BnaModel
 from .reverse import ANY, Problem, TriggerEstimate
-from .settings import Settings
+from .settings import DetectSettings, Settings
 
 Solve = Callable[[Sequence[Problem], str], list[TriggerEstimate]]
 """solve(problems, stage): the estimates of ``problems`` (stage names the progress bar)."""
@@ -126,6 +126,36 @@ def _detect(
     return detect_pairs(sizes, d.mad_threshold, d.consistency, d.normalise, d.target_rule, weights)
 
 
+def screen_choice(
+    prob: np.ndarray, settings: DetectSettings, rng: np.random.Generator
+) -> tuple[set[tuple[int, int]], dict[int, set[int]], dict[str, Any]]:
+    """From the screen's landing probabilities ([K, K]: source, class) the pairs to solve (each
+    source's candidates and every source of a suspect target), the reference targets drawn per
+    source, and what the screen found (steps 1 to 3 of the module docstring)."""
+    n_classes = len(prob)
+    prob = prob.astype(np.float64, copy=True)
+    prob[np.arange(n_classes), np.arange(n_classes)] = -np.inf
+    ranks = np.argsort(-prob, axis=1, kind="stable")[:, : settings.screen_candidates]
+    votes = np.bincount(ranks.reshape(-1), minlength=n_classes)
+    order = np.lexsort((-np.where(np.isinf(prob), 0, prob).sum(0), -votes))
+    suspects = set(order[: settings.screen_targets].tolist())
+    suspects |= set(np.flatnonzero(votes >= n_classes / 2).tolist())
+    pairs = {(s, int(t)) for s in range(n_classes) for t in ranks[s]}
+    pairs |= {(s, t) for t in suspects for s in range(n_classes) if s != t}
+    refs: dict[int, set[int]] = {}
+    for s in range(n_classes):
+        rest = [t for t in range(n_classes) if t != s and (s, t) not in pairs]
+        take = min(settings.screen_references, len(rest))
+        drawn = rng.choice(rest, size=take, replace=False) if take else []
+        refs[s] = {int(t) for t in drawn}
+    record = {
+        "candidates": {str(s): [int(t) for t in ranks[s]] for s in range(n_classes)},
+        "votes": votes.tolist(),
+        "suspect_targets": sorted(int(t) for t in suspects),
+    }
+    return pairs, refs, record
+
+
 def run_sweep(
     model: BnaModel,
     data: Dataset,
@@ -154,26 +184,7 @@ def run_sweep(
     for f in families:
         mine = [e for e in screened if e.family == f]
         prob = np.stack([landing(model, data, e, input_range, n_classes) for e in mine])
-        prob[np.arange(n_classes), np.arange(n_classes)] = -np.inf  # (source, class)
-        ranks = np.argsort(-prob, axis=1, kind="stable")[:, : d.screen_candidates]
-        votes = np.bincount(ranks.reshape(-1), minlength=n_classes)
-        order = np.lexsort((-np.where(np.isinf(prob), 0, prob).sum(0), -votes))
-        suspects = set(order[: d.screen_targets].tolist())
-        suspects |= set(np.flatnonzero(votes >= n_classes / 2).tolist())
-        pairs = {(s, int(t)) for s in range(n_classes) for t in ranks[s]}
-        pairs |= {(s, t) for t in suspects for s in range(n_classes) if s != t}
-        refs: dict[int, set[int]] = {}
-        for s in range(n_classes):
-            rest = [t for t in range(n_classes) if t != s and (s, t) not in pairs]
-            take = min(d.screen_references, len(rest))
-            drawn = rng.choice(rest, size=take, replace=False) if take else []
-            refs[s] = {int(t) for t in drawn}
-        chosen[f], references[f] = pairs, refs
-        record[f] = {
-            "candidates": {str(s): [int(t) for t in ranks[s]] for s in range(n_classes)},
-            "votes": votes.tolist(),
-            "suspect_targets": sorted(int(t) for t in suspects),
-        }
+        chosen[f], references[f], record[f] = screen_choice(prob, d, rng)
     problems = [
         Problem(f, t, (s,), r)
         for f in families

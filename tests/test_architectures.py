@@ -37,7 +37,9 @@ ZOO = {  # architecture: (width, training epochs) at which it trains in seconds
 TARGET = 0
 REPAIRED = (0.10, 0.03)  # the goal: ASR at most 10 %, clean accuracy within 3 points
 SHORT_OF_THE_GOAL = {  # what these reach today (known target, default settings), not the goal
-    "mobilenetv2-short": (0.25, 0.06),  # .pt2: ASR 3 %, ACC -4 points; ONNX: ASR 17 %
+    # ASR 0-5 %, but 0-50 % of the clean target-class images flagged from one CPU (or thread
+    # count) to the next: ACC -0 to -10 points (CI: -10); ONNX: ASR 17 %
+    "mobilenetv2-short": (0.25, 0.15),
 }
 
 

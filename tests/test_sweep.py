@@ -51,8 +51,34 @@ def test_row_weights_and_source_normalisation():
     assert w[0, 1] == w[0, 2] == 1.0 and w[0, 3] == 2.0 and np.isnan(w[0, 4])
     sizes = np.where(solved, np.array([[0, 1.0, 4.0, 9.0, 0]]), np.nan)
     st = pair_statistics(sizes, "source", w)
-    # row median of {1, 4, 9, 9} = 6.5
-    assert st[0, 1] == pytest.approx(6.5) and st[0, 3] == pytest.approx(6.5 / 9)
+    # the weighted median of the row's other solved pairs: {4, 9, 9} for (0, 1), {1, 4} for
+    # the reference (0, 3), which leaves with the unsolved pair it stands for
+    assert st[0, 1] == pytest.approx(9.0) and st[0, 3] == pytest.approx(2.5 / 9)
+
+
+def _mad_scale(stats: np.ndarray, weights: np.ndarray | None = None) -> float:
+    ok = ~np.isnan(stats)
+    v, w = stats[ok], None if weights is None else weights[ok]
+    return 1.4826 * weighted_median(np.abs(v - weighted_median(v, w)), w)
+
+
+def test_a_sampled_sweep_keeps_the_spread_of_the_exhaustive_one():
+    """No backdoor, 40 classes: each source's 2 easiest targets plus 3 weighted references give
+    the MAD scale of every pair (normalising a pair by a median that holds the pair itself put
+    a third of the weight at exactly 1 and halved the scale, making natural pairs outliers)."""
+    rng, k = np.random.default_rng(0), 40
+    for _ in range(10):
+        z = np.exp(rng.normal(0, 0.3, (k, k)) + rng.normal(0, 0.3, (k, 1)))
+        np.fill_diagonal(z, np.nan)
+        solved, refs = np.zeros((k, k), dtype=bool), {}
+        for s in range(k):
+            solved[s, np.argsort(np.nan_to_num(z[s], nan=np.inf))[:2]] = True
+            rest = [t for t in range(k) if t != s and not solved[s, t]]
+            refs[s] = set(rng.choice(rest, 3, replace=False).tolist())
+            solved[s, sorted(refs[s])] = True
+        w = _weights(solved, refs, k)
+        sampled = _mad_scale(pair_statistics(np.where(solved, z, np.nan), "source", w), w)
+        assert 0.75 < sampled / _mad_scale(pair_statistics(z, "source")) < 1.4
 
 
 def test_exhaustive_sweep_is_every_ordered_pair():
