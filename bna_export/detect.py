@@ -124,7 +124,7 @@ def _row_medians(z: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
     return out
 
 
-def _others_medians(z: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+def _others_medians(z: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """For every entry (s, t) of [K, K] ``z``, the weighted median of row s's other non-NaN
     entries (NaN where (s, t) is NaN or is the row's only entry)."""
     out = np.full(z.shape, np.nan)
@@ -132,8 +132,7 @@ def _others_medians(z: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
         ok = np.flatnonzero(~np.isnan(row))
         if len(ok) < 2:
             continue
-        w = np.ones(len(ok)) if weights is None else np.asarray(weights, np.float64)[s, ok]
-        w = np.broadcast_to(w, (len(ok), len(ok))) * (1 - np.eye(len(ok)))  # row j leaves j out
+        w = np.broadcast_to(weights[s, ok], (len(ok), len(ok))) * (1 - np.eye(len(ok)))  # j: no j
         out[s, ok] = weighted_medians(np.broadcast_to(row[ok], w.shape), w)
     return out
 
