@@ -3,8 +3,10 @@ clean images per class for the defender), run ``fit`` with the known target, and
 before, then ACC, ASR, SIA, TPR, FPR of the repaired classifier, and the fit time.
 
 Run: ``python benchmarks/mitigation.py [--arch cnn,small-resnet] [--attacks patch,blend]
-[--seeds 0,1] [--set fit.lr=0.03 ...]``. ``cnn`` is the digits CNN (3 BN layers), ``small-resnet``
-a ResNet-style digits classifier (stem and three basic blocks, 16-64 channels, 9 BN layers).
+[--seeds 0,1] [--set fit.lr=0.03 ...] [--oracle]``
+(``--oracle``: Θ fitted on the attack's own trigger). ``cnn`` is the digits CNN (3 BN
+layers), ``small-resnet`` a ResNet-style digits classifier (stem and three basic blocks,
+16-64 channels, 9 BN layers).
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import time
 import numpy as np
 import torch
 
+from bna_export.attacks import Trigger
 from bna_export.defend import fit_defence
-from bna_export.fit import predict_mitigated
+from bna_export.fit import fit_thetas, predict_mitigated
 from bna_export.metrics import compute_metrics
 from bna_export.model import adapt_module
+from bna_export.reverse import Problem, TriggerEstimate
 from bna_export.scenario import build_scenario, digits
 from bna_export.settings import Settings, with_overrides
 
@@ -29,10 +33,40 @@ TRIGGER_OPTIONS = {
     "chessboard": {"delta": 8 / 255},
     "pixel": {"delta": 1.0},
     "warp": {"strength": 1.0},
+    "sig": {},
 }
 
 
-def evaluate_one(attack: str, target: int, seed: int, settings: Settings, arch: str) -> dict:
+def oracle(trigger: Trigger, shape: tuple[int, int, int], target: int) -> TriggerEstimate:
+    """The attack's own trigger as a trigger estimate of the family that expresses it exactly
+    (``--oracle``: what Θ does when the estimate is perfect)."""
+    _, h, w = shape
+    sources = tuple(k for k in range(10) if k != target)
+    if trigger.kind == "patch":
+        m, p = np.zeros((1, h, w), np.float32), np.zeros(shape, np.float32)
+        i, j = trigger.location
+        m[:, i : i + trigger.size, j : j + trigger.size] = 1
+        p[:, i : i + trigger.size, j : j + trigger.size] = trigger.pattern
+        fam, params = "patch", {"mask": m, "pattern": p}
+    elif trigger.kind == "blend":
+        alpha = np.array([trigger.alpha], np.float32)
+        fam, params = "blend", {"alpha": alpha, "pattern": trigger.pattern.astype(np.float32)}
+    elif trigger.kind == "warp":  # WaNet's grid units (s·k/H of [-1, 1]) in pixels
+        flow = trigger.pattern[0] * trigger.strength / h * (h - 1) / 2
+        fam, params = "warp", {"flow": flow.astype(np.float32)}
+    else:  # chessboard, sig, pixel: additive
+        v = np.zeros(shape, np.float32)
+        if trigger.kind == "pixel":
+            v[:, trigger.location[0], trigger.location[1]] = trigger.pattern
+        else:
+            v[:] = trigger.pattern
+        fam, params = "perturbation", {"pattern": v}
+    return TriggerEstimate(Problem(fam, target, sources), 0.0, 1.0, 0, params, shape)
+
+
+def evaluate_one(
+    attack: str, target: int, seed: int, settings: Settings, arch: str, use_oracle: bool = False
+) -> dict:
     x, y = digits()
     sc = build_scenario(
         x,
@@ -58,9 +92,19 @@ def evaluate_one(attack: str, target: int, seed: int, settings: Settings, arch: 
         [target],
     )
     t0 = time.perf_counter()
-    out = fit_defence(model, sc.defender, targets=[target], settings=settings)
+    if use_oracle:
+        est = oracle(sc.trigger, tuple(sc.defender.x.shape[1:]), target)
+        sources = {target: list(est.problem.sources)}
+        res = fit_thetas(
+            model, sc.defender, [target], sources, {target: [est]}, (0.0, 1.0), settings.fit,
+            settings.histogram, seed=settings.seed,
+        )  # fmt: skip
+        th, fam = res.thetas, f"oracle {est.family}"
+    else:
+        out = fit_defence(model, sc.defender, targets=[target], settings=settings)
+        th = [torch.from_numpy(out.fit.tensors[f"theta.{i}"]) for i in range(len(model.layers))]
+        fam = out.fit.header["families"][str(target)]
     seconds = time.perf_counter() - t0
-    th = [torch.from_numpy(out.fit.tensors[f"theta.{i}"]) for i in range(len(model.layers))]
     pc = predict_mitigated(model, [target], th, sc.test.x)
     pt = predict_mitigated(model, [target], th, sc.triggered["x"])
     after = compute_metrics(
@@ -73,7 +117,6 @@ def evaluate_one(attack: str, target: int, seed: int, settings: Settings, arch: 
         pt.triggered,
         [target],
     )
-    fam = out.fit.header["families"][str(target)]
     return {
         "arch": arch,
         "attack": attack,
@@ -89,11 +132,16 @@ def evaluate_one(attack: str, target: int, seed: int, settings: Settings, arch: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="cnn", help="cnn, small-resnet, or both comma-separated")
-    ap.add_argument("--attacks", default="patch,blend,chessboard,pixel,warp")
+    ap.add_argument("--attacks", default="patch,blend,chessboard,pixel,warp,sig")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--target", type=int, default=7)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--oracle",
+        action="store_true",
+        help="fit Θ on the attack's own trigger (no reverse-engineering): the objective's bound",
+    )
     args = ap.parse_args()
     torch.set_num_threads(2)
     settings = with_overrides(Settings(), args.overrides)
@@ -106,7 +154,7 @@ def main() -> None:
     for arch in args.arch.split(","):
         for attack in args.attacks.split(","):
             for seed in (int(s) for s in args.seeds.split(",")):
-                r = evaluate_one(attack, args.target, seed, settings, arch)
+                r = evaluate_one(attack, args.target, seed, settings, arch, args.oracle)
                 rows.append(r)
                 print(
                     f"| {arch} | {attack} | {seed} | {r['acc0']:.3f} | {r['asr0']:.3f} | "

@@ -1,7 +1,8 @@
 """Backdoor triggers and label maps used to build poisoned models for tests, demos and evaluation.
 
 Triggers act on float images x: [N, C, H, W] in the input range [lo, hi]: BadNet patch, blend,
-chessboard (additive), single pixel, and WaNet-style warping. Label maps: all-to-one (A2O) sends
+chessboard (additive), single pixel, WaNet-style warping, and SIG (Barni et al. 2019: additive
+sinusoidal stripes over the whole image). Label maps: all-to-one (A2O) sends
 every source to one target; all-to-all (A2A) sends class c to (c + 1) mod K.
 """
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-ATTACKS = ("patch", "blend", "chessboard", "pixel", "warp")
+ATTACKS = ("patch", "blend", "chessboard", "pixel", "warp", "sig")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,10 @@ class Trigger:
     """warp: WaNet's s (displacement scale)."""
     grid: int = 4
     """warp: WaNet's k (control grid side)."""
+    amplitude: float = 20.0 / 255.0
+    """sig: Δ, the stripes' amplitude, as a share of hi - lo (Barni et al.: 20/255)."""
+    frequency: float = 6.0
+    """sig: f, periods of the sine across the image width (Barni et al.: 6)."""
     seed: int = 0
     pattern: np.ndarray = field(init=False, repr=False, compare=False)
     location: tuple[int, int] = field(init=False, compare=False)
@@ -57,6 +62,9 @@ class Trigger:
         elif self.kind == "pixel":
             loc = (int(rng.integers(0, h)), int(rng.integers(0, w)))
             pat = np.full((c,), self.delta * span)
+        elif self.kind == "sig":  # v(i, j) = Δ·sin(2π·j·f / W), the same in every row and channel
+            stripes = np.sin(2 * np.pi * np.arange(w) * self.frequency / w)
+            pat = np.broadcast_to(self.amplitude * span * stripes, (c, h, w))
         else:  # warp: WaNet control grid, normalised by its mean absolute value
             noise = rng.uniform(-1, 1, size=(1, 2, self.grid, self.grid))
             pat = noise / np.abs(noise).mean()
@@ -71,7 +79,7 @@ class Trigger:
             x[:, :, i : i + self.size, j : j + self.size] = self.pattern
         elif self.kind == "blend":
             x = (1 - self.alpha) * x + self.alpha * self.pattern
-        elif self.kind == "chessboard":
+        elif self.kind in ("chessboard", "sig"):
             x = x + self.pattern
         elif self.kind == "pixel":
             x[:, :, i, j] = x[:, :, i, j] + self.pattern

@@ -26,14 +26,15 @@ from .data import Dataset
 from .detect import Detection, intrinsic_check
 from .distributed import Shard, solve
 from .errors import BadInputError, FitFileError, ModelError
-from .fit import fit_thetas, g_logits, predict_mitigated
+from .families import FAMILIES as FAMILY_CLASSES
+from .fit import Refresh, fit_thetas, g_logits, predict_mitigated
 from .model import BnaModel
 from .reverse import (
-    FAMILIES,
     Problem,
     TriggerEstimate,
     choose_family,
     relative_size,
+    reverse_engineer,
     succeeds,
 )
 from .settings import Settings
@@ -145,12 +146,12 @@ def fit_defence(
         range(n_classes) if detecting else {*sources, *(s for v in sources.values() for s in v)}
     )
     lo, hi = _check_data(data, n_classes, sorted(needed), input_range)
-    families = list(FAMILIES) if settings.trigger_type == "both" else [settings.trigger_type]
+    families, swept = _families(settings)
     job = _Job(model, data, families, (lo, hi), settings, shard, progress)
 
     sweep = None
     if detecting:
-        sweep = _find_backdoors(job, n_classes)
+        sweep = _find_backdoors(job, n_classes, swept)
         sources = sweep.detection.sources
     known = {e.problem: e for e in sweep.estimates} if sweep else {}
     estimates = job.per_target(sources, known)
@@ -185,8 +186,11 @@ def fit_defence(
             settings.histogram,
             seed=settings.seed,
             progress=None if progress is None else (lambda d, n: progress("fit", d, n, "")),
+            refresh=_refresher(job, sources),
         )
         thetas, history = result.thetas, result.history
+        fresh = [e for t in tlist for e in result.triggers[t] if e.problem.restart >= _ROUND]
+        estimates, chosen = estimates + fresh, result.triggers
     else:  # nothing detected: no Θ, f is served unchanged
         thetas = [torch.zeros((0, 4, la.channels)) for la in model.layers]
         history = []
@@ -291,16 +295,77 @@ class _Job:
         return [found[p] for p in problems]
 
 
-def _find_backdoors(job: _Job, n_classes: int) -> SweepResult:
+_ROUND = 1000
+"""A refreshed problem's restart number: its round times this plus the restart it came from,
+so every round draws its own minibatches."""
+
+
+def _refresher(job: _Job, sources: dict[int, list[int]]) -> Refresh:
+    """The Θ fit's refresh (``fit.refresh_every``): each target's latest triggers, re-solved
+    against g_t (the current Θ) from where they are, with the ``refresh`` solver; those that
+    still send ``fit.refresh_success`` of the pooled sources to t are returned."""
+    s = job.settings
+    latest: dict[int, list[TriggerEstimate]] = {}
+    rounds = {"done": 0}
+
+    def refresh(targets, thetas, triggers):
+        rounds["done"] += 1
+        base = {t: latest.get(t, list(triggers[t])) for t in targets}
+        problems, start, route = [], [], []
+        for i, t in enumerate(targets):
+            for e in base[t]:
+                r = rounds["done"] * _ROUND + e.problem.restart % _ROUND
+                problems.append(Problem(e.family, t, tuple(sources[t]), r))
+                start.append(e)
+                route.append(i)
+        index = torch.tensor(route, device=job.model.device)
+
+        def g(x: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+            with job.model.mitigated(thetas, index[which]):
+                return job.model(x)
+
+        found = reverse_engineer(
+            job.model, job.data, problems, job.input_range, s.refresh, s.seed, forward=g,
+            start=start,
+        )  # fmt: skip
+        out: dict[int, list[TriggerEstimate]] = {}
+        growth = s.fit.refresh_growth or float("inf")
+        for t in targets:
+            pairs = [(e, b) for e, b in zip(found, start, strict=True) if e.problem.target == t]
+            latest[t] = [e for e, _ in pairs]
+            out[t] = [
+                e
+                for e, b in pairs
+                if e.success >= s.fit.refresh_success - 1e-9 and e.size <= growth * b.size
+            ]
+        return out
+
+    return refresh
+
+
+def _families(settings: Settings) -> tuple[list[str], list[str]]:
+    """The families of the per-target estimates and of the sweep (``trigger_type`` one family:
+    that one for both)."""
+    if settings.trigger_type != "both":
+        return [settings.trigger_type], [settings.trigger_type]
+    for name in (*settings.families, *settings.detect_families):
+        if name not in FAMILY_CLASSES:
+            raise BadInputError(
+                f"trigger family {name!r}: expected one of {', '.join(FAMILY_CLASSES)}"
+            )
+    if not settings.families or not settings.detect_families:
+        raise BadInputError("families and detect_families need at least one trigger family")
+    return list(settings.families), list(settings.detect_families)
+
+
+def _find_backdoors(job: _Job, n_classes: int, families: list[str]) -> SweepResult:
     """The pair sweep (or its screen) and the detection, before the intrinsic check."""
 
     def solve(problems: Sequence[Problem], stage: str) -> list[TriggerEstimate]:
         report = _pairs_progress(problems, job.progress, job.shard, stage)
         return job.solve(problems, report, sweep=True)
 
-    return run_sweep(
-        job.model, job.data, n_classes, job.families, job.input_range, job.settings, solve
-    )
+    return run_sweep(job.model, job.data, n_classes, families, job.input_range, job.settings, solve)
 
 
 def _intrinsic_check(
@@ -382,7 +447,7 @@ def _scores(
                 for t in triggers
                 if t["family"] == f
             ]
-            for f in FAMILIES
+            for f in dict.fromkeys(t["family"] for t in triggers)
         }
     det = sweep.detection
     out = {}
@@ -442,7 +507,8 @@ def _record(
                 "family": e.family,
                 "target": e.problem.target,
                 "sources": list(e.problem.sources),
-                "restart": e.problem.restart,
+                "restart": e.problem.restart % _ROUND,
+                "refresh_round": e.problem.restart // _ROUND,
                 "size": e.size,
                 "relative_size": relative_size(e, input_range),
                 "success": e.success,
@@ -450,9 +516,8 @@ def _record(
                 "used": used,
             }
         )
-        tensors[f"trigger.{j}.pattern"] = e.pattern.astype(np.float32)
-        if e.mask is not None:
-            tensors[f"trigger.{j}.mask"] = e.mask.astype(np.float32)
+        for key, value in e.params.items():
+            tensors[f"trigger.{j}.{key}"] = value.astype(np.float32)
     probes = _probe_inputs(data, sources, chosen, input_range, n_classes)
     with torch.no_grad(), model.capturing() as outputs:
         f_logits = model(torch.from_numpy(probes).to(model.device)).cpu().numpy()

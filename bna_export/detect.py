@@ -209,10 +209,17 @@ def target_scores(
 ) -> np.ndarray:
     """Anomaly score of every target's median pair statistic: [K, K] -> [K].
 
-    The scale is the larger of the spread of the targets' medians (MAD across targets) and
-    the sampling error of a median of n pair statistics, 1.2533·σ/√n with σ the pairs' own MAD
-    scale: with few targets whose medians happen to agree closely, the first alone would make
-    a small wobble look like an attack.
+    A target's median m_t differs from the others' by a real effect (some classes are easier
+    to reach) and by the sampling error of a median of its solved pairs, se_t = 1.2533·σ/√n_t
+    (σ the pairs' own MAD scale, n_t the column's effective count (Σw)²/Σw², its solved count
+    when unweighted). The spread of the medians (MAD across targets) holds both, so the real
+    effects' spread is τ² = max(0, spread² − median_t se_t²), and target t is scored as
+    |m_t − median(m)| / √(τ² + se_t²). With every pair solved all se_t are equal and this is
+    max(spread, se): with few targets whose medians happen to agree closely, the spread alone
+    would make a small wobble look like an attack. In a screened sweep the columns of
+    non-suspect targets hold a few pairs each, so their medians are noisy and the spread is
+    large, while an all-to-one suspect's column is complete: scoring it by the spread alone
+    halved its score (README, Detection).
     """
     st = np.asarray(stats, dtype=np.float64)
     ts = target_statistics(st, weights)
@@ -229,8 +236,12 @@ def target_scores(
         if pairs.size
         else 0.0
     )
-    n = np.maximum((~np.isnan(st)).sum(axis=0), 1)
-    scale = np.maximum(spread, _MEDIAN_SE * sigma / np.sqrt(n))
+    counted = np.where(solved, 1.0 if weights is None else np.nan_to_num(weights), 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        n_eff = np.maximum(counted.sum(0) ** 2 / (counted**2).sum(0), 1.0)
+    se = _MEDIAN_SE * sigma / np.sqrt(np.nan_to_num(n_eff, nan=1.0))
+    tau2 = max(0.0, spread**2 - float(np.median(se[finite] ** 2)))
+    scale = np.sqrt(tau2 + se**2)
     with np.errstate(divide="ignore", invalid="ignore"):
         out[finite] = np.where(
             scale[finite] > 0, dev[finite] / scale[finite], np.where(dev[finite] == 0, 0.0, np.inf)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from .data import Dataset
 from .errors import BadInputError
+from .families import FAMILIES
 from .model import BnaModel
 from .reverse import Problem, Progress, TriggerEstimate, reverse_engineer
 from .settings import ReverseSettings
@@ -111,29 +112,37 @@ def solve(
     local = reverse_engineer(
         model, data, [problems[i] for i in mine], input_range, settings, seed, report
     )
-    c, h, w = data.x.shape[1:]
     n = len(problems)
     numbers = torch.zeros((n, 3), dtype=torch.float64)  # size, success, steps
-    masks = torch.zeros((n, h, w))
-    patterns = torch.zeros((n, c, h, w))
+    shape = tuple(int(d) for d in data.x.shape[1:])
+    # one zero-filled tensor per family and trigger tensor, each rank filling its own rows
+    keys = {
+        (p.family, k): FAMILIES[p.family].start(torch.Generator(), shape, 1.0, 0.0)[k].shape
+        for p in problems
+        for k in FAMILIES[p.family].keys
+    }
+    parts = {key: torch.zeros((n, *dims)) for key, dims in keys.items()}
     for i, est in zip(mine, local, strict=True):
         numbers[i] = torch.tensor([est.size, est.success, est.steps], dtype=torch.float64)
-        if est.mask is not None:
-            masks[i] = torch.from_numpy(est.mask)
-        patterns[i] = torch.from_numpy(est.pattern)
+        for k, v in est.params.items():
+            parts[(est.family, k)][i] = torch.from_numpy(v)
     dev = model.device  # nccl reduces tensors on the GPU, gloo on the CPU
-    numbers, masks, patterns = (t.to(dev) for t in (numbers, masks, patterns))
-    for t in (numbers, masks, patterns):
+    flat = [numbers.to(dev)] + [parts[key].to(dev) for key in sorted(parts)]
+    for t in flat:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    numbers, masks, patterns = (t.cpu() for t in (numbers, masks, patterns))
+    numbers = flat[0].cpu()
+    parts = {key: t.cpu() for key, t in zip(sorted(parts), flat[1:], strict=True)}
     return [
         TriggerEstimate(
             problem=p,
             size=float(numbers[i, 0]),
             success=float(numbers[i, 1]),
             steps=int(numbers[i, 2]),
-            mask=masks[i].numpy().copy() if p.family == "patch" else None,
-            pattern=np.ascontiguousarray(patterns[i].numpy()),
+            params={
+                k: np.ascontiguousarray(parts[(p.family, k)][i].numpy())
+                for k in FAMILIES[p.family].keys
+            },
+            shape=shape,
         )
         for i, p in enumerate(problems)
     ]

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .data import Dataset
+from .families import FAMILIES
 from .histogram import divergence, normalise, soft_histogram
 from .model import BnaModel
 from .reverse import TriggerEstimate
@@ -33,6 +34,13 @@ from .settings import FitSettings, HistogramSettings
 from .statistics import CleanStatistics, Table, clean_statistics, sample_blocks
 
 Progress = Callable[[int, int], None]
+Refresh = Callable[
+    [Sequence[int], list[Tensor], dict[int, list[TriggerEstimate]]],
+    dict[int, list[TriggerEstimate]],
+]
+"""refresh(targets, thetas, triggers): new trigger estimates per target that still work on g_t
+(thetas: the current Θ of ``targets``, [T, 4, C] per layer, target i routed by index i); the
+fit adds them to each target's triggers (``fit.refresh_every``)."""
 
 
 @dataclass
@@ -42,6 +50,8 @@ class FitResult:
     targets: list[int]
     thetas: list[Tensor]
     history: list[float] = field(default_factory=list)
+    triggers: dict[int, list[TriggerEstimate]] = field(default_factory=dict)
+    """Every target's triggers the fit used at the end (the given ones and any refreshed)."""
 
 
 def _jitter(x: Tensor, pixels: int, rng: np.random.Generator) -> Tensor:
@@ -61,35 +71,33 @@ def _jitter(x: Tensor, pixels: int, rng: np.random.Generator) -> Tensor:
 
 
 class _Variants:
-    """Every way an image is shown to the fit, stacked so that a batch embeds them in one op:
-    x' = clip((1 − m)·x + m·p + v, lo, hi). Variant 0 is the clean image; then each estimate
-    of each target at each scale (a patch sets m and p, a perturbation v)."""
+    """Every way an image is shown to the fit, stacked per trigger family so that a batch
+    embeds each family's variants in one op. Variant 0 is the clean image; then each estimate
+    of each target at each scale (:meth:`~bna_export.families.Family.scaled`)."""
 
     def __init__(
         self,
         targets: Sequence[int],
         triggers: dict[int, Sequence[TriggerEstimate]],
         settings: FitSettings,
-        shape: tuple[int, int, int],
         input_range: tuple[float, float],
     ) -> None:
-        _, h, w = shape
         self.lo, self.hi = input_range
-        masks, patterns, adds = [np.zeros((1, h, w))], [np.zeros(shape)], [np.zeros(shape)]
+        self.family: list[str | None] = [None]  # per variant
+        self.row: list[int] = [0]  # per variant: its row in its family's stacked tensors
+        stacks: dict[str, dict[str, list[Tensor]]] = {}
         index: dict[tuple[int, float], int] = {}
 
         def variant(est: TriggerEstimate, scale: float) -> int:
             key = (id(est), scale)
             if key not in index:
-                index[key] = len(masks)
-                if est.mask is not None:
-                    masks.append(np.clip(est.mask * scale, 0, 1)[None])
-                    patterns.append(est.pattern)
-                    adds.append(np.zeros(shape))
-                else:
-                    masks.append(np.zeros((1, h, w)))
-                    patterns.append(np.zeros(shape))
-                    adds.append(scale * est.pattern)
+                index[key] = len(self.family)
+                trig = est.kind.scaled(est.tensors(), scale)
+                rows = stacks.setdefault(est.family, {k: [] for k in trig})
+                self.family.append(est.family)
+                self.row.append(len(next(iter(rows.values()))))
+                for k, v in trig.items():
+                    rows[k].append(v[0].float())
             return index[key]
 
         self.triggered = [
@@ -99,21 +107,28 @@ class _Variants:
             [0] + ([variant(e, 1.0) for e in triggers[t]] if settings.target_triggered else [])
             for t in targets
         ]
-        self.mask = torch.from_numpy(np.stack(masks).astype(np.float32))
-        self.pattern = torch.from_numpy(np.stack(patterns).astype(np.float32))
-        self.add = torch.from_numpy(np.stack(adds).astype(np.float32))
+        self.names = sorted(stacks)
+        self.params = {f: {k: torch.stack(v) for k, v in r.items()} for f, r in stacks.items()}
+        self.code = torch.tensor([-1 if f is None else self.names.index(f) for f in self.family])
+        self.rows = torch.tensor(self.row)
 
     def to(self, device: torch.device) -> _Variants:
-        self.mask, self.pattern, self.add = (
-            t.to(device) for t in (self.mask, self.pattern, self.add)
-        )
+        self.params = {f: {k: t.to(device) for k, t in r.items()} for f, r in self.params.items()}
+        self.code, self.rows = self.code.to(device), self.rows.to(device)
         return self
 
     def apply(self, x: Tensor, which: Tensor) -> Tensor:
         """x: (N, C, H, W) with variant ``which`` [N] embedded."""
-        m = self.mask[which]
-        out = (1 - m) * x + m * self.pattern[which] + self.add[which]
-        return torch.clamp(out, self.lo, self.hi)
+        out = x.clone()
+        code = self.code[which]
+        for fi, name in enumerate(self.names):
+            at = torch.nonzero(code == fi).flatten()
+            if not at.numel():
+                continue
+            r = self.rows[which[at]]
+            trig = {k: t[r] for k, t in self.params[name].items()}
+            out[at] = FAMILIES[name].embed(trig, x[at][:, None], self.lo, self.hi)[:, 0]
+        return out
 
 
 def _draws(
@@ -231,6 +246,53 @@ def _keep_target(
         return model(_jitter(x, settings.jitter, rng))
 
 
+def _refreshing(settings: FitSettings, epoch: int) -> bool:
+    """Whether the triggers are refreshed before ``epoch`` (every ``refresh_every`` epochs,
+    never before the first)."""
+    every = settings.refresh_every
+    return every > 0 and epoch > 0 and epoch % every == 0
+
+
+class _KeepWeight:
+    """The weight of the keep-t term per target: ``fit.target_ce_weight`` to start; with
+    ``fit.target_flag_budget``, after every step it grows by ``fit.target_weight_step`` while
+    more than that share of t's clean images (those f answers t for, as routing would) are
+    flagged by g_t, and shrinks back otherwise, within [1/4, 16]× the start: Neural Cleanse's
+    adaptive λ, applied to the false flags the defender can see."""
+
+    def __init__(
+        self, model: BnaModel, data: Dataset, targets: Sequence[int], settings: FitSettings
+    ) -> None:
+        dev, n_t = model.device, len(targets)
+        self.settings = settings
+        self.weight = torch.full((n_t,), float(settings.target_ce_weight), device=dev)
+        idx = [data.of_classes([t]) for t in targets]
+        self.x = torch.from_numpy(data.x[np.concatenate(idx)]).to(dev)
+        self.route = torch.arange(n_t, device=dev).repeat_interleave(
+            torch.tensor([len(i) for i in idx], device=dev)
+        )
+        self.label = torch.tensor(list(targets), device=dev)[self.route]
+        with torch.no_grad():
+            self.routed = model(self.x).argmax(1) == self.label
+        self.flagged = torch.zeros(n_t, device=dev)
+
+    def update(self, model: BnaModel, thetas: list[Tensor]) -> None:
+        s = self.settings
+        if s.target_flag_budget <= 0 or s.target_ce_weight <= 0 or not bool(self.routed.any()):
+            return
+        x, route = self.x[self.routed], self.route[self.routed]
+        with torch.no_grad(), model.mitigated([t.detach() for t in thetas], route):
+            flag = (model(x).argmax(1) != self.label[self.routed]).float()
+        n = torch.zeros_like(self.weight).index_add_(0, route, torch.ones_like(flag))
+        self.flagged = torch.zeros_like(self.weight).index_add_(0, route, flag) / n.clamp_min(1)
+        over = self.flagged > s.target_flag_budget
+        step = torch.where(over, s.target_weight_step, 1 / s.target_weight_step)
+        w0 = s.target_ce_weight
+        self.weight = torch.clamp(
+            self.weight * step, w0 / s.target_weight_range, w0 * s.target_weight_range
+        )
+
+
 def fit_thetas(
     model: BnaModel,
     data: Dataset,
@@ -242,9 +304,12 @@ def fit_thetas(
     hist: HistogramSettings = HistogramSettings(),
     seed: int = 0,
     progress: Progress | None = None,
+    refresh: Refresh | None = None,
 ) -> FitResult:
     """Fit Θ_t for every t in ``targets`` (sources S(t), triggers used to build q), at most
-    ``settings.targets_per_pass`` targets at a time (each group seeded by its place)."""
+    ``settings.targets_per_pass`` targets at a time (each group seeded by its place). With
+    ``refresh``, every ``settings.refresh_every`` epochs the triggers that still work on the
+    current g_t join each target's triggers."""
     group = settings.targets_per_pass
     if len(targets) > group:
         parts = [list(targets[i : i + group]) for i in range(0, len(targets), group)]
@@ -268,32 +333,42 @@ def fit_thetas(
                     hist,
                     seed + j,
                     report,
+                    refresh,
                 )
             )
         thetas = [torch.cat([r.thetas[i] for r in out]) for i in range(len(out[0].thetas))]
         history = [float(sum(h)) for h in zip(*(r.history for r in out), strict=True)]
-        return FitResult(list(targets), thetas, history)
+        used = {t: e for r in out for t, e in r.triggers.items()}
+        return FitResult(list(targets), thetas, history, used)
     n_t, dev = len(targets), model.device
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     clean = clean_statistics(model, data, [sources[t] for t in targets], settings, hist, gen)
     params = _Parameters(model, clean, n_t, settings)
     opt = torch.optim.Adam(params.learned, lr=settings.lr)
-    variants = _Variants(targets, triggers, settings, data.x.shape[1:], input_range).to(dev)
+    mine = {t: list(triggers[t]) for t in targets}
+    variants = _Variants(targets, mine, settings, input_range).to(dev)
+    keep = _KeepWeight(model, data, targets, settings)
     x_all, y_all = torch.from_numpy(data.x).to(dev), torch.from_numpy(data.y).to(dev)
     src = [data.of_classes(list(sources[t])) for t in targets]
     tgt = [data.of_classes([t]) for t in targets]
-    keep_pairs = [  # every (clean image of t, keep variant) pair, as a flat pool per target
-        np.arange(len(i) * len(k)) for i, k in zip(tgt, variants.keep, strict=True)
-    ]
     b = settings.batch_size
     steps_per_epoch = max(1, -(-max(len(s) for s in src) // b))
-    tb = settings.target_batch or max(len(p) for p in keep_pairs)
     target_label = torch.tensor(list(targets), device=dev)
     total = settings.epochs * steps_per_epoch
     history: list[float] = []
     step = 0
-    for _ in range(settings.epochs):
+    for epoch in range(settings.epochs):
+        if refresh is not None and _refreshing(settings, epoch):
+            with torch.no_grad():
+                now = [t.detach().clone() for t in params.thetas()]
+            fresh = refresh(list(targets), now, mine)
+            mine = {t: mine[t] + list(fresh.get(t, [])) for t in targets}
+            variants = _Variants(targets, mine, settings, input_range).to(dev)
+        keep_pairs = [  # every (clean image of t, keep variant) pair, as a flat pool per target
+            np.arange(len(i) * len(k)) for i, k in zip(tgt, variants.keep, strict=True)
+        ]
+        tb = settings.target_batch or max(len(p) for p in keep_pairs)
         img, var = _draws(src, variants.triggered, steps_per_epoch * b, rng)
         pair, _ = _draws(keep_pairs, [[0]] * n_t, steps_per_epoch * tb, rng)
         epoch_loss = 0.0
@@ -312,8 +387,10 @@ def fit_thetas(
             if settings.target_ce_weight > 0:
                 which = torch.from_numpy(pair[:, k * tb : (k + 1) * tb].reshape(-1))
                 logits_t = _keep_target(model, th, x_all, variants, tgt, which, tb, rng, settings)
-                ce = torch.nn.functional.cross_entropy(logits_t, target_label.repeat_interleave(tb))
-                loss = loss + settings.target_ce_weight * ce
+                ce = torch.nn.functional.cross_entropy(
+                    logits_t, target_label.repeat_interleave(tb), reduction="none"
+                )
+                loss = loss + (keep.weight.repeat_interleave(tb) * ce).mean()
             if settings.clean_ce_weight > 0:
                 with model.mitigated(th, route):
                     ce = torch.nn.functional.cross_entropy(model(x_all[sel]), y_all[sel])
@@ -322,6 +399,7 @@ def fit_thetas(
             loss.backward()
             opt.step()
             params.keep_ordered()
+            keep.update(model, params.thetas())
             epoch_loss += float(loss.detach())
             step += 1
             if progress is not None:
@@ -329,7 +407,7 @@ def fit_thetas(
         history.append(epoch_loss / steps_per_epoch)
     with torch.no_grad():
         final = [t.detach().cpu().clone() for t in params.thetas()]
-    return FitResult(list(targets), final, history)
+    return FitResult(list(targets), final, history, mine)
 
 
 @dataclass

@@ -1,22 +1,24 @@
 """Trigger reverse-engineering, solved as one batch of problems that share the model.
 
-A problem is (family, target t, source classes S, restart): find the smallest trigger sending
-clean images of S to t; with t = :data:`ANY` (an untargeted problem, one source s), to any class
-but s. Families:
+A problem is (family, target t, source classes S, restart): find the smallest trigger of its
+family (:mod:`bna_export.families`) sending clean images of S to t; with t = :data:`ANY` (an
+untargeted problem, one source s), to any class but s. A family's ``rule`` picks its update:
 
-- ``patch`` (Neural Cleanse, Wang et al. 2019): x' = (1 - m)·x + m·p, size ‖m‖₁. Adam on
-  CE(f(x'), t) + λ·‖m‖₁ with Neural Cleanse's adaptive λ; a problem stops early once its trigger
-  succeeds and stops shrinking.
-- ``perturbation`` (Xiang et al. 2020): x' = clip(x + v, lo, hi), size ‖v‖₂. Starting near 0,
-  v takes normalised steps down the gradient of CE(f(x'), t) and stops the first time the
-  trigger succeeds: the size is that of the shortest path to success, so it needs no λ.
+- ``penalised`` (Neural Cleanse, Wang et al. 2019): Adam on CE(f(x'), t) + λ·size with Neural
+  Cleanse's adaptive λ; a problem stops early once its trigger succeeds and stops shrinking.
+- ``grow`` (Xiang et al. 2020): starting near 0, the trigger takes normalised steps down the
+  gradient of CE(f(x'), t) and stops the first time it succeeds: the size is that of the
+  shortest path to success, so it needs no λ.
 
 Each step runs every active problem's triggered images through f at once (chunked to bound
-memory) and updates each problem from its own gradient. Every random choice of a problem (its
-initialisation, its minibatches) comes from a generator seeded by the problem itself, and f's
-answer on an image does not depend on the other images of the batch, so a problem's estimate is
-the same whichever problems it is solved with: solving all pairs in one process or sharded over
-several gives the same estimates.
+memory, one family per chunk) and updates each problem from its own gradient. Every random
+choice of a problem (its initialisation, its minibatches) comes from a generator seeded by the
+problem itself, and f's answer on an image does not depend on the other images of the batch, so
+a problem's estimate is the same whichever problems it is solved with: solving all pairs in one
+process or sharded over several gives the same estimates.
+
+``forward`` replaces f (e.g. by g_t, to find the triggers that still work on a repaired model),
+and ``start`` warm-starts problems from earlier estimates.
 """
 
 from __future__ import annotations
@@ -31,15 +33,22 @@ import torch
 from torch import Tensor
 
 from .data import Dataset
+from .families import FAMILIES as FAMILY_CLASSES
+from .families import Family, Trigger
 from .model import BnaModel
 from .settings import ReverseSettings
 
 FAMILIES = ("patch", "perturbation")
+"""The families of the original method (Neural Cleanse's patch and Xiang et al.'s additive
+perturbation); :data:`bna_export.families.FAMILIES` holds every family by name."""
 ANY = -1
 """The target of an untargeted problem: any class but its (single) source."""
 Progress = Callable[[int, int, Tensor], None]
 """progress(done, total, finished): problem-steps done (a finished problem counts all its
 steps), the most there can be, and a [P] bool mask of the problems that have finished."""
+Forward = Callable[[Tensor, Tensor], Tensor]
+"""forward(x, problem): logits of images x [N, C, H, W], each belonging to problem [N] (its
+index in the list solved)."""
 
 _ADAM_BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
@@ -64,29 +73,47 @@ class Problem:
 
 @dataclass
 class TriggerEstimate:
-    """A reverse-engineered trigger. patch: ``mask`` [H, W], ``pattern`` [C, H, W];
-    perturbation: ``pattern`` is the additive v [C, H, W] and ``mask`` is None."""
+    """A reverse-engineered trigger: its family's tensors ``params`` (see
+    :mod:`bna_export.families`; e.g. patch: ``mask`` [1, H, W] and ``pattern`` [C, H, W]) for
+    images of ``shape`` (C, H, W)."""
 
     problem: Problem
     size: float
     success: float
     steps: int
-    mask: np.ndarray | None
-    pattern: np.ndarray
+    params: dict[str, np.ndarray]
+    shape: tuple[int, int, int]
 
     @property
     def family(self) -> str:
         return self.problem.family
 
+    @property
+    def kind(self) -> Family:
+        return FAMILY_CLASSES[self.problem.family]
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        """A patch's mask [H, W] (None for other families)."""
+        m = self.params.get("mask")
+        return None if m is None else m[0]
+
+    @property
+    def pattern(self) -> np.ndarray:
+        """The pattern [C, H, W] of a patch or blend, the additive v of a perturbation."""
+        return self.params["pattern"]
+
+    def tensors(self, device: torch.device | str = "cpu") -> Trigger:
+        """The trigger as tensors with a leading problem dimension of 1."""
+        return {k: torch.as_tensor(v, device=device)[None] for k, v in self.params.items()}
+
     def apply(self, x: Tensor, lo: float, hi: float, scale: float = 1.0) -> Tensor:
-        """Embed the trigger in x: [N, C, H, W]; ``scale`` multiplies the mask (clipped to
-        [0, 1]) or the perturbation, to make a weaker or stronger version of it."""
-        pattern = torch.as_tensor(self.pattern, dtype=x.dtype, device=x.device)
-        if self.mask is not None:
-            m = torch.as_tensor(self.mask, dtype=x.dtype, device=x.device)
-            m = torch.clamp(m * scale, 0, 1)
-            return (1 - m) * x + m * pattern
-        return torch.clamp(x + scale * pattern, lo, hi)
+        """Embed the trigger in x: [N, C, H, W]; ``scale`` strengthens (> 1) or weakens it
+        (the family's :meth:`~bna_export.families.Family.scaled`)."""
+        trig = {k: v.to(x.dtype) for k, v in self.tensors(x.device).items()}
+        if scale != 1.0:
+            trig = self.kind.scaled(trig, scale)
+        return self.kind.embed(trig, x[None], lo, hi)[0]
 
 
 def bf16_native(device: torch.device) -> bool:
@@ -123,15 +150,6 @@ def _goal(logits: Tensor, target: Tensor, away: Tensor) -> tuple[Tensor, Tensor]
         loss = torch.where(untargeted, leave, loss)
         hit = torch.where(untargeted, logits.argmax(1) != away, hit)
     return loss, hit
-
-
-def _embed(
-    x: Tensor, mask: Tensor, pattern: Tensor, v: Tensor, is_patch: Tensor, lo: float, hi: float
-) -> Tensor:
-    """x: (P, B, C, H, W); mask (P, 1, 1, H, W); pattern, v (P, 1, C, H, W); is_patch (P,)."""
-    patched = (1 - mask) * x + mask * pattern
-    shifted = torch.clamp(x + v, lo, hi)
-    return torch.where(is_patch.view(-1, 1, 1, 1, 1), patched, shifted)
 
 
 class _Pools:
@@ -190,6 +208,43 @@ class _Pools:
         return self.matrix[chunk], (pos[None, :] < self.length[chunk, None]).float()
 
 
+class _Triggers:
+    """Every problem's raw parameters, kept per family (a family's problems are the rows of
+    its tensors); ``row[i]`` is problem i's row in its family's tensors."""
+
+    def __init__(self, problems: Sequence[Problem], raw: Sequence[Trigger], dev: torch.device):
+        self.names = list(dict.fromkeys(p.family for p in problems))
+        self.family = torch.tensor([self.names.index(p.family) for p in problems])
+        self.row = torch.zeros(len(problems), dtype=torch.int64)
+        self.raw: dict[str, Trigger] = {}
+        for fi, name in enumerate(self.names):
+            members = torch.nonzero(self.family == fi).flatten()
+            self.row[members] = torch.arange(len(members))
+            keys = FAMILY_CLASSES[name].keys
+            self.raw[name] = {
+                k: torch.stack([raw[i][k] for i in members.tolist()]).to(dev) for k in keys
+            }
+
+    def of(self, name: str, among: Tensor) -> Tensor:
+        """The problems of ``among`` that belong to family ``name``."""
+        return among[self.family[among] == self.names.index(name)]
+
+    def clone(self) -> dict[str, Trigger]:
+        return {f: {k: t.clone() for k, t in r.items()} for f, r in self.raw.items()}
+
+
+def _sizes(raw: dict[str, Trigger], tr: _Triggers, lo: float, hi: float, n: int) -> Tensor:
+    """Every problem's trigger size from raw parameters ``raw`` (one dict per family): (n,)."""
+    out = torch.zeros(n, dtype=torch.float64)
+    everyone = torch.arange(n)
+    with torch.no_grad():
+        for name in tr.names:
+            mine = tr.of(name, everyone)
+            fam = FAMILY_CLASSES[name]
+            out[mine] = fam.size(fam.decode(raw[name], lo, hi)).double().cpu()
+    return out
+
+
 def reverse_engineer(
     model: BnaModel,
     data: Dataset,
@@ -198,52 +253,54 @@ def reverse_engineer(
     settings: ReverseSettings = ReverseSettings(),
     seed: int = 0,
     progress: Progress | None = None,
+    forward: Forward | None = None,
+    start: Sequence[TriggerEstimate | None] | None = None,
 ) -> list[TriggerEstimate]:
     """Solve every problem as one batch (at most ``settings.max_problems`` at a time, which
-    bounds the memory the problems' parameters take); one estimate per problem, in order."""
+    bounds the memory the problems' parameters take); one estimate per problem, in order.
+    ``forward`` (default f) is the classifier the triggers are solved against; ``start`` gives
+    a problem an earlier estimate of its family to start from instead of a random draw."""
     if len(problems) > settings.max_problems:
-        return _in_groups(model, data, problems, input_range, settings, seed, progress)
+        return _in_groups(
+            model, data, problems, input_range, settings, seed, progress, forward, start
+        )
     lo, hi = input_range
+    span = hi - lo
     n_prob = len(problems)
     if n_prob == 0:
         return []
     dev = model.device
-    c, h, w = data.x.shape[1:]
+    shape = (int(data.x.shape[1]), int(data.x.shape[2]), int(data.x.shape[3]))
     gens = [torch.Generator().manual_seed(p.seed(seed)) for p in problems]
     pools = _Pools(data, problems, settings.batch_size, settings.steps, gens)
     x_all = torch.from_numpy(data.x).to(dev)
     targets = torch.tensor([p.target for p in problems])
     away = torch.tensor([p.sources[0] if p.target == ANY else -1 for p in problems])
-    is_patch = torch.tensor([p.family == "patch" for p in problems])
+    run = forward or (lambda x, _which: model(x))
 
-    # Parameters: m = (tanh + 1)/2 and pattern in [lo, hi] by tanh; v raw, in ±(hi - lo).
-    # Bookkeeping ((P,) tensors) stays on the CPU; images and parameters live on ``dev``.
-    params = {
-        "mask": torch.stack([torch.randn((1, 1, h, w), generator=g) for g in gens]) * 0.1 - 2.0,
-        "pattern": torch.stack([torch.randn((1, c, h, w), generator=g) for g in gens]) * 0.1,
-        "v": torch.stack([torch.randn((1, c, h, w), generator=g) for g in gens])
-        * settings.perturbation_init
-        * (hi - lo),
+    # Parameters per family on ``dev``; bookkeeping ((P,) tensors) stays on the CPU.
+    first = []
+    for i, p in enumerate(problems):
+        fam = FAMILY_CLASSES[p.family]
+        drawn = fam.start(gens[i], shape, span, settings.perturbation_init)
+        given = None if start is None else start[i]
+        if given is not None:
+            warm = {k: v[0] for k, v in fam.encode(given.tensors(), lo, hi).items()}
+            drawn = {k: warm[k].float() for k in fam.keys}
+        first.append(drawn)
+    tr = _Triggers(problems, first, dev)
+    penalised = torch.tensor([FAMILY_CLASSES[p.family].rule == "penalised" for p in problems])
+    moments = {
+        f: {k: (torch.zeros_like(t), torch.zeros_like(t)) for k, t in tr.raw[f].items()}
+        for f in tr.names
+        if FAMILY_CLASSES[f].rule == "penalised"
     }
-    params = {k: t.to(dev) for k, t in params.items()}
-    adam = ("mask", "pattern")
-    moments = {k: (torch.zeros_like(params[k]), torch.zeros_like(params[k])) for k in adam}
-
-    def decode(pr: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        mask = (torch.tanh(pr["mask"]) + 1) / 2
-        pattern = lo + (hi - lo) * (torch.tanh(pr["pattern"]) + 1) / 2
-        return mask, pattern, pr["v"]
-
-    def sizes(mask: Tensor, v: Tensor, patch: Tensor) -> Tensor:
-        """‖m‖₁ for patch problems, ‖v‖₂ for perturbation problems: (p,), on the CPU."""
-        l1, l2 = mask.flatten(1).sum(1).cpu(), v.flatten(1).norm(dim=1).cpu()
-        return torch.where(patch, l1, l2)
 
     cost = torch.zeros(n_prob)  # λ = 0 until the trigger first succeeds (Neural Cleanse)
     steps = torch.zeros(n_prob, dtype=torch.int64)
     active = torch.ones(n_prob, dtype=torch.bool)
-    best_size = torch.full((n_prob,), float("inf"))
-    best = {k: t.clone() for k, t in params.items()}
+    best_size = torch.full((n_prob,), float("inf"), dtype=torch.float64)
+    best = tr.clone()
     stale = torch.zeros(n_prob, dtype=torch.int64)
     up_count = torch.zeros(n_prob, dtype=torch.int64)
     down_count = torch.zeros(n_prob, dtype=torch.int64)
@@ -253,43 +310,40 @@ def reverse_engineer(
     seen = torch.zeros(n_prob, dtype=torch.float64)
     total = settings.steps * n_prob
     per_forward = max(1, settings.images_per_forward // pools.batch)
-    step_size = settings.perturbation_step * (hi - lo)
 
     for step in range(settings.steps):
         idx_active = torch.nonzero(active).flatten()
         if idx_active.numel() == 0:
             break
-        grads = {k: torch.zeros_like(t) for k, t in params.items()}
+        grads = {f: {k: torch.zeros_like(t) for k, t in r.items()} for f, r in tr.raw.items()}
         step_hit = torch.zeros(n_prob, dtype=torch.float64)
         # one family per chunk: each embeds its own way and differentiates its own parameters
-        for patch in (True, False):
-            keys = adam if patch else ("v",)
-            mine = idx_active[is_patch[idx_active] == patch]
+        for name in tr.names:
+            fam = FAMILY_CLASSES[name]
+            mine = tr.of(name, idx_active)
             for chunk in torch.split(mine, per_forward) if mine.numel() else ():
+                rows = tr.row[chunk].to(dev)
                 index, weight = pools.step(chunk, step)
                 weight = weight.to(dev)
                 xb = x_all[index.to(dev)]  # (p, B, C, H, W)
-                sub = {k: params[k][chunk].clone().requires_grad_(True) for k in keys}
-                if patch:
-                    mask = (torch.tanh(sub["mask"]) + 1) / 2  # (p, 1, 1, H, W)
-                    pattern = lo + (hi - lo) * (torch.tanh(sub["pattern"]) + 1) / 2
-                    xt = (1 - mask) * xb + mask * pattern
-                    penalty = cost[chunk].to(dev) * mask.flatten(1).sum(1)
-                else:
-                    xt = torch.clamp(xb + sub["v"], lo, hi)
-                    penalty = torch.zeros(len(chunk), device=dev)
+                sub = {k: t[rows].clone().requires_grad_(True) for k, t in tr.raw[name].items()}
+                trig = fam.decode(sub, lo, hi)
+                xt = fam.embed(trig, xb, lo, hi)
                 with _autocast(dev, settings.precision):
-                    logits = model(xt.flatten(0, 1)).float()
+                    which = chunk.repeat_interleave(pools.batch).to(dev)
+                    logits = run(xt.flatten(0, 1), which).float()
                 ce, hit = _goal(
                     logits,
                     targets[chunk].repeat_interleave(pools.batch).to(dev),
                     away[chunk].repeat_interleave(pools.batch).to(dev),
                 )
                 norm = weight.sum(1)
-                loss_ce = (ce.view(len(chunk), -1) * weight).sum(1) / norm
-                (loss_ce + penalty).sum().backward()
-                for k in keys:
-                    grads[k][chunk] = sub[k].grad
+                loss = (ce.view(len(chunk), -1) * weight).sum(1) / norm
+                if fam.rule == "penalised":
+                    loss = loss + cost[chunk].to(dev) * fam.size(trig)
+                loss.sum().backward()
+                for k in sub:
+                    grads[name][k][rows] = sub[k].grad
                 with torch.no_grad():
                     hit = hit.double().view(len(chunk), -1)
                     step_hit[chunk] = ((hit * weight.double()).sum(1) / norm.double()).cpu()
@@ -302,72 +356,92 @@ def reverse_engineer(
         # a sampled batch's success is confirmed on the whole pool before it counts
         stepped = torch.zeros(n_prob, dtype=torch.bool)
         stepped[idx_active] = True
-        verify = torch.nonzero(reached & pools.drawn & stepped & (~is_patch | check)).flatten()
+        verify = torch.nonzero(reached & pools.drawn & stepped & (~penalised | check)).flatten()
         if verify.numel():
-            with torch.no_grad():
-                mask, pattern, v = decode(params)
-                full = _success(
-                    model,
-                    x_all,
-                    pools,
-                    verify,
-                    mask,
-                    pattern,
-                    v,
-                    is_patch,
-                    (targets, away),
-                    (lo, hi),
-                    settings,
-                )
+            full = _success(
+                run, x_all, pools, verify, tr, tr.raw, (targets, away), input_range, settings
+            )
             reached[verify] = full >= settings.success - _TOLERANCE
 
-        # perturbation: stop at the first success, else one normalised step down the gradient
-        pert = idx_active[~is_patch[idx_active]]
-        if pert.numel():
-            done = pert[reached[pert]]
-            best["v"][done] = params["v"][done]
-            best_size[done] = params["v"][done].flatten(1).norm(dim=1).cpu()
-            active[done] = False
-            go = pert[~reached[pert]]
-            g = grads["v"][go]
-            g = g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1, 1)
-            params["v"][go] = torch.clamp(params["v"][go] - step_size * g, lo - hi, hi - lo)
+        # grow: stop at the first success, else one normalised step down the gradient
+        for name in tr.names:
+            fam = FAMILY_CLASSES[name]
+            if fam.rule != "grow":
+                continue
+            mine = tr.of(name, idx_active)
+            if not mine.numel():
+                continue
+            raw, store = tr.raw[name], best[name]
+            done, go = mine[reached[mine]], mine[~reached[mine]]
+            d_rows, g_rows = tr.row[done].to(dev), tr.row[go].to(dev)
+            if done.numel():
+                for k in raw:
+                    store[k][d_rows] = raw[k][d_rows]
+                with torch.no_grad():
+                    at = fam.decode({k: raw[k][d_rows] for k in raw}, lo, hi)
+                    best_size[done] = fam.size(at).double().cpu()
+                active[done] = False
+            if not go.numel():
+                continue
+            g = {k: grads[name][k][g_rows] for k in raw}
+            length = torch.sqrt(sum(t.flatten(1).pow(2).sum(1) for t in g.values()))
+            length = length.clamp_min(1e-12)
+            moved = {
+                k: raw[k][g_rows]
+                - fam.step_length(settings, span)
+                * g[k]
+                / length.view((-1,) + (1,) * (g[k].dim() - 1))
+                for k in raw
+            }
+            moved = fam.bound(moved, shape, span)
+            for k in raw:
+                raw[k][g_rows] = moved[k]
+            if np.isfinite(fam.limit(settings)):  # too large to be this kind of trigger
+                with torch.no_grad():
+                    now = fam.size(fam.decode(moved, lo, hi)).cpu()
+                active[go[now > fam.limit(settings)]] = False
+            if step + 1 >= fam.max_steps(settings):
+                active[go] = False
 
-        pidx = idx_active[is_patch[idx_active]]
+        pidx = idx_active[penalised[idx_active]]
         live = torch.zeros(n_prob, dtype=torch.bool)
         live[pidx] = True
-        if check:
+        better = torch.zeros(n_prob, dtype=torch.bool)
+        if check and pidx.numel():
             # best tracking on the parameters this step evaluated (exact for a whole pool)
-            with torch.no_grad():
-                mask, _, v = decode(params)
-                size = sizes(mask, v, is_patch)
-                better = reached & (size < best_size * _IMPROVEMENT) & live
-                best_size = torch.where(better, size, best_size)
-                for k in adam:
-                    best[k][better] = params[k][better]
+            size = _sizes(tr.raw, tr, lo, hi, n_prob)
+            better = reached & (size < best_size * _IMPROVEMENT) & live
+            best_size = torch.where(better, size, best_size)
+            for name in moments:
+                rows = tr.row[tr.of(name, torch.nonzero(better).flatten())].to(dev)
+                for k in tr.raw[name]:
+                    best[name][k][rows] = tr.raw[name][k][rows]
 
-        # patch: Adam, elementwise, on the active patch problems only
-        if pidx.numel():
-            b1, b2 = _ADAM_BETAS
-            t = steps[pidx].float().to(dev)
-            for k in adam:
-                m1, m2 = moments[k]
-                g = grads[k][pidx]
-                m1[pidx] = b1 * m1[pidx] + (1 - b1) * g
-                m2[pidx] = b2 * m2[pidx] + (1 - b2) * g * g
-                shape = (-1,) + (1,) * (g.dim() - 1)
-                m_hat = m1[pidx] / (1 - b1**t).view(shape)
-                v_hat = m2[pidx] / (1 - b2**t).view(shape)
-                params[k][pidx] -= settings.lr * m_hat / (v_hat.sqrt() + _ADAM_EPS)
+        # penalised: Adam, elementwise, on the active problems only
+        b1, b2 = _ADAM_BETAS
+        for name, mom in moments.items():
+            mine = tr.of(name, pidx)
+            if not mine.numel():
+                continue
+            rows = tr.row[mine].to(dev)
+            t = steps[mine].float().to(dev)
+            for k, (m1, m2) in mom.items():
+                g = grads[name][k][rows]
+                m1[rows] = b1 * m1[rows] + (1 - b1) * g
+                m2[rows] = b2 * m2[rows] + (1 - b2) * g * g
+                shape_t = (-1,) + (1,) * (g.dim() - 1)
+                m_hat = m1[rows] / (1 - b1**t).view(shape_t)
+                v_hat = m2[rows] / (1 - b2**t).view(shape_t)
+                tr.raw[name][k][rows] -= settings.lr * m_hat / (v_hat.sqrt() + _ADAM_EPS)
         if check:
-            # adaptive λ and early stop of patch problems, on the success of the last window
+            # adaptive λ and early stop of penalised problems, on the success of the last window
             with torch.no_grad():
                 ok = hits / seen.clamp_min(1) >= settings.success - _TOLERANCE
-                first = live & ok & (cost == 0)  # first success: the size penalty starts
-                cost = torch.where(first, settings.init_cost, cost)
-                up_count = torch.where(first, 0, up_count)
-                down_count = torch.where(first, 0, down_count)
-                started = live & (cost > 0) & ~first
+                first_ok = live & ok & (cost == 0)  # first success: the size penalty starts
+                cost = torch.where(first_ok, settings.init_cost, cost)
+                up_count = torch.where(first_ok, 0, up_count)
+                down_count = torch.where(first_ok, 0, down_count)
+                started = live & (cost > 0) & ~first_ok
                 # patience runs only while the trigger succeeds (λ is then pushing it smaller)
                 stale = torch.where(better, 0, stale + (live & ~better & ok).long())
                 up_count = torch.where(started & ok, up_count + 1, 0)
@@ -400,34 +474,30 @@ def reverse_engineer(
         progress(total, total, torch.ones(n_prob, dtype=torch.bool))
 
     # Never-successful problems keep their last trigger (their success says so).
-    never = ~torch.isfinite(best_size)
-    for k in params:
-        best[k][never] = params[k][never]
-    mask, pattern, v = decode(best)
-    final_size = sizes(mask, v, is_patch)
+    never = torch.nonzero(~torch.isfinite(best_size)).flatten()
+    for name in tr.names:
+        rows = tr.row[tr.of(name, never)].to(dev)
+        for k in tr.raw[name]:
+            best[name][k][rows] = tr.raw[name][k][rows]
+    final_size = _sizes(best, tr, lo, hi, n_prob)
     everyone = torch.arange(n_prob)
     success = _success(
-        model,
-        x_all,
-        pools,
-        everyone,
-        mask,
-        pattern,
-        v,
-        is_patch,
-        (targets, away),
-        (lo, hi),
-        settings,
+        run, x_all, pools, everyone, tr, best, (targets, away), input_range, settings
     )
-    mask, pattern, v = mask.cpu(), pattern.cpu(), v.cpu()
+    decoded = {}
+    with torch.no_grad():
+        for name in tr.names:
+            decoded[name] = {
+                k: v.cpu() for k, v in FAMILY_CLASSES[name].decode(best[name], lo, hi).items()
+            }
     return [
         TriggerEstimate(
             problem=prob,
             size=float(final_size[i]),
             success=float(success[i]),
             steps=int(steps[i]),
-            mask=mask[i, 0, 0].numpy().copy() if prob.family == "patch" else None,
-            pattern=(pattern[i, 0] if prob.family == "patch" else v[i, 0]).numpy().copy(),
+            params={k: v[int(tr.row[i])].numpy().copy() for k, v in decoded[prob.family].items()},
+            shape=shape,
         )
         for i, prob in enumerate(problems)
     ]
@@ -441,6 +511,8 @@ def _in_groups(
     settings: ReverseSettings,
     seed: int,
     progress: Progress | None,
+    forward: Forward | None,
+    start: Sequence[TriggerEstimate | None] | None,
 ) -> list[TriggerEstimate]:
     """:func:`reverse_engineer` on consecutive groups of ``settings.max_problems`` problems
     (the same estimates: a problem's estimate does not depend on the others), with one
@@ -448,63 +520,67 @@ def _in_groups(
     size, n = settings.max_problems, len(problems)
     finished = torch.zeros(n, dtype=torch.bool)
     out: list[TriggerEstimate] = []
-    for start in range(0, n, size):
-        part = problems[start : start + size]
+    for at in range(0, n, size):
+        part = problems[at : at + size]
         report = None
         if progress is not None:
 
-            def report(done: int, total: int, mask: Tensor, at: int = start) -> None:
+            def report(done: int, total: int, mask: Tensor, at: int = at) -> None:
                 finished[at : at + len(mask)] = mask
                 progress(at * settings.steps + done, n * settings.steps, finished.clone())
 
-        out += reverse_engineer(model, data, part, input_range, settings, seed, report)
+        run = None
+        if forward is not None:
+
+            def run(x: Tensor, which: Tensor, at: int = at) -> Tensor:
+                return forward(x, which + at)
+
+        given = None if start is None else start[at : at + size]
+        out += reverse_engineer(model, data, part, input_range, settings, seed, report, run, given)
     return out
 
 
 def _success(
-    model: BnaModel,
+    run: Forward,
     x_all: Tensor,
     pools: _Pools,
     which: Tensor,
-    mask: Tensor,
-    pattern: Tensor,
-    v: Tensor,
-    is_patch: Tensor,
+    tr: _Triggers,
+    raw: dict[str, Trigger],
     goals: tuple[Tensor, Tensor],
     input_range: tuple[float, float],
     settings: ReverseSettings,
 ) -> Tensor:
     """Share of the whole pool that each problem in ``which`` moves to its goal (``goals``:
-    every problem's target and away class, see :func:`_goal`) with its trigger (mask,
-    pattern, v: every problem's, (P, ...)): (len(which),) float64, on the CPU."""
+    every problem's target and away class, see :func:`_goal`) with its trigger (``raw``: every
+    problem's raw parameters, per family): (len(which),) float64, on the CPU."""
     out = torch.zeros(len(which), dtype=torch.float64)  # 19/20 must compare >= 0.95
     per_forward = max(1, settings.images_per_forward // pools.width)
     dev = x_all.device
+    lo, hi = input_range
     targets, away = goals
+    position = torch.arange(len(which))
     with torch.no_grad():
-        for rows in torch.split(torch.arange(len(which)), per_forward):
-            chunk = which[rows]
-            index, weight = pools.full(chunk)
-            dc = chunk.to(dev)
-            xt = _embed(
-                x_all[index.to(dev)],
-                mask[dc],
-                pattern[dc],
-                v[dc],
-                is_patch[chunk].to(dev),
-                *input_range,
-            )
-            with _autocast(dev, settings.precision):
-                logits = model(xt.flatten(0, 1)).float()
-            n = index.shape[1]
-            _, hit = _goal(
-                logits,
-                targets[chunk].repeat_interleave(n).to(dev),
-                away[chunk].repeat_interleave(n).to(dev),
-            )
-            weight = weight.double().to(dev)
-            hit = hit.double().view(len(chunk), -1)
-            out[rows] = ((hit * weight).sum(1) / weight.sum(1)).cpu()
+        for name in tr.names:
+            fam = FAMILY_CLASSES[name]
+            in_family = position[tr.family[which] == tr.names.index(name)]
+            for rows in torch.split(in_family, per_forward) if in_family.numel() else ():
+                chunk = which[rows]
+                index, weight = pools.full(chunk)
+                r = tr.row[chunk].to(dev)
+                trig = fam.decode({k: t[r] for k, t in raw[name].items()}, lo, hi)
+                xt = fam.embed(trig, x_all[index.to(dev)], lo, hi)
+                n = index.shape[1]
+                with _autocast(dev, settings.precision):
+                    logits = run(xt.flatten(0, 1), chunk.repeat_interleave(n).to(dev)).float()
+                _, hit = _goal(
+                    logits,
+                    targets[chunk].repeat_interleave(n).to(dev),
+                    away[chunk].repeat_interleave(n).to(dev),
+                )
+                weight = weight.double().to(dev)
+                hit = hit.double().view(len(chunk), -1)
+                out[rows] = ((hit * weight).sum(1) / weight.sum(1)).cpu()
     return out
 
 
@@ -526,12 +602,10 @@ def attack_success(
 
 
 def relative_size(estimate: TriggerEstimate, input_range: tuple[float, float]) -> float:
-    """Trigger size as a share of the largest possible one in its family: ‖m‖₁ / (H·W) for a
-    patch, ‖v‖₂ / ((hi - lo)·√(C·H·W)) for a perturbation. Makes the families comparable."""
-    c, h, w = estimate.pattern.shape
-    if estimate.family == "patch":
-        return estimate.size / (h * w)
-    return estimate.size / ((input_range[1] - input_range[0]) * float(np.sqrt(c * h * w)))
+    """Trigger size as a share of the largest possible one in its family (‖m‖₁ / (H·W) for a
+    patch, ‖v‖₂ / ((hi - lo)·√(C·H·W)) for a perturbation, ...): makes families comparable."""
+    largest = estimate.kind.largest(estimate.shape, *input_range)
+    return estimate.size / largest
 
 
 def succeeds(estimate: TriggerEstimate, success: float) -> bool:

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 Divergence = Literal["tv", "js", "kl"]
-TriggerType = Literal["patch", "perturbation", "both"]
+TriggerType = Literal["patch", "perturbation", "blend", "warp", "both"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,20 @@ class ReverseSettings:
     (Xiang et al. 2020: v grows from 0 until the trigger succeeds)."""
     perturbation_init: float = 0.001
     """Standard deviation of v's random start, as a share of hi - lo."""
+    warp_step: float = 0.3
+    """Length (L2 over its 2·4·4 pixel offsets) of each normalised gradient step of a warp
+    trigger's control grid, which grows from near 0 until the trigger succeeds, as a
+    perturbation does: about 0.03 px of RMS displacement per step (0.05 took 665 steps to
+    reach 3 px)."""
+    warp_steps: int = 300
+    """The most steps of a warp problem: a backdoor warp succeeds within tens of steps, and on
+    models without one the flow wanders below ``warp_limit`` (MobileNetV2 test model: 1,000
+    steps to 2 px, 2.5 % success)."""
+    warp_limit: float = 3.0
+    """A warp trigger that has not succeeded by this RMS displacement (pixels) is given up: a
+    backdoor warp is imperceptible (WaNet's s = 0.5-1 is 0.3-0.7 px here) and larger ones are
+    the shapes of other classes; without it the warp problems of a model without a warp
+    backdoor ran to the step cap."""
     success: float = 0.95
     """A trigger succeeds when this share of the problem's images reaches the target."""
     init_cost: float = 1e-2
@@ -74,11 +88,11 @@ class ReverseSettings:
     natively: a CPU with AVX512-BF16/AMX or a GPU with bf16; float32 elsewhere). bfloat16 makes
     the sweep about 2.4× faster on such a CPU but the patch family's sizes noisier: it lost one
     of 8 all-to-all pairs and added a false pair on the 12-class test sets (README)."""
-    restarts: int = 2
-    """Independent trigger estimates per target for fitting (different initialisations and
-    minibatches); every estimate of the chosen family is used for fitting (more diverse
-    estimates generalise better to the real trigger: digits patch A2O ASR 5.2% → 2.8% from 1
-    to 2, see README)."""
+    restarts: int = 1
+    """Independent trigger estimates per target and family for fitting (different
+    initialisations and minibatches); every estimate of every family is used for fitting.
+    With two families, 2 restarts took digits patch A2O ASR from 5.2% to 2.8%; with the four
+    families the estimates are diverse already, and 1 halves the per-target cost (README)."""
 
 
 SWEEP = ReverseSettings(steps=300, perturbation_step=0.04)
@@ -87,6 +101,11 @@ per-target defaults but at most 300 steps per patch problem (on digits the sizes
 by then; 1000 stops the same problems at 370-520 steps within 2%) and perturbation steps twice
 as long (half the steps, sizes to ±0.04). On the digits panel these detect the same pairs with
 the same margins (README, Detection)."""
+
+
+REFRESH = ReverseSettings(steps=100, min_steps=30, restarts=1)
+"""The solver of the triggers refreshed against g_t in the Θ fit (``fit.refresh_every``): warm
+started from the triggers in use, so a short run of the per-target solver."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +147,14 @@ class FitSettings:
     that clean images of t are not flagged (the paper's objective has no such term; 0 = off:
     digits FPR 19-33%, with it 3-5%; 5 with the stronger trigger copies of trigger_scales,
     which flag more clean images of t at 3: README, Θ fit)."""
+    target_flag_budget: float = 0.0
+    """Share of the defender's clean target images (those f answers t for) that g_t may flag:
+    while more are flagged the keep-t weight grows by ``target_weight_step`` per step, else it
+    shrinks back (within 1/4 and 16 times ``target_ce_weight``); 0 = a fixed weight."""
+    target_weight_step: float = 1.05
+    """Factor of each step of the adaptive keep-t weight."""
+    target_weight_range: float = 4.0
+    """The adaptive keep-t weight stays within target_ce_weight / range and · range."""
     target_triggered: bool = True
     """Also keep g_t's answer t on clean target images with t's estimated trigger embedded:
     the trigger alone must not flip an image away from its true class."""
@@ -153,6 +180,17 @@ class FitSettings:
     """Initial |υ|, |ω| for clip_init='wide'."""
     kl_eps: float = 1e-6
     """Floor added to bin probabilities inside log for KL and JS."""
+    refresh_every: int = 0
+    """Every this many epochs, re-estimate each target's triggers against the current g_t
+    (warm-started from the ones in use, ``refresh`` solver) and add those that still send the
+    source images to t: the fit then learns from the triggers its Θ does not yet stop (0 =
+    off; README, Θ fit)."""
+    refresh_success: float = 0.5
+    """A refreshed trigger joins the fit when it sends at least this share of the pooled
+    source images to t on g_t."""
+    refresh_growth: float = 0.0
+    """... and when it is at most this many times the size of the trigger it started from (a
+    much larger trigger is the target's own features, which g_t must keep; 0 = no limit)."""
 
 
 @dataclass(frozen=True)
@@ -171,9 +209,13 @@ class DetectSettings:
     median over sources, scored across targets); see bna_export/detect.py."""
     restarts: int = 1
     """Trigger estimates per pair and family in the sweep (the smallest size is scored)."""
-    screen_above: int = 9
+    screen_above: int = 15
     """Up to this many classes the sweep solves every ordered pair (K·(K−1) problems per
-    family); above, it screens first (bna_export/sweep.py): about K·(1 + m + r) + k·(K − 1)."""
+    family); above, it screens first (bna_export/sweep.py): about K·(1 + m + r) + k·(K − 1),
+    0.7× every pair at K = 10, 0.5× at 15, 0.08× at 100. At K = 10 the screen missed the
+    all-to-one target of the small digits ResNet (its columns of a few pairs each cannot
+    tell a backdoor from how unevenly easy the digits are to reach: target score 6.3, every
+    pair 9.2) and found 2 of 10 all-to-all pairs where every pair found 4 (README)."""
     screen_candidates: int = 2
     """m: targets per source taken from its untargeted screen (the classes its shortest way
     out reaches most)."""
@@ -200,10 +242,20 @@ class Settings:
     sweep: ReverseSettings = field(default_factory=lambda: SWEEP)
     """The solver of the pair sweep (detection only: it needs comparable sizes, not the best
     estimate): :data:`SWEEP`."""
+    refresh: ReverseSettings = field(default_factory=lambda: REFRESH)
+    """The solver of the triggers re-estimated against g_t during the Θ fit: :data:`REFRESH`."""
     fit: FitSettings = field(default_factory=FitSettings)
     detect: DetectSettings = field(default_factory=DetectSettings)
     trigger_type: TriggerType = "both"
-    """Trigger families to reverse-engineer; 'both' because the defender does not know."""
+    """Trigger families to reverse-engineer: one family by name, or 'both' (the name is the
+    original method's two families): every family of ``families`` for the per-target
+    estimates and of ``detect_families`` for the sweep, because the defender does not know."""
+    families: tuple[str, ...] = ("patch", "perturbation", "blend", "warp")
+    """The families of the per-target trigger estimates Θ is fitted on (bna_export/families.py):
+    diverse estimates of an unknown trigger generalise to it (README, Θ fit)."""
+    detect_families: tuple[str, ...] = ("patch", "perturbation", "blend")
+    """The families of the pair sweep: each adds K·(K − 1) problems; a pair is detected when it
+    is an outlier in any of them (README, Detection)."""
     family_rule: Literal["smallest", "successful"] = "successful"
     """With trigger_type 'both': fit on every family whose trigger succeeds ('successful'), or
     only on the family with the smallest relative successful trigger ('smallest'). Two
@@ -226,6 +278,7 @@ class Settings:
             "histogram": HistogramSettings,
             "reverse": ReverseSettings,
             "sweep": ReverseSettings,
+            "refresh": ReverseSettings,
             "fit": FitSettings,
             "detect": DetectSettings,
         }
@@ -260,7 +313,10 @@ def _parse(raw: str, owner: Any, name: str, key: str) -> Any:
         if isinstance(like, (int, float)):
             return type(like)(text)
         if isinstance(like, tuple):
-            return tuple(float(v) for v in text.split(",") if v.strip())
+            items = [v.strip() for v in text.split(",") if v.strip()]
+            if like and isinstance(like[0], str):
+                return tuple(items)
+            return tuple(float(v) for v in items)
     except ValueError as exc:
         expected = (
             " or ".join(get_args(hint)) if get_origin(hint) is Literal else type(like).__name__

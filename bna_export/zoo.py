@@ -83,16 +83,25 @@ def synthetic_classes(
     noise: float = 0.15,
     seed: int = 0,
     equidistant: bool = False,
+    binary_grid: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Seeded image classes: each class a smooth prototype in [0, 1] (a 4×4 grid of values
     upsampled bilinearly), samples are the prototype shifted by up to one pixel plus Gaussian
     noise, clipped to [0, 1]. The grid holds uniform random values, or with ``equidistant``
     the 0/1 rows of a 16×16 Hadamard matrix (up to 15 classes, channels alike, a random row
     order): every two classes differ in exactly 8 of the 16 cells, so no pair of classes is
-    naturally closer than another (a backdoor is then the only easy pair)."""
+    naturally closer than another (a backdoor is then the only easy pair). For many classes,
+    ``binary_grid`` = n draws each class as random 0/1 cells of an n×n grid (channels alike):
+    with n = 8 two classes differ in 32 ± 4 of 64 cells, and at least about 16 among 100
+    classes, so no pair is naturally much closer than another at any class count (uniform
+    values on 4×4 cells leave some of 20 classes a few pixels apart)."""
     rng = np.random.default_rng(seed)
-    coarse = rng.random((n_classes, channels, 4, 4)).astype(np.float32)
-    if equidistant:
+    if binary_grid:
+        cells = rng.integers(0, 2, size=(n_classes, 1, binary_grid, binary_grid))
+        coarse = np.repeat(cells.astype(np.float32), channels, axis=1)
+    else:
+        coarse = rng.random((n_classes, channels, 4, 4)).astype(np.float32)
+    if equidistant and not binary_grid:
         if n_classes > 15:
             raise ValueError("equidistant synthetic classes: at most 15")
         hadamard = np.ones((1, 1))

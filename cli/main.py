@@ -214,10 +214,11 @@ def cli() -> None:
 @click.option("--pairs", help="Skip detection: repair these source:target pairs, e.g. 0:1,4:5.")
 @click.option(
     "--trigger-type",
-    type=click.Choice(["patch", "perturbation", "both"]),
+    type=click.Choice(["patch", "perturbation", "blend", "warp", "both"]),
     default="both",
     show_default=True,
-    help="Trigger families to reverse-engineer (both: the defender does not know).",
+    help="Trigger family to reverse-engineer, or both: every family of the settings "
+    "`families` (per target) and `detect_families` (sweep), as the defender does not know.",
 )
 @click.option(
     "--divergence",

@@ -10,6 +10,8 @@ from bna_export.cli.main import cli
 from click.testing import CliRunner
 from tiny_models import export_onnx, make_cnn
 
+from bna_export.settings import Settings
+
 
 def invoke(*args: str):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
@@ -55,7 +57,7 @@ def test_inspect_json_has_the_design_keys(fitted):
         assert key in info
     assert info["pairs"] == [[1, 0], [2, 0], [3, 0], [4, 0]]
     assert len(info["layers"]) == 3
-    assert set(info["scores"]) == {"patch", "perturbation"}
+    assert set(info["scores"]) == set(Settings().families)  # one entry per per-target trigger
     text = invoke("inspect", fitted[0]).stdout
     assert "targets: [0]" in text and "BatchNorm layers" in text
 

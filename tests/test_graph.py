@@ -73,9 +73,11 @@ def test_every_export_form_matches_the_reference(form, patch_reference, patch_sc
     assert not any(i.data_location == onnx.TensorProto.EXTERNAL for i in proto.graph.initializer)
 
 
-def test_g_runs_only_from_the_first_bn_layer_and_on_routed_rows(patch_reference, tmp_path):
-    model, fit, x = patch_reference
-    net = model.net  # the adapted copy computes f like the original
+def test_g_runs_only_from_the_first_bn_layer_and_on_routed_rows(
+    patch_reference, patch_scenario, tmp_path
+):
+    _, fit, x = patch_reference
+    net = patch_scenario.net  # f as trained and deployed
     path = export_onnx(net, torch.from_numpy(x[:2]), tmp_path / "f.onnx", "dynamo")
     built = build_graph(path, fit)
     graph = onnx.load_from_string(built.data).graph

@@ -65,9 +65,10 @@ def test_early_stop_ends_problems_before_the_step_limit(model, patch_scenario):
 
 
 def est(family: str, size: float, success: float) -> TriggerEstimate:
-    pat = np.zeros((1, 10, 10), dtype=np.float32)
-    mask = np.zeros((10, 10), dtype=np.float32) if family == "patch" else None
-    return TriggerEstimate(Problem(family, 0, (1,)), size, success, 1, mask, pat)
+    params = {"pattern": np.zeros((1, 10, 10), dtype=np.float32)}
+    if family == "patch":
+        params["mask"] = np.zeros((1, 10, 10), dtype=np.float32)
+    return TriggerEstimate(Problem(family, 0, (1,)), size, success, 1, params, (1, 10, 10))
 
 
 def test_family_rule():

@@ -30,7 +30,7 @@ def test_overrides_take_the_type_of_the_field():
         ("steps", "SECTION.FIELD=VALUE"),
         ("a.b.c=1", "SECTION.FIELD=VALUE"),
         ("reverse.steps=x", "expected int"),
-        ("trigger_type=foo", "expected patch or perturbation or both"),
+        ("trigger_type=foo", "expected patch or perturbation or blend or warp or both"),
         ("fit.target_triggered=maybe", "expected bool"),
     ],
 )

