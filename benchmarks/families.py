@@ -17,12 +17,11 @@ import time
 
 import numpy as np
 import torch
-from panel import TARGET, TRIGGER_OPTIONS, truth_of
+from panel import TARGET, panel_scenario, truth_of
 
 from bna_export.detect import detect_pairs
 from bna_export.model import adapt_module
 from bna_export.reverse import reverse_engineer
-from bna_export.scenario import build_scenario, digits
 from bna_export.settings import Settings
 from bna_export.sweep import pair_problems, size_matrices
 
@@ -35,14 +34,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     arch, attack, seed = args.case.split(":")
-    kind, a2a = attack.removesuffix("-a2a"), attack.endswith("-a2a")
-    x, y = digits()
-    sc = build_scenario(
-        x, y, attack=None if attack == "clean" else kind, setting="a2a" if a2a else "a2o",
-        target=TARGET, seed=int(seed), epochs=8 if a2a else 4,
-        poison_rate=0.2 if a2a else 0.1, trigger_options=TRIGGER_OPTIONS.get(kind, {}),
-        arch=arch, width=16 if arch == "cnn" else None,
-    )  # fmt: skip
+    sc = panel_scenario(arch, attack, int(seed))
     k = int(sc.defender.y.max()) + 1
     truth = truth_of(attack)
     true_mask = np.zeros((k, k), dtype=bool)

