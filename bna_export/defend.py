@@ -26,7 +26,7 @@ from .data import Dataset
 from .detect import Detection, intrinsic_check
 from .distributed import Shard, solve
 from .errors import BadInputError, FitFileError, ModelError
-from .families import FAMILIES as FAMILY_CLASSES
+from .families import FAMILIES
 from .fit import Refresh, fit_thetas, g_logits, predict_mitigated
 from .model import BnaModel
 from .reverse import (
@@ -303,18 +303,16 @@ so every round draws its own minibatches."""
 def _refresher(job: _Job, sources: dict[int, list[int]]) -> Refresh:
     """The Θ fit's refresh (``fit.refresh_every``): each target's latest triggers, re-solved
     against g_t (the current Θ) from where they are, with the ``refresh`` solver; those that
-    still send ``fit.refresh_success`` of the pooled sources to t are returned."""
+    still send ``fit.refresh_success`` of the pooled sources to t, and moved, are returned."""
     s = job.settings
     latest: dict[int, list[TriggerEstimate]] = {}
-    rounds = {"done": 0}
 
-    def refresh(targets, thetas, triggers):
-        rounds["done"] += 1
+    def refresh(targets, thetas, triggers, round_):
         base = {t: latest.get(t, list(triggers[t])) for t in targets}
         problems, start, route = [], [], []
         for i, t in enumerate(targets):
             for e in base[t]:
-                r = rounds["done"] * _ROUND + e.problem.restart % _ROUND
+                r = round_ * _ROUND + e.problem.restart % _ROUND
                 problems.append(Problem(e.family, t, tuple(sources[t]), r))
                 start.append(e)
                 route.append(i)
@@ -336,7 +334,9 @@ def _refresher(job: _Job, sources: dict[int, list[int]]) -> Refresh:
             out[t] = [
                 e
                 for e, b in pairs
-                if e.success >= s.fit.refresh_success - 1e-9 and e.size <= growth * b.size
+                if e.success >= s.fit.refresh_success - 1e-9
+                and e.size <= growth * b.size
+                and not all(np.array_equal(e.params[k], b.params[k]) for k in e.params)
             ]
         return out
 
@@ -349,10 +349,8 @@ def _families(settings: Settings) -> tuple[list[str], list[str]]:
     if settings.trigger_type != "both":
         return [settings.trigger_type], [settings.trigger_type]
     for name in (*settings.families, *settings.detect_families):
-        if name not in FAMILY_CLASSES:
-            raise BadInputError(
-                f"trigger family {name!r}: expected one of {', '.join(FAMILY_CLASSES)}"
-            )
+        if name not in FAMILIES:
+            raise BadInputError(f"trigger family {name!r}: expected one of {', '.join(FAMILIES)}")
     if not settings.families or not settings.detect_families:
         raise BadInputError("families and detect_families need at least one trigger family")
     return list(settings.families), list(settings.detect_families)

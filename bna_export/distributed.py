@@ -115,17 +115,21 @@ def solve(
     n = len(problems)
     numbers = torch.zeros((n, 3), dtype=torch.float64)  # size, success, steps
     shape = tuple(int(d) for d in data.x.shape[1:])
-    # one zero-filled tensor per family and trigger tensor, each rank filling its own rows
-    keys = {
-        (p.family, k): FAMILIES[p.family].start(torch.Generator(), shape, 1.0, 0.0)[k].shape
-        for p in problems
-        for k in FAMILIES[p.family].keys
+    # one zero-filled tensor per family and trigger tensor, a row per problem of that family,
+    # each rank filling its own rows
+    rows: dict[str, list[int]] = {}
+    for i, p in enumerate(problems):
+        rows.setdefault(p.family, []).append(i)
+    row = {i: j for members in rows.values() for j, i in enumerate(members)}
+    parts = {
+        (name, k): torch.zeros((len(members), *v.shape))
+        for name, members in rows.items()
+        for k, v in FAMILIES[name].start(torch.Generator(), shape, 1.0, 0.0).items()
     }
-    parts = {key: torch.zeros((n, *dims)) for key, dims in keys.items()}
     for i, est in zip(mine, local, strict=True):
         numbers[i] = torch.tensor([est.size, est.success, est.steps], dtype=torch.float64)
         for k, v in est.params.items():
-            parts[(est.family, k)][i] = torch.from_numpy(v)
+            parts[(est.family, k)][row[i]] = torch.from_numpy(v)
     dev = model.device  # nccl reduces tensors on the GPU, gloo on the CPU
     flat = [numbers.to(dev)] + [parts[key].to(dev) for key in sorted(parts)]
     for t in flat:
@@ -139,7 +143,7 @@ def solve(
             success=float(numbers[i, 1]),
             steps=int(numbers[i, 2]),
             params={
-                k: np.ascontiguousarray(parts[(p.family, k)][i].numpy())
+                k: np.ascontiguousarray(parts[(p.family, k)][row[i]].numpy())
                 for k in FAMILIES[p.family].keys
             },
             shape=shape,

@@ -107,7 +107,8 @@ class Family:
         return math.inf
 
     def max_steps(self, settings: ReverseSettings) -> int:
-        """The most steps a problem of this family takes."""
+        """``grow`` families: the most steps a problem takes (``penalised`` ones run the
+        solver's ``steps`` with their own stopping rule)."""
         return settings.steps
 
 

@@ -35,12 +35,13 @@ from .statistics import CleanStatistics, Table, clean_statistics, sample_blocks
 
 Progress = Callable[[int, int], None]
 Refresh = Callable[
-    [Sequence[int], list[Tensor], dict[int, list[TriggerEstimate]]],
+    [Sequence[int], list[Tensor], dict[int, list[TriggerEstimate]], int],
     dict[int, list[TriggerEstimate]],
 ]
-"""refresh(targets, thetas, triggers): new trigger estimates per target that still work on g_t
-(thetas: the current Θ of ``targets``, [T, 4, C] per layer, target i routed by index i); the
-fit adds them to each target's triggers (``fit.refresh_every``)."""
+"""refresh(targets, thetas, triggers, round): new trigger estimates per target that still work
+on g_t (thetas: the current Θ of ``targets``, [T, 4, C] per layer, target i routed by index i;
+round: 1 for the first refresh of the fit, 2 for the next, ...); the fit adds them to each
+target's triggers (``fit.refresh_every``)."""
 
 
 @dataclass
@@ -254,11 +255,12 @@ def _refreshing(settings: FitSettings, epoch: int) -> bool:
 
 
 class _KeepWeight:
-    """The weight of the keep-t term per target: ``fit.target_ce_weight`` to start; with
-    ``fit.target_flag_budget``, after every step it grows by ``fit.target_weight_step`` while
-    more than that share of t's clean images (those f answers t for, as routing would) are
-    flagged by g_t, and shrinks back otherwise, within [1/4, 16]× the start: Neural Cleanse's
-    adaptive λ, applied to the false flags the defender can see."""
+    """The weight of the keep-t term per target: ``fit.target_ce_weight``; with
+    ``fit.target_flag_budget``, after every step it is multiplied by ``fit.target_weight_step``
+    while more than that share of t's clean images (those f answers t for, as routing would) are
+    flagged by g_t, and divided by it otherwise, within [1/r, r]× the start (r:
+    ``fit.target_weight_range``): Neural Cleanse's adaptive λ, applied to the false flags the
+    defender can see."""
 
     def __init__(
         self, model: BnaModel, data: Dataset, targets: Sequence[int], settings: FitSettings
@@ -266,27 +268,34 @@ class _KeepWeight:
         dev, n_t = model.device, len(targets)
         self.settings = settings
         self.weight = torch.full((n_t,), float(settings.target_ce_weight), device=dev)
+        self.adaptive = settings.target_flag_budget > 0 and settings.target_ce_weight > 0
+        self.flagged = torch.zeros(n_t, device=dev)  # share of routed clean t images flagged
+        if not self.adaptive:
+            return
         idx = [data.of_classes([t]) for t in targets]
-        self.x = torch.from_numpy(data.x[np.concatenate(idx)]).to(dev)
-        self.route = torch.arange(n_t, device=dev).repeat_interleave(
+        x = torch.from_numpy(data.x[np.concatenate(idx)]).to(dev)
+        route = torch.arange(n_t, device=dev).repeat_interleave(
             torch.tensor([len(i) for i in idx], device=dev)
         )
-        self.label = torch.tensor(list(targets), device=dev)[self.route]
+        label = torch.tensor(list(targets), device=dev)[route]
         with torch.no_grad():
-            self.routed = model(self.x).argmax(1) == self.label
-        self.flagged = torch.zeros(n_t, device=dev)
+            routed = model(x).argmax(1) == label
+        self.x, self.route, self.label = x[routed], route[routed], label[routed]
+        ones = torch.ones_like(self.route, dtype=torch.float32)
+        self.n = torch.zeros_like(self.weight).index_add_(0, self.route, ones).clamp_min(1)
+        self.adaptive = bool(routed.any())
 
     def update(self, model: BnaModel, thetas: list[Tensor]) -> None:
+        """One step of the rule, with g_t's current Θ (call under ``torch.no_grad``)."""
         s = self.settings
-        if s.target_flag_budget <= 0 or s.target_ce_weight <= 0 or not bool(self.routed.any()):
+        if not self.adaptive:
             return
-        x, route = self.x[self.routed], self.route[self.routed]
-        with torch.no_grad(), model.mitigated([t.detach() for t in thetas], route):
-            flag = (model(x).argmax(1) != self.label[self.routed]).float()
-        n = torch.zeros_like(self.weight).index_add_(0, route, torch.ones_like(flag))
-        self.flagged = torch.zeros_like(self.weight).index_add_(0, route, flag) / n.clamp_min(1)
-        over = self.flagged > s.target_flag_budget
-        step = torch.where(over, s.target_weight_step, 1 / s.target_weight_step)
+        with model.mitigated(thetas, self.route):
+            flag = (model(self.x).argmax(1) != self.label).float()
+        self.flagged = torch.zeros_like(self.weight).index_add_(0, self.route, flag) / self.n
+        step = torch.where(
+            self.flagged > s.target_flag_budget, s.target_weight_step, 1 / s.target_weight_step
+        )
         w0 = s.target_ce_weight
         self.weight = torch.clamp(
             self.weight * step, w0 / s.target_weight_range, w0 * s.target_weight_range
@@ -362,7 +371,7 @@ def fit_thetas(
         if refresh is not None and _refreshing(settings, epoch):
             with torch.no_grad():
                 now = [t.detach().clone() for t in params.thetas()]
-            fresh = refresh(list(targets), now, mine)
+            fresh = refresh(list(targets), now, mine, epoch // settings.refresh_every)
             mine = {t: mine[t] + list(fresh.get(t, [])) for t in targets}
             variants = _Variants(targets, mine, settings, input_range).to(dev)
         keep_pairs = [  # every (clean image of t, keep variant) pair, as a flat pool per target
@@ -399,7 +408,9 @@ def fit_thetas(
             loss.backward()
             opt.step()
             params.keep_ordered()
-            keep.update(model, params.thetas())
+            if keep.adaptive:
+                with torch.no_grad():
+                    keep.update(model, params.thetas())
             epoch_loss += float(loss.detach())
             step += 1
             if progress is not None:

@@ -33,14 +33,10 @@ import torch
 from torch import Tensor
 
 from .data import Dataset
-from .families import FAMILIES as FAMILY_CLASSES
-from .families import Family, Trigger
+from .families import FAMILIES, Family, Trigger
 from .model import BnaModel
 from .settings import ReverseSettings
 
-FAMILIES = ("patch", "perturbation")
-"""The families of the original method (Neural Cleanse's patch and Xiang et al.'s additive
-perturbation); :data:`bna_export.families.FAMILIES` holds every family by name."""
 ANY = -1
 """The target of an untargeted problem: any class but its (single) source."""
 Progress = Callable[[int, int, Tensor], None]
@@ -90,7 +86,7 @@ class TriggerEstimate:
 
     @property
     def kind(self) -> Family:
-        return FAMILY_CLASSES[self.problem.family]
+        return FAMILIES[self.problem.family]
 
     @property
     def mask(self) -> np.ndarray | None:
@@ -220,7 +216,7 @@ class _Triggers:
         for fi, name in enumerate(self.names):
             members = torch.nonzero(self.family == fi).flatten()
             self.row[members] = torch.arange(len(members))
-            keys = FAMILY_CLASSES[name].keys
+            keys = FAMILIES[name].keys
             self.raw[name] = {
                 k: torch.stack([raw[i][k] for i in members.tolist()]).to(dev) for k in keys
             }
@@ -240,7 +236,7 @@ def _sizes(raw: dict[str, Trigger], tr: _Triggers, lo: float, hi: float, n: int)
     with torch.no_grad():
         for name in tr.names:
             mine = tr.of(name, everyone)
-            fam = FAMILY_CLASSES[name]
+            fam = FAMILIES[name]
             out[mine] = fam.size(fam.decode(raw[name], lo, hi)).double().cpu()
     return out
 
@@ -281,7 +277,7 @@ def reverse_engineer(
     # Parameters per family on ``dev``; bookkeeping ((P,) tensors) stays on the CPU.
     first = []
     for i, p in enumerate(problems):
-        fam = FAMILY_CLASSES[p.family]
+        fam = FAMILIES[p.family]
         drawn = fam.start(gens[i], shape, span, settings.perturbation_init)
         given = None if start is None else start[i]
         if given is not None:
@@ -289,11 +285,11 @@ def reverse_engineer(
             drawn = {k: warm[k].float() for k in fam.keys}
         first.append(drawn)
     tr = _Triggers(problems, first, dev)
-    penalised = torch.tensor([FAMILY_CLASSES[p.family].rule == "penalised" for p in problems])
+    penalised = torch.tensor([FAMILIES[p.family].rule == "penalised" for p in problems])
     moments = {
         f: {k: (torch.zeros_like(t), torch.zeros_like(t)) for k, t in tr.raw[f].items()}
         for f in tr.names
-        if FAMILY_CLASSES[f].rule == "penalised"
+        if FAMILIES[f].rule == "penalised"
     }
 
     cost = torch.zeros(n_prob)  # λ = 0 until the trigger first succeeds (Neural Cleanse)
@@ -319,7 +315,7 @@ def reverse_engineer(
         step_hit = torch.zeros(n_prob, dtype=torch.float64)
         # one family per chunk: each embeds its own way and differentiates its own parameters
         for name in tr.names:
-            fam = FAMILY_CLASSES[name]
+            fam = FAMILIES[name]
             mine = tr.of(name, idx_active)
             for chunk in torch.split(mine, per_forward) if mine.numel() else ():
                 rows = tr.row[chunk].to(dev)
@@ -365,7 +361,7 @@ def reverse_engineer(
 
         # grow: stop at the first success, else one normalised step down the gradient
         for name in tr.names:
-            fam = FAMILY_CLASSES[name]
+            fam = FAMILIES[name]
             if fam.rule != "grow":
                 continue
             mine = tr.of(name, idx_active)
@@ -488,7 +484,7 @@ def reverse_engineer(
     with torch.no_grad():
         for name in tr.names:
             decoded[name] = {
-                k: v.cpu() for k, v in FAMILY_CLASSES[name].decode(best[name], lo, hi).items()
+                k: v.cpu() for k, v in FAMILIES[name].decode(best[name], lo, hi).items()
             }
     return [
         TriggerEstimate(
@@ -562,7 +558,7 @@ def _success(
     position = torch.arange(len(which))
     with torch.no_grad():
         for name in tr.names:
-            fam = FAMILY_CLASSES[name]
+            fam = FAMILIES[name]
             in_family = position[tr.family[which] == tr.names.index(name)]
             for rows in torch.split(in_family, per_forward) if in_family.numel() else ():
                 chunk = which[rows]

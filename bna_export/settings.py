@@ -90,7 +90,8 @@ class ReverseSettings:
     of 8 all-to-all pairs and added a false pair on the 12-class test sets (README)."""
     restarts: int = 1
     """Independent trigger estimates per target and family for fitting (different
-    initialisations and minibatches); every estimate of every family is used for fitting.
+    initialisations and minibatches); the fit uses those of the families ``family_rule``
+    keeps.
     With two families, 2 restarts took digits patch A2O ASR from 5.2% to 2.8%; with the four
     families the estimates are diverse already, and 1 halves the per-target cost (README)."""
 
@@ -149,8 +150,8 @@ class FitSettings:
     which flag more clean images of t at 3: README, Θ fit)."""
     target_flag_budget: float = 0.0
     """Share of the defender's clean target images (those f answers t for) that g_t may flag:
-    while more are flagged the keep-t weight grows by ``target_weight_step`` per step, else it
-    shrinks back (within 1/4 and 16 times ``target_ce_weight``); 0 = a fixed weight."""
+    while more are flagged the keep-t weight is multiplied by ``target_weight_step`` per step,
+    else divided by it (within ``target_weight_range``); 0 = a fixed weight."""
     target_weight_step: float = 1.05
     """Factor of each step of the adaptive keep-t weight."""
     target_weight_range: float = 4.0

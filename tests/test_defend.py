@@ -42,6 +42,22 @@ def test_same_inputs_and_seed_give_the_same_bytes(model, patch_scenario):
     assert artifact.encode(a.fit) != artifact.encode(c.fit)
 
 
+def test_refreshed_triggers_are_recorded_with_their_round_whatever_the_grouping(
+    model, patch_scenario
+):
+    """``fit.refresh_every``: re-solved triggers that still work on g_t join the fit and the fit
+    file records their round; a target fitted in a group of its own gets the same rounds (and
+    seeds) as one fitted with others."""
+    fit = FitSettings(epochs=4, refresh_every=2)
+    rounds = []
+    for per_pass in (2, 1):
+        s = dataclasses.replace(FAST, fit=dataclasses.replace(fit, targets_per_pass=per_pass))
+        out = fit_defence(model, patch_scenario.defender, targets=[0, 1], settings=s)
+        rounds.append(sorted((t["target"], t["refresh_round"]) for t in out.fit.header["triggers"]))
+    assert rounds[0] == rounds[1]
+    assert {r for _, r in rounds[0]} == {0, 1}  # one refresh (before epoch 2), and it was used
+
+
 def test_fit_file_records_what_later_steps_need(model, patch_scenario):
     out = fit_defence(model, patch_scenario.defender, pairs=[(1, 0), (2, 0)], settings=FAST)
     h, t = out.fit.header, out.fit.tensors

@@ -87,8 +87,9 @@ def test_refresh_adds_the_triggers_that_still_work_on_g_t(setup, patch_scenario)
     model, ests = setup
     calls = []
 
-    def refresh(targets, thetas, triggers):
+    def refresh(targets, thetas, triggers, round_):
         calls.append((list(targets), [tuple(t.shape) for t in thetas], len(triggers[0])))
+        assert round_ == len(calls)
         (new,) = reverse_engineer(
             model,
             patch_scenario.defender,
