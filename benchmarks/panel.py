@@ -12,7 +12,8 @@ test images.
 
 Prints per row: targets and pairs found against the truth, the best anomaly score of a true
 pair and of any other (the detecting side, any family), ACC before and after, ASR, SIA, TPR,
-FPR, the fit's wall time; then the means (repair metrics over attacked rows).
+FPR, the fit's wall time and the 1-minute load average when the row ended; then the means
+(repair metrics over attacked rows).
 
 Run in parts: ``python benchmarks/panel.py --arch cnn --attacks patch,blend --seeds 0,1 --out
 out/panel`` writes one JSON per row into ``out/panel``; ``python benchmarks/panel.py
@@ -85,15 +86,17 @@ def run_row(arch: str, attack: str, seed: int, settings: Settings) -> dict:
     seconds = time.perf_counter() - t0
     h = out.fit.header
     found = {(s, t) for s, t in h["pairs"]}
-    top = {True: 0.0, False: 0.0}  # best score (large side, any family) of true / other pairs
-    for entries in h["scores"].values():
+    # best score (large side, any family) of true / other pairs, and the family that gave it
+    top, top_family = {True: 0.0, False: 0.0}, {True: None, False: None}
+    for family, entries in h["scores"].items():
         if not entries:
             continue
         median = float(np.median([e["statistic"] for e in entries]))
         for e in entries:
-            if e["statistic"] > median:
-                key = (e["source"], e["target"]) in truth
-                top[key] = max(top[key], np.inf if e["score"] is None else e["score"])
+            score = np.inf if e["score"] is None else e["score"]
+            key = (e["source"], e["target"]) in truth
+            if e["statistic"] > median and score > top[key]:
+                top[key], top_family[key] = score, family
     m = Mitigation.from_fit(out.fit)
     pc = predict_mitigated(model, m.targets, m.thetas, sc.test.x)
     pt = predict_mitigated(model, m.targets, m.thetas, trig["x"])
@@ -118,6 +121,7 @@ def run_row(arch: str, attack: str, seed: int, settings: Settings) -> dict:
         "true_pairs": len(truth),
         "top_true": top[True],
         "top_other": top[False],
+        "top_other_family": top_family[False],
         "acc_before": before["acc"],
         "asr_before": before["asr"],
         "families": h["families"],
@@ -131,22 +135,29 @@ def _cell(v: float | None, digits: int = 3) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def _family(row: dict) -> str:
+    """The family of the best other pair's score, where the row recorded it."""
+    return f" ({row['top_other_family']})" if row.get("top_other_family") else ""
+
+
 def table(rows: list[dict]) -> str:
     """The panel's markdown table, with the means of the attacked rows."""
     order = {a: i for i, a in enumerate(ATTACKS)}
     rows = sorted(rows, key=lambda r: (r["arch"], order.get(r["attack"], 99), r["seed"]))
     lines = [
         "| arch | attack | seed | targets (true) | pairs right / wrong (of true) | best score "
-        "true / other | ACC before | ACC | ASR before | ASR | SIA | TPR | FPR | fit s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "true / other | ACC before | ACC | ASR before | ASR | SIA | TPR | FPR | fit s | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['arch']} | {r['attack']} | {r['seed']} | {r['targets']} ({r['true_targets']})"
             f" | {r['right_pairs']} / {r['wrong_pairs']} ({r['true_pairs']}) | "
-            f"{_cell(r['top_true'], 1)} / {_cell(r['top_other'], 1)} | {_cell(r['acc_before'])}"
+            f"{_cell(r['top_true'], 1)} / {_cell(r['top_other'], 1)}{_family(r)} | "
+            f"{_cell(r['acc_before'])}"
             f" | {_cell(r['acc'])} | {_cell(r['asr_before'])} | {_cell(r['asr'])} | "
-            f"{_cell(r['sia'])} | {_cell(r['tpr'])} | {_cell(r['fpr'])} | {r['seconds']:.0f} |"
+            f"{_cell(r['sia'])} | {_cell(r['tpr'])} | {_cell(r['fpr'])} | {r['seconds']:.0f} | "
+            f"{r['load']:.1f} |"
         )
     attacked = [r for r in rows if r["attack"] != "clean"]
     if attacked:
@@ -160,7 +171,7 @@ def table(rows: list[dict]) -> str:
             f"| mean ({len(attacked)} attacked) | | | | | | {_cell(mean('acc_before'))} | "
             f"{_cell(mean('acc'))} (drop {drop * 100:.1f} points, all rows) | | "
             f"{_cell(mean('asr'))} | {_cell(mean('sia'))} | {_cell(mean('tpr'))} | "
-            f"{_cell(mean('fpr'))} | {np.mean([r['seconds'] for r in rows]):.0f} |"
+            f"{_cell(mean('fpr'))} | {np.mean([r['seconds'] for r in rows]):.0f} | |"
         )
     return "\n".join(lines)
 
