@@ -112,23 +112,32 @@ class Family:
         return settings.steps
 
 
-class Patch(Family):
-    name, rule, keys = "patch", "penalised", ("mask", "pattern")
+class _Mixture(Family):
+    """x' = (1 − w)·x + w·p: a weight in [0, 1] (key ``weight``) and a pattern in [lo, hi], both
+    through a sigmoid."""
+
+    weight = ""
+
+    def decode(self, raw, lo, hi):
+        w = self.weight
+        return {w: _unit(raw[w]), "pattern": lo + (hi - lo) * _unit(raw["pattern"])}
+
+    def encode(self, trigger, lo, hi):
+        w = self.weight
+        return {
+            w: _ununit(trigger[w]),
+            "pattern": _ununit((trigger["pattern"] - lo) / (hi - lo)),
+        }
+
+
+class Patch(_Mixture):
+    name, rule, keys, weight = "patch", "penalised", ("mask", "pattern"), "mask"
 
     def start(self, gen, shape, span, init):
         c, h, w = shape
         return {
             "mask": torch.randn((1, h, w), generator=gen) * 0.1 - 2.0,
             "pattern": torch.randn((c, h, w), generator=gen) * 0.1,
-        }
-
-    def decode(self, raw, lo, hi):
-        return {"mask": _unit(raw["mask"]), "pattern": lo + (hi - lo) * _unit(raw["pattern"])}
-
-    def encode(self, trigger, lo, hi):
-        return {
-            "mask": _ununit(trigger["mask"]),
-            "pattern": _ununit((trigger["pattern"] - lo) / (hi - lo)),
         }
 
     def embed(self, trigger, x, lo, hi):
@@ -176,8 +185,8 @@ class Perturbation(Family):
         return {"pattern": torch.clamp(raw["pattern"], -span, span)}
 
 
-class Blend(Family):
-    name, rule, keys = "blend", "penalised", ("alpha", "pattern")
+class Blend(_Mixture):
+    name, rule, keys, weight = "blend", "penalised", ("alpha", "pattern"), "alpha"
 
     def start(self, gen, shape, span, init):
         return {
@@ -185,21 +194,12 @@ class Blend(Family):
             "pattern": torch.randn(shape, generator=gen) * 0.1,
         }
 
-    def decode(self, raw, lo, hi):
-        return {"alpha": _unit(raw["alpha"]), "pattern": lo + (hi - lo) * _unit(raw["pattern"])}
-
-    def encode(self, trigger, lo, hi):
-        return {
-            "alpha": _ununit(trigger["alpha"]),
-            "pattern": _ununit((trigger["pattern"] - lo) / (hi - lo)),
-        }
-
     def embed(self, trigger, x, lo, hi):
         a = trigger["alpha"].view(-1, 1, 1, 1, 1)
         return (1 - a) * x + a * _lead(trigger["pattern"])
 
     def size(self, trigger):
-        return trigger["alpha"].flatten(1)[:, 0]
+        return trigger["alpha"][:, 0]
 
     def scaled(self, trigger, scale):
         return {**trigger, "alpha": torch.clamp(trigger["alpha"] * scale, 0, 1)}
