@@ -5,8 +5,9 @@ wrong, the best anomaly score of a true pair and of any other (the detecting sid
 all-to-one score of the true target; then the union rule over the family sets tried.
 
 Run: ``python benchmarks/families.py --case cnn:blend:0 [--families patch,perturbation,blend,warp]
-[--union patch+perturbation --union patch+perturbation+blend]`` (case ARCH:ATTACK:SEED, attack
-as in the panel, e.g. ``patch-a2a`` or ``clean``).
+[--union patch+perturbation --union patch+perturbation+blend] [--set sweep.blend_steps=300]``
+(case ARCH:ATTACK:SEED, attack as in the panel, e.g. ``patch-a2a`` or ``clean``; ``--set`` as
+in ``fit``, e.g. the sweep's solver settings).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from panel import TARGET, panel_scenario, truth_of
 from bna_export.detect import detect_pairs
 from bna_export.model import adapt_module
 from bna_export.reverse import reverse_engineer
-from bna_export.settings import Settings
+from bna_export.settings import Settings, with_overrides
 from bna_export.sweep import pair_problems, size_matrices
 
 
@@ -31,6 +32,9 @@ def main() -> None:
     ap.add_argument("--case", default="cnn:blend:0")
     ap.add_argument("--families", default="patch,perturbation,blend,warp")
     ap.add_argument("--union", action="append", default=[])
+    ap.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="e.g. sweep.blend_steps=300"
+    )
     args = ap.parse_args()
     torch.set_num_threads(2)
     arch, attack, seed = args.case.split(":")
@@ -42,8 +46,11 @@ def main() -> None:
         true_mask[s, t] = True
     model = adapt_module(sc.net, torch.from_numpy(sc.test.x[:2]))
     model.use_channels_last(torch.from_numpy(sc.defender.x[:8]))
-    solver = Settings().sweep
-    print(f"{args.case}, 2 torch threads, load average {os.getloadavg()[0]:.2f} at start")
+    solver = with_overrides(Settings(), args.overrides).sweep
+    print(
+        f"{args.case} {' '.join(args.overrides)}, 2 torch threads, "
+        f"load average {os.getloadavg()[0]:.2f} at start"
+    )
     print(
         "| families | problem-steps | sweep s | pairs right / wrong (of true) | best score "
         "true / other | all-to-one score of 7 |"
@@ -55,7 +62,7 @@ def main() -> None:
         mine = reverse_engineer(model, sc.defender, pair_problems(k, [fam], 1), (0, 1), solver)
         cost[fam] = (sum(e.steps for e in mine), time.perf_counter() - t0)
         found += mine
-    sizes = size_matrices(found, k, list(cost))
+    sizes = size_matrices(found, k, list(cost), (0, 1), solver.success)
     for group in [[f] for f in cost] + [u.split("+") for u in args.union]:
         det = detect_pairs({f: sizes[f] for f in group})
         pairs = set(det.pairs)

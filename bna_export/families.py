@@ -85,6 +85,11 @@ class Family:
         """The size statistic of each trigger: (P,)."""
         raise NotImplementedError
 
+    def penalty(self, trigger: Trigger, settings: ReverseSettings) -> Tensor:
+        """``penalised`` families: what λ multiplies in the solver's loss, (P,). Default: the
+        size."""
+        return self.size(trigger)
+
     def scaled(self, trigger: Trigger, scale: float) -> Trigger:
         """A stronger (scale > 1) or weaker version of the trigger, for the Θ fit."""
         raise NotImplementedError
@@ -107,8 +112,8 @@ class Family:
         return math.inf
 
     def max_steps(self, settings: ReverseSettings) -> int:
-        """``grow`` families: the most steps a problem takes (``penalised`` ones run the
-        solver's ``steps`` with their own stopping rule)."""
+        """The most steps a problem of this family takes (``penalised`` ones may stop earlier
+        by the solver's stopping rule)."""
         return settings.steps
 
 
@@ -201,11 +206,20 @@ class Blend(_Mixture):
     def size(self, trigger):
         return trigger["alpha"][:, 0]
 
+    def penalty(self, trigger, settings):
+        # ``blend_pixels``: α over the whole image is the mass of a patch mask of α at every
+        # pixel, α·H·W, on the patch family's λ scale
+        h, w = trigger["pattern"].shape[-2:]
+        return trigger["alpha"][:, 0] * (h * w if settings.blend_pixels else 1)
+
     def scaled(self, trigger, scale):
         return {**trigger, "alpha": torch.clamp(trigger["alpha"] * scale, 0, 1)}
 
     def largest(self, shape, lo, hi):
         return 1.0
+
+    def max_steps(self, settings):
+        return min(settings.steps, settings.blend_steps)
 
 
 class Warp(Family):

@@ -286,6 +286,7 @@ def reverse_engineer(
         first.append(drawn)
     tr = _Triggers(problems, first, dev)
     penalised = torch.tensor([FAMILIES[p.family].rule == "penalised" for p in problems])
+    cap = torch.tensor([FAMILIES[p.family].max_steps(settings) for p in problems])
     moments = {
         f: {k: (torch.zeros_like(t), torch.zeros_like(t)) for k, t in tr.raw[f].items()}
         for f in tr.names
@@ -336,7 +337,7 @@ def reverse_engineer(
                 norm = weight.sum(1)
                 loss = (ce.view(len(chunk), -1) * weight).sum(1) / norm
                 if fam.rule == "penalised":
-                    loss = loss + cost[chunk].to(dev) * fam.size(trig)
+                    loss = loss + cost[chunk].to(dev) * fam.penalty(trig, settings)
                 loss.sum().backward()
                 for k in sub:
                     grads[name][k][rows] = sub[k].grad
@@ -461,6 +462,7 @@ def reverse_engineer(
                     & shrunk
                 )
                 active &= ~finished
+                active &= ~(penalised & (steps >= cap))  # the family's own cap, at a check
                 hits.zero_()
                 seen.zero_()
         if progress is not None:

@@ -127,3 +127,31 @@ def test_estimates_of_every_family_apply_as_the_solver_embeds(rng):
             Problem(name, 0, (1,)), 1.0, 1.0, 1, {k: v[0].numpy() for k, v in trig.items()}, SHAPE
         )
         torch.testing.assert_close(est.apply(x, 0.0, 1.0), fam.embed(trig, x[None], 0, 1)[0])
+
+
+def test_the_sweeps_blend_is_penalised_in_pixels_of_mask_mass_and_stops_at_its_cap(
+    model, patch_scenario
+):
+    """With ``blend_pixels`` λ multiplies α·H·W (a patch mask of α at every pixel), so after
+    its first success the blend shrinks to the success boundary as a patch does, instead of
+    keeping the first success's α; ``blend_steps`` ends it."""
+    trig = {"alpha": torch.tensor([[0.25]]), "pattern": torch.zeros((1, 1, 10, 12))}
+    blend = FAMILIES["blend"]
+    assert blend.penalty(trig, ReverseSettings(blend_pixels=True)).item() == pytest.approx(30)
+    assert blend.penalty(trig, ReverseSettings()).item() == pytest.approx(0.25)
+    data = patch_scenario.defender
+    problem = Problem("blend", 0, (1, 2, 3, 4))
+    short, long = (
+        reverse_engineer(
+            model,
+            data,
+            [problem],
+            (0.0, 1.0),
+            ReverseSettings(steps=400, blend_pixels=True, blend_steps=n),
+            seed=1,
+        )[0]
+        for n in (40, 300)
+    )
+    assert short.steps == 40 and long.steps <= 300
+    assert short.success >= 0.95 and long.success >= 0.95
+    assert long.size < 0.8 * short.size

@@ -19,10 +19,10 @@ from bna_export.detect import (
     weighted_median,
 )
 from bna_export.model import adapt_module
-from bna_export.reverse import ANY, Problem, reverse_engineer
+from bna_export.reverse import ANY, Problem, TriggerEstimate, reverse_engineer
 from bna_export.scenario import build_scenario, synthetic_scenario_data
 from bna_export.settings import Settings
-from bna_export.sweep import _weights, pair_problems
+from bna_export.sweep import _weights, pair_problems, size_matrices
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 10, 11])
@@ -92,6 +92,28 @@ def test_exhaustive_sweep_is_every_ordered_pair():
     probs = pair_problems(4, ["patch"], 2)
     assert len(probs) == 4 * 3 * 2 and len(set(probs)) == len(probs)
     assert all(p.target != p.sources[0] for p in probs)
+
+
+def test_a_trigger_that_does_not_succeed_counts_as_its_familys_largest():
+    """A pair not reached within the budget is not a small trigger, whatever the size its last
+    trigger had (a blend that never succeeded can sit at α ≈ 0 and would score as a backdoor);
+    the smallest successful restart counts."""
+    shape = (1, 4, 5)
+
+    def est(family, s, t, size, success, restart=0):
+        return TriggerEstimate(Problem(family, t, (s,), restart), size, success, 1, {}, shape)
+
+    found = [
+        est("blend", 0, 1, 0.002, 0.0),
+        est("blend", 1, 0, 0.3, 1.0),
+        est("patch", 0, 1, 2.0, 0.2),
+        est("patch", 0, 1, 7.0, 0.96, restart=1),
+        est("patch", 1, 0, 3.0, 0.2),
+    ]
+    z = size_matrices(found, 2, ["blend", "patch"], (0.0, 1.0), 0.95)
+    assert z["blend"][0, 1] == 1.0 and z["blend"][1, 0] == pytest.approx(0.3)
+    assert z["patch"][0, 1] == 7.0 and z["patch"][1, 0] == 20.0
+    assert np.isnan(z["blend"][0, 0])
 
 
 @pytest.fixture(scope="module")
