@@ -13,7 +13,8 @@ test images.
 Prints per row: targets and pairs found against the truth, the best anomaly score of a true
 pair and of any other (the detecting side, any family), ACC before and after, ASR, SIA, TPR,
 FPR, the fit's wall time and the 1-minute load average when the row ended; then the means
-(repair metrics over attacked rows).
+(repair metrics over attacked rows). "pooled score true / other": the pooled rule's best score
+(detecting side, any family) of the all-to-one target and of any other target.
 
 Run in parts: ``python benchmarks/panel.py --arch cnn --attacks patch,blend --seeds 0,1 --out
 out/panel`` writes one JSON per row into ``out/panel``; ``python benchmarks/panel.py
@@ -97,6 +98,16 @@ def run_row(arch: str, attack: str, seed: int, settings: Settings) -> dict:
             key = (e["source"], e["target"]) in truth
             if e["statistic"] > median and score > top[key]:
                 top[key], top_family[key] = score, family
+    # best pooled-rule score (smaller trigger than the targets' median, any family) of a true
+    # all-to-one target and of any other target
+    pooled = {True: 0.0, False: 0.0}
+    det = h["detection"]
+    for family, scores in det.get("pooled_scores", {}).items():
+        sizes = np.array([np.nan if v is None else v for v in det["pooled_sizes"][family]])
+        for t, (score, size) in enumerate(zip(scores, sizes, strict=True)):
+            if score is not None and size < np.nanmedian(sizes):
+                key = t in true_targets and not attack.endswith("-a2a")
+                pooled[key] = max(pooled[key], score)
     m = Mitigation.from_fit(out.fit)
     pc = predict_mitigated(model, m.targets, m.thetas, sc.test.x)
     pt = predict_mitigated(model, m.targets, m.thetas, trig["x"])
@@ -122,6 +133,8 @@ def run_row(arch: str, attack: str, seed: int, settings: Settings) -> dict:
         "top_true": top[True],
         "top_other": top[False],
         "top_other_family": top_family[False],
+        "pooled_true": pooled[True] if true_targets and not attack.endswith("-a2a") else None,
+        "pooled_other": pooled[False],
         "acc_before": before["acc"],
         "asr_before": before["asr"],
         "families": h["families"],
@@ -146,14 +159,16 @@ def table(rows: list[dict]) -> str:
     rows = sorted(rows, key=lambda r: (r["arch"], order.get(r["attack"], 99), r["seed"]))
     lines = [
         "| arch | attack | seed | targets (true) | pairs right / wrong (of true) | best score "
-        "true / other | ACC before | ACC | ASR before | ASR | SIA | TPR | FPR | fit s | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "true / other | pooled score true / other | ACC before | ACC | ASR before | ASR | SIA | "
+        "TPR | FPR | fit s | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['arch']} | {r['attack']} | {r['seed']} | {r['targets']} ({r['true_targets']})"
             f" | {r['right_pairs']} / {r['wrong_pairs']} ({r['true_pairs']}) | "
             f"{_cell(r['top_true'], 1)} / {_cell(r['top_other'], 1)}{_family(r)} | "
+            f"{_cell(r.get('pooled_true'), 1)} / {_cell(r.get('pooled_other'), 1)} | "
             f"{_cell(r['acc_before'])}"
             f" | {_cell(r['acc'])} | {_cell(r['asr_before'])} | {_cell(r['asr'])} | "
             f"{_cell(r['sia'])} | {_cell(r['tpr'])} | {_cell(r['fpr'])} | {r['seconds']:.0f} | "
@@ -168,7 +183,7 @@ def table(rows: list[dict]) -> str:
 
         drop = float(np.mean([r["acc_before"] - r["acc"] for r in rows]))
         lines.append(
-            f"| mean ({len(attacked)} attacked) | | | | | | {_cell(mean('acc_before'))} | "
+            f"| mean ({len(attacked)} attacked) | | | | | | | {_cell(mean('acc_before'))} | "
             f"{_cell(mean('acc'))} (drop {drop * 100:.1f} points, all rows) | | "
             f"{_cell(mean('asr'))} | {_cell(mean('sia'))} | {_cell(mean('tpr'))} | "
             f"{_cell(mean('fpr'))} | {np.mean([r['seconds'] for r in rows]):.0f} | |"

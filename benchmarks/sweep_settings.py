@@ -78,7 +78,7 @@ def main() -> None:
             model, sc.defender, pair_problems(k, FAMILIES, 1), (0.0, 1.0), solver, 0
         )
         seconds = time.perf_counter() - t0
-        det = detect_pairs(size_matrices(found, k, FAMILIES, (0.0, 1.0), solver.success))
+        det = detect_pairs(size_matrices(found, k, FAMILIES, solver.success))
         true_mask = np.zeros((k, k), dtype=bool)
         true_mask[tuple(np.array(sorted(truth)).T)] = True
         best_true = max(

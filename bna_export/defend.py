@@ -104,7 +104,7 @@ def _pairs_progress(
     problems: Sequence[Problem], progress: StageProgress | None, shard: Shard, stage: str
 ) -> Callable[[int, int, torch.Tensor], None] | None:
     """Turn the solver's per-problem progress into 'pairs done' (of this rank's problems'
-    source-target pairs) for the stage's bar."""
+    source-target pairs; in the sweep, pooled targets counted apart) for the stage's bar."""
     if progress is None:
         return None
     mine = shard.mine(len(problems))
@@ -113,10 +113,16 @@ def _pairs_progress(
     pair_of = torch.tensor([slot[(problems[i].sources, problems[i].target)] for i in mine])
     index = torch.tensor(mine, dtype=torch.int64)
     what = "pairs" if stage == "sweep" else "problems"
+    pooled = torch.tensor([stage == "sweep" and len(k[0]) > 1 for k in keys], dtype=torch.bool)
+    n_pooled = int(pooled.sum())
 
     def report(done: int, total: int, finished: torch.Tensor) -> None:
         left = torch.zeros(len(keys)).index_add_(0, pair_of, (~finished[index]).float())
-        progress(stage, done, total, f"{int((left == 0).sum())}/{len(keys)} {what}")
+        ready = left == 0
+        text = f"{int((ready & ~pooled).sum())}/{len(keys) - n_pooled} {what}"
+        if n_pooled:
+            text += f", {int((ready & pooled).sum())}/{n_pooled} pooled targets"
+        progress(stage, done, total, text)
 
     return report
 
@@ -153,7 +159,10 @@ def fit_defence(
     if detecting:
         sweep = _find_backdoors(job, n_classes, swept)
         sources = sweep.detection.sources
-    known = {e.problem: e for e in sweep.estimates} if sweep else {}
+    # a pair's sweep estimate stands for a one-source target; the pooled ones, solved with the
+    # sweep's solver, do not stand for the per-target estimates Θ is fitted on
+    singles = [] if sweep is None else sweep.estimates
+    known = {e.problem: e for e in singles if len(e.problem.sources) == 1}
     estimates = job.per_target(sources, known)
     if sweep is not None:
         sources = _intrinsic_check(sweep, sources, estimates, settings)
@@ -395,10 +404,16 @@ def _intrinsic_check(
                 ),
                 default=float("inf"),
             )
-            pair_sizes = {s: float(z[s, t]) for s in srcs}
-            checks.append((pooled / max(pair_sizes.values()), fam, pooled, pair_sizes))
+            # the sources whose pair this family reached (a pair not reached has no size)
+            pair_sizes = {s: float(z[s, t]) for s in srcs if np.isfinite(z[s, t])}
+            if pair_sizes:
+                checks.append((pooled / max(pair_sizes.values()), fam, pooled, pair_sizes))
+        if not checks:  # no family measured these pairs: nothing to compare with
+            out[t] = srcs
+            continue
         _, fam, pooled, pair_sizes = min(checks, key=lambda c: (c[0], c[1]))
-        out[t] = intrinsic_check(pair_sizes, pooled, settings.detect.intrinsic_ratio)
+        kept = intrinsic_check(pair_sizes, pooled, settings.detect.intrinsic_ratio)
+        out[t] = srcs if len(kept) == len(pair_sizes) else kept
         sweep.intrinsic[t] = {
             "family": fam,
             "pooled_size": pooled if np.isfinite(pooled) else None,
@@ -550,6 +565,18 @@ def _record(
         else {
             f: [None if not np.isfinite(v) else float(v) for v in sc]
             for f, sc in sweep.detection.target_scores.items()
+        },
+        "pooled_scores": {}
+        if sweep is None
+        else {
+            f: [None if not np.isfinite(v) else float(v) for v in sc]
+            for f, sc in sweep.detection.pooled_scores.items()
+        },
+        "pooled_sizes": {}
+        if sweep is None
+        else {
+            f: [None if not np.isfinite(v) else float(v) for v in z]
+            for f, z in sweep.pooled.items()
         },
         "intrinsic": {} if sweep is None else {str(t): v for t, v in sweep.intrinsic.items()},
         "sweep": {}

@@ -24,6 +24,15 @@ All-to-one rule: an all-to-one backdoor makes the trigger of *every* source to t
 perhaps only a little, which a pair-by-pair test misses. The median over sources of a target's
 pair statistics, scored by MAD across targets with the same threshold, catches it; such a target
 is detected with every source (the intrinsic-backdoor check then prunes).
+
+Pooled rule (Neural Cleanse's own test): per target, one trigger on the pooled images of every
+other class; 1 / its size, scored by MAD across targets with the same threshold. A natural pair
+can be as easy as a backdoor pair (a few pixels turn a 1 into a 7), but turning *every* class
+into t is not, unless t is an all-to-one target; such a target is detected with every source
+when it is an outlier in at least two families: one family alone can draw a naturally easy
+class cheaply (patch strokes that make any digit an 8), while a backdoor trigger is a feature
+the model takes as t whatever the image, small in more than one family (a patch is also a
+small L2 perturbation; a blend is also a small perturbation) (README, Detection).
 """
 
 from __future__ import annotations
@@ -165,7 +174,8 @@ def pair_statistics(
 class Detection:
     """What the pair statistics say: per family the [K, K] statistics and scores and the [K]
     target scores; the detected pairs P, targets T and sources S(t); for each detected pair the
-    family that detected it; and the targets found by the all-to-one rule."""
+    family that detected it; the targets found by the all-to-one rules (column or pooled) and the
+    family that found each; and per family the [K] scores of the pooled rule (empty without it)."""
 
     statistics: dict[str, np.ndarray]
     scores: dict[str, np.ndarray]
@@ -173,6 +183,7 @@ class Detection:
     pairs: list[tuple[int, int]]
     family: dict[tuple[int, int], str] = field(default_factory=dict)
     all_to_one: dict[int, str] = field(default_factory=dict)
+    pooled_scores: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def targets(self) -> list[int]:
@@ -256,15 +267,21 @@ def detect_pairs(
     normalise: Normalise = "source",
     target_rule: bool = True,
     weights: Mapping[str, np.ndarray] | None = None,
+    pooled: Mapping[str, np.ndarray] | None = None,
+    pooled_families: int = 2,
 ) -> Detection:
     """Score every pair in every family and take the union of the outliers.
 
     sizes: family -> [K, K] trigger sizes (NaN on the diagonal and for pairs not solved);
     ``weights``: family -> [K, K] the pairs each solved one stands for (None: every pair was
     solved). With ``target_rule``, a target whose median pair statistic is an outlier among the
-    targets' (all-to-one rule) is detected with every solved source.
+    targets' (all-to-one rule) is detected with every solved source. ``pooled``: family -> [K]
+    sizes of each target's trigger on the pooled images of every other class (NaN: not solved);
+    a target whose 1 / size is an outlier among the targets' in at least ``pooled_families``
+    of them (all of them when fewer are given) is detected with every solved source (pooled
+    rule).
     """
-    stats, scores, tscores, best, a2o = {}, {}, {}, {}, {}
+    stats, scores, tscores, best, a2o, pscores = {}, {}, {}, {}, {}, {}
     for fam, z in sizes.items():
         w = None if weights is None else weights[fam]
         st = pair_statistics(z, normalise, w)
@@ -279,10 +296,21 @@ def detect_pairs(
             for t in np.flatnonzero(outliers(ts, tscores[fam], threshold, "large")).tolist():
                 if t not in a2o or tscores[fam][t] > tscores[a2o[t]][t]:
                     a2o[t] = fam
+    votes: dict[int, list[tuple[float, str]]] = {}
+    for fam, z in (pooled or {}).items():
+        st = 1.0 / np.maximum(np.asarray(z, dtype=np.float64), 1e-12)
+        pscores[fam] = mad_scores(st, consistency)
+        if np.isinf(pscores[fam]).any():  # MAD 0: most targets tie; no scale, no test
+            pscores[fam] = np.full(st.shape, np.nan)
+        for t in np.flatnonzero(outliers(st, pscores[fam], threshold, "large")).tolist():
+            votes.setdefault(t, []).append((float(pscores[fam][t]), fam))
+    for t, v in votes.items():
+        if len(v) >= min(pooled_families, len(pooled or {})):
+            a2o.setdefault(t, max(v)[1])
     for t, fam in a2o.items():
         for s in np.flatnonzero(~np.isnan(sizes[fam][:, t])).tolist():
             best.setdefault((s, t), fam)
-    return Detection(stats, scores, tscores, sorted(best), best, dict(sorted(a2o.items())))
+    return Detection(stats, scores, tscores, sorted(best), best, dict(sorted(a2o.items())), pscores)
 
 
 def intrinsic_check(pair_sizes: Mapping[int, float], pooled_size: float, ratio: float) -> list[int]:

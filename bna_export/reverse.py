@@ -253,12 +253,14 @@ def reverse_engineer(
     start: Sequence[TriggerEstimate | None] | None = None,
 ) -> list[TriggerEstimate]:
     """Solve every problem as one batch (at most ``settings.max_problems`` at a time, which
-    bounds the memory the problems' parameters take); one estimate per problem, in order.
-    ``forward`` (default f) is the classifier the triggers are solved against; ``start`` gives
-    a problem an earlier estimate of its family to start from instead of a random draw."""
-    if len(problems) > settings.max_problems:
+    bounds the memory the problems' parameters take, and problems of much larger pools apart,
+    see :func:`_groups`); one estimate per problem, in order. ``forward`` (default f) is the
+    classifier the triggers are solved against; ``start`` gives a problem an earlier estimate
+    of its family to start from instead of a random draw."""
+    groups = _groups(data, problems, settings)
+    if len(groups) > 1:
         return _in_groups(
-            model, data, problems, input_range, settings, seed, progress, forward, start
+            model, data, problems, groups, input_range, settings, seed, progress, forward, start
         )
     lo, hi = input_range
     span = hi - lo
@@ -501,10 +503,29 @@ def reverse_engineer(
     ]
 
 
+def _groups(data: Dataset, problems: Sequence[Problem], settings: ReverseSettings) -> list[Tensor]:
+    """The problems solved together, as index tensors: those whose pools fit in one batch, and
+    the larger pools by size (within 2× of each other), each at most ``settings.max_problems``.
+    A batch pads every problem's images to the largest pool in it: a one-class pair beside a
+    pooled problem of every other class would see 32 images per step instead of its 20 and
+    check its success on 180 instead of 20."""
+    counts = np.bincount(data.y, minlength=1 + max((max(p.sources) for p in problems), default=0))
+    length = np.array([int(counts[list(p.sources)].sum()) for p in problems])
+    bucket = np.where(
+        length <= settings.batch_size, -1, np.ceil(np.log2(np.maximum(length, 1)))
+    ).astype(int)
+    out = []
+    for b in np.unique(bucket):
+        members = torch.from_numpy(np.flatnonzero(bucket == b))
+        out += list(torch.split(members, settings.max_problems))
+    return out
+
+
 def _in_groups(
     model: BnaModel,
     data: Dataset,
     problems: Sequence[Problem],
+    groups: Sequence[Tensor],
     input_range: tuple[float, float],
     settings: ReverseSettings,
     seed: int,
@@ -512,30 +533,33 @@ def _in_groups(
     forward: Forward | None,
     start: Sequence[TriggerEstimate | None] | None,
 ) -> list[TriggerEstimate]:
-    """:func:`reverse_engineer` on consecutive groups of ``settings.max_problems`` problems
-    (the same estimates: a problem's estimate does not depend on the others), with one
-    progress over all of them."""
-    size, n = settings.max_problems, len(problems)
+    """:func:`reverse_engineer` on each group of problems in turn (the same estimates: a
+    problem's estimate does not depend on the others), with one progress over all of them."""
+    n = len(problems)
     finished = torch.zeros(n, dtype=torch.bool)
-    out: list[TriggerEstimate] = []
-    for at in range(0, n, size):
-        part = problems[at : at + size]
+    out: list[TriggerEstimate | None] = [None] * n
+    before = 0
+    for members in groups:
+        part = [problems[i] for i in members.tolist()]
         report = None
         if progress is not None:
 
-            def report(done: int, total: int, mask: Tensor, at: int = at) -> None:
-                finished[at : at + len(mask)] = mask
-                progress(at * settings.steps + done, n * settings.steps, finished.clone())
+            def report(done: int, total: int, mask: Tensor, m=members, b=before) -> None:
+                finished[m] = mask
+                progress(b * settings.steps + done, n * settings.steps, finished.clone())
 
         run = None
         if forward is not None:
 
-            def run(x: Tensor, which: Tensor, at: int = at) -> Tensor:
-                return forward(x, which + at)
+            def run(x: Tensor, which: Tensor, m: Tensor = members) -> Tensor:
+                return forward(x, m.to(which.device)[which])
 
-        given = None if start is None else start[at : at + size]
-        out += reverse_engineer(model, data, part, input_range, settings, seed, report, run, given)
-    return out
+        given = None if start is None else [start[i] for i in members.tolist()]
+        found = reverse_engineer(model, data, part, input_range, settings, seed, report, run, given)
+        for i, e in zip(members.tolist(), found, strict=True):
+            out[i] = e
+        before += len(members)
+    return [e for e in out if e is not None]
 
 
 def _success(

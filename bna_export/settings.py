@@ -221,6 +221,17 @@ class DetectSettings:
     target_rule: bool = True
     """Also detect a target whose pair statistics are high as a column (all-to-one rule: the
     median over sources, scored across targets); see bna_export/detect.py."""
+    pooled_rule: bool = True
+    """Also solve, per family and target, one trigger on the pooled images of every other class
+    and detect a target whose 1 / size is an outlier among the targets' (Neural Cleanse's own
+    test; K more problems per family, each seeing ``sweep.batch_size`` images per step): a few
+    pixels turn some digits into others as cheaply as a backdoor patch does, but not every
+    digit (README, Detection)."""
+    pooled_families: int = 2
+    """The pooled rule detects a target that is an outlier in at least this many of the
+    sweep's families (all of them when fewer are swept): on the clean small digits ResNet the
+    pooled patch to class 8 scored 8.7 (patch strokes draw an 8 cheaply from any digit) and
+    1.0 in the other families; the digits CNN's patch backdoor scored 8.2 and 9.2 in two."""
     restarts: int = 1
     """Trigger estimates per pair and family in the sweep (the smallest size is scored)."""
     screen_above: int = 15

@@ -28,6 +28,10 @@ costlier per step, and on digits it cost more than the pairs it saved).
 Cost per family: K + K·(m + r) + k·(K − 1) problems at most (m candidates, r references, k
 suspect targets; candidates and suspects overlap) plus the completed columns of targets
 detected with several sources, against K·(K − 1): linear in K.
+
+Pooled problems (``detect.pooled_rule``, either sweep): per family and target one more problem,
+t's trigger on the pooled images of every other class (``sweep.batch_size`` of them per
+step), scored by the pooled rule of :mod:`bna_export.detect`: K problems per family.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ class SweepResult:
     weights: dict[str, np.ndarray] | None
     detection: Detection
     screen: dict[str, Any] = field(default_factory=dict)
+    pooled: dict[str, np.ndarray] = field(default_factory=dict)
+    """Per family the [K] sizes of the pooled problems (empty without ``detect.pooled_rule``)."""
     problems: int = 0
     problem_steps: int = 0
     intrinsic: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -78,27 +84,53 @@ def pair_problems(n_classes: int, families: Sequence[str], restarts: int) -> lis
     ]
 
 
-def size_matrices(
-    estimates: Sequence[TriggerEstimate],
-    n_classes: int,
-    families: Sequence[str],
-    input_range: tuple[float, float],
-    success: float,
-) -> dict[str, np.ndarray]:
-    """Per family a [K, K] matrix of per-pair trigger sizes (the smallest over restarts; NaN
-    on the diagonal and for pairs not solved).
+def pooled_problems(n_classes: int, families: Sequence[str], restarts: int) -> list[Problem]:
+    """Per family, target and restart, the target's problem on every other class's images
+    (none below 3 classes, where it is a pair problem)."""
+    if n_classes < 3:
+        return []
+    return [
+        Problem(f, t, tuple(s for s in range(n_classes) if s != t), r)
+        for f in families
+        for t in range(n_classes)
+        for r in range(restarts)
+    ]
 
-    A trigger that does not succeed (moves less than ``success`` of its images) counts as its
-    family's largest: the pair was not reached within the solver's budget, and the size of its
-    last, unsuccessful trigger says nothing of how near the classes are (a blend that never
-    succeeded sat at α = 0.002 on the small digits ResNet, the smallest of its row)."""
+
+def _size(e: TriggerEstimate, success: float) -> float:
+    return e.size if succeeds(e, success) else np.nan
+
+
+def pooled_sizes(
+    estimates: Sequence[TriggerEstimate], n_classes: int, families: Sequence[str], success: float
+) -> dict[str, np.ndarray]:
+    """Per family the [K] sizes of the pooled problems among ``estimates`` (the smallest
+    successful restart; NaN: not solved, or not reached, as in :func:`size_matrices`)."""
+    out = {f: np.full(n_classes, np.nan) for f in families}
+    for e in estimates:
+        t = e.problem.target
+        if t != ANY and len(e.problem.sources) == n_classes - 1 > 1:
+            out[e.family][t] = np.fmin(out[e.family][t], _size(e, success))
+    return out
+
+
+def size_matrices(
+    estimates: Sequence[TriggerEstimate], n_classes: int, families: Sequence[str], success: float
+) -> dict[str, np.ndarray]:
+    """Per family a [K, K] matrix of per-pair trigger sizes (the smallest successful restart;
+    NaN on the diagonal and for pairs not solved or not reached).
+
+    A trigger that does not succeed (moves less than ``success`` of its images) is left out: the
+    pair was not reached within the solver's budget, so its size is not known. Its last,
+    unsuccessful trigger says nothing of how near the classes are (a blend that never succeeded
+    sat at α = 0.002 on the small digits ResNet, the smallest of its row), and counting it as
+    the family's largest trigger raised the medians of rows where many pairs were not reached,
+    so that their reachable pairs scored as backdoors (README, Detection)."""
     out = {f: np.full((n_classes, n_classes), np.nan) for f in families}
     for e in estimates:
         if len(e.problem.sources) == 1 and e.problem.target != ANY:
-            z = out[e.family]
             s, t = e.problem.sources[0], e.problem.target
-            size = e.size if succeeds(e, success) else e.kind.largest(e.shape, *input_range)
-            z[s, t] = size if np.isnan(z[s, t]) else min(z[s, t], size)
+            out[e.family][s, t] = np.fmin(out[e.family][s, t], _size(e, success))
     return out
 
 
@@ -130,10 +162,22 @@ def _weights(solved: np.ndarray, references: dict[int, set[int]], n_classes: int
 
 
 def _detect(
-    sizes: dict[str, np.ndarray], weights: dict[str, np.ndarray] | None, settings: Settings
+    sizes: dict[str, np.ndarray],
+    weights: dict[str, np.ndarray] | None,
+    pooled: dict[str, np.ndarray],
+    settings: Settings,
 ) -> Detection:
     d = settings.detect
-    return detect_pairs(sizes, d.mad_threshold, d.consistency, d.normalise, d.target_rule, weights)
+    return detect_pairs(
+        sizes,
+        d.mad_threshold,
+        d.consistency,
+        d.normalise,
+        d.target_rule,
+        weights,
+        pooled or None,
+        d.pooled_families,
+    )
 
 
 def screen_choice(
@@ -177,14 +221,15 @@ def run_sweep(
 ) -> SweepResult:
     """The sweep and the detection (design step 1, before the intrinsic check)."""
     d = settings.detect
+    success = settings.sweep.success
+    pooled = pooled_problems(n_classes, families, d.restarts) if d.pooled_rule else []
     if n_classes <= d.screen_above:
-        problems = pair_problems(n_classes, families, d.restarts)
-        found = solve(problems, "sweep")
-        sizes = size_matrices(found, n_classes, families, input_range, settings.sweep.success)
+        found = solve(pair_problems(n_classes, families, d.restarts) + pooled, "sweep")
+        sizes = size_matrices(found, n_classes, families, success)
+        psizes = pooled_sizes(found, n_classes, families, success) if pooled else {}
         steps = sum(e.steps for e in found)
-        return SweepResult(
-            found, sizes, None, _detect(sizes, None, settings), {}, len(found), steps
-        )
+        detection = _detect(sizes, None, psizes, settings)
+        return SweepResult(found, sizes, None, detection, {}, psizes, len(found), steps)
     screen = [Problem(f, ANY, (s,)) for f in families for s in range(n_classes)]
     screened = solve(screen, "screen")
     rng = np.random.default_rng(settings.seed)
@@ -201,24 +246,29 @@ def run_sweep(
         for s, t in sorted(chosen[f] | {(s, t) for s, ts in references[f].items() for t in ts})
         for r in range(d.restarts)
     ]
-    found = solve(problems, "sweep")
-    sizes = size_matrices(found, n_classes, families, input_range, settings.sweep.success)
+    found = solve(problems + pooled, "sweep")
+    sizes = size_matrices(found, n_classes, families, success)
+    psizes = pooled_sizes(found, n_classes, families, success) if pooled else {}
     weights = {f: _weights(~np.isnan(sizes[f]), references[f], n_classes) for f in families}
-    detection = _detect(sizes, weights, settings)
+    detection = _detect(sizes, weights, psizes, settings)
     several = [t for t, src in detection.sources.items() if len(src) > 1]
+    solved = {e.problem for e in found}
     missing = [
-        Problem(f, t, (s,), r)
+        p
         for f in families
         for t in several
         for s in range(n_classes)
-        if s != t and np.isnan(sizes[f][s, t])
+        if s != t
         for r in range(d.restarts)
+        if (p := Problem(f, t, (s,), r)) not in solved
     ]
     if missing:  # a target several sources were found to share is found with all of them
         found += solve(missing, "sweep")
-        sizes = size_matrices(found, n_classes, families, input_range, settings.sweep.success)
+        sizes = size_matrices(found, n_classes, families, success)
         weights = {f: _weights(~np.isnan(sizes[f]), references[f], n_classes) for f in families}
-        detection = _detect(sizes, weights, settings)
-    record["problems"] = {"screen": len(screened), "pairs": len(found)}
+        detection = _detect(sizes, weights, psizes, settings)
+    record["problems"] = {"screen": len(screened), "pairs": len(found) - len(pooled)}
+    record["problems"]["pooled"] = len(pooled)
     steps = sum(e.steps for e in screened) + sum(e.steps for e in found)
-    return SweepResult(found, sizes, weights, detection, record, len(screened) + len(found), steps)
+    n = len(screened) + len(found)
+    return SweepResult(found, sizes, weights, detection, record, psizes, n, steps)

@@ -375,6 +375,8 @@ def fit(
             if sweep.get("exhaustive", True)
             else f"screened {k} classes ({sweep['problems']} trigger problems)"
         )
+        if h["detection"].get("pooled_scores"):
+            how += f" and {k} targets on every other class's images"
         click.echo(f"{how}: " + (f"{len(found)} detected" if found else "no backdoor detected"))
         for t, info in h["detection"]["intrinsic"].items():
             if info["dropped"]:
@@ -472,7 +474,16 @@ def inspect(fit_path: str, plot_path: str | None, as_json: bool, quiet: bool) ->
                     if k.endswith("_score")
                 )
                 out.append(f"  {r['source']} -> {r['target']} ({r['family']}; scores {scores})")
-        for t, info in ((fit.header.get("detection") or {}).get("intrinsic") or {}).items():
+        detection = fit.header.get("detection") or {}
+        for fam, sc in (detection.get("pooled_scores") or {}).items():
+            ranked = sorted((v, t) for t, v in enumerate(sc) if v is not None)
+            if ranked:
+                v, t = ranked[-1]
+                out.append(
+                    f"pooled rule, {fam} family: best target {t} (score {v:.1f}; threshold "
+                    f"{detection.get('threshold')})"
+                )
+        for t, info in (detection.get("intrinsic") or {}).items():
             largest = max(info["pair_sizes"].values())
             out.append(
                 f"intrinsic check, target {t}: pooled {info['family']} trigger "

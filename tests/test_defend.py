@@ -154,7 +154,7 @@ def test_all_to_all_pairs_are_found(a2a_scenario):
     events = []
     _, out = detect(a2a_scenario, progress=lambda *e: events.append(e))
     sweep = [e for e in events if e[0] == "sweep"]
-    assert sweep[-1][1] == sweep[-1][2] and sweep[-1][3] == "56/56 pairs"
+    assert sweep[-1][1] == sweep[-1][2] and sweep[-1][3] == "56/56 pairs, 8/8 pooled targets"
     assert [e[1] for e in sweep] == sorted(e[1] for e in sweep)  # never goes back
     assert {e[0] for e in events} >= {"sweep", "fit"}
     found = {tuple(p) for p in out.fit.header["detection"]["detected_pairs"]}

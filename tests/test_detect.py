@@ -90,6 +90,40 @@ def test_union_keeps_the_family_with_the_higher_score():
     assert det.family == {(0, 1): "perturbation", (2, 3): "patch"}
 
 
+def test_pooled_rule_finds_a_target_that_every_class_reaches_cheaply():
+    # the pairs say nothing (no pair or column is an outlier), the pooled triggers do
+    rng = np.random.default_rng(3)
+    pooled = rng.uniform(20.0, 40.0, 10)
+    pairs = {"patch": sizes_with({}, k=10)}
+    assert detect_pairs(pairs, pooled={"patch": pooled}).targets == []
+    pooled[4] = 4.0
+    det = detect_pairs(pairs, pooled={"patch": pooled})
+    assert det.targets == [4] and det.sources == {4: [s for s in range(10) if s != 4]}
+    assert det.all_to_one == {4: "patch"} and det.pooled_scores["patch"][4] > 7
+    # with two families, an outlier in one of them only is a naturally easy class, not a
+    # backdoor (unless pooled_families=1); in both, it is found
+    other = rng.uniform(2.0, 4.0, 10)
+    two = detect_pairs(
+        {**pairs, "perturbation": pairs["patch"]}, pooled={"patch": pooled, "perturbation": other}
+    )
+    assert two.targets == []
+    one = detect_pairs(pairs, pooled={"patch": pooled, "perturbation": other}, pooled_families=1)
+    assert one.targets == [4]
+    other[4] = 0.4
+    two = detect_pairs(
+        {**pairs, "perturbation": pairs["patch"]}, pooled={"patch": pooled, "perturbation": other}
+    )
+    assert two.targets == [4] and two.all_to_one[4] in ("patch", "perturbation")
+    assert detect_pairs(pairs).pooled_scores == {}
+    # a target that is *hard* to reach from every class is no backdoor (large side only)
+    pooled[4] = 400.0
+    assert detect_pairs(pairs, pooled={"patch": pooled}).targets == []
+    # most targets not reached (each at the family's largest size): no scale, no detection
+    unreached = np.array([36.0] * 6 + [4.0, 30.0, 31.0, 36.0])
+    det = detect_pairs(pairs, pooled={"patch": unreached})
+    assert det.targets == [] and np.isnan(det.pooled_scores["patch"]).all()
+
+
 def test_intrinsic_check_keeps_the_smallest_when_the_pooled_trigger_is_much_larger():
     # the paper's example: per-pair 3.02 (class 0) and 7.95 (class 8), pooled 27.18
     assert intrinsic_check({0: 3.02, 8: 7.95}, 27.18, 2.0) == [0]

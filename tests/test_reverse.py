@@ -102,3 +102,33 @@ def test_pools_whole_or_sampled_from_the_problem_own_schedule(patch_scenario):
         data, flipped, 32, 5, [torch.Generator().manual_seed(p.seed(0)) for p in flipped]
     )
     assert torch.equal(again.step(torch.tensor([0]), 2)[0][0], index[1])
+
+
+def test_problems_of_much_larger_pools_are_solved_apart(model, patch_scenario):
+    """A batch pads every problem to its largest pool: one-class pairs are not solved beside
+    a pooled problem of every other class (which would cost them its batch and full-pool
+    checks), and the estimates and their order are those of solving each alone."""
+    from bna_export.reverse import _groups
+
+    data = patch_scenario.defender
+    settings = ReverseSettings(steps=40, min_steps=20, batch_size=8, max_problems=2)
+    problems = [
+        Problem("patch", 0, (1, 2, 3, 4)),
+        Problem("patch", 0, (1,)),
+        Problem("perturbation", 2, (3,)),
+        Problem("patch", 1, (0,)),
+    ]
+    groups = [g.tolist() for g in _groups(data, problems, settings)]
+    assert sorted(i for g in groups for i in g) == [0, 1, 2, 3]
+    assert [0] in groups and all(len(g) <= 2 for g in groups)
+    seen = []
+
+    def forward(x, which):  # the classifier, told which problem each image belongs to
+        seen.append(set(which.tolist()))
+        return model(x)
+
+    mixed = reverse_engineer(model, data, problems, (0.0, 1.0), settings, 5, forward=forward)
+    assert [e.problem for e in mixed] == problems and {0} in seen
+    for p, e in zip(problems, mixed, strict=True):
+        alone = reverse_engineer(model, data, [p], (0.0, 1.0), settings, seed=5)[0]
+        assert alone.size == e.size and alone.steps == e.steps

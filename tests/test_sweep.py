@@ -22,7 +22,7 @@ from bna_export.model import adapt_module
 from bna_export.reverse import ANY, Problem, TriggerEstimate, reverse_engineer
 from bna_export.scenario import build_scenario, synthetic_scenario_data
 from bna_export.settings import Settings
-from bna_export.sweep import _weights, pair_problems, size_matrices
+from bna_export.sweep import _weights, pair_problems, pooled_problems, pooled_sizes, size_matrices
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 10, 11])
@@ -94,10 +94,28 @@ def test_exhaustive_sweep_is_every_ordered_pair():
     assert all(p.target != p.sources[0] for p in probs)
 
 
-def test_a_trigger_that_does_not_succeed_counts_as_its_familys_largest():
-    """A pair not reached within the budget is not a small trigger, whatever the size its last
-    trigger had (a blend that never succeeded can sit at α ≈ 0 and would score as a backdoor);
-    the smallest successful restart counts."""
+def test_pooled_problems_take_every_other_class_and_their_sizes_a_vector():
+    probs = pooled_problems(4, ["patch", "blend"], 1)
+    assert len(probs) == 2 * 4 and all(set(p.sources) == set(range(4)) - {p.target} for p in probs)
+    assert pooled_problems(2, ["patch"], 1) == []  # two classes: the pooled problem is a pair
+    shape = (1, 4, 4)
+    est = [
+        TriggerEstimate(p, size=float(p.target + 1), success=1.0, steps=1, params={}, shape=shape)
+        for p in probs
+    ]
+    est[1].success = 0.2  # patch, target 1: not reached, so left out
+    pair = TriggerEstimate(Problem("patch", 2, (0,)), 0.1, 1.0, 1, {}, shape)
+    z = pooled_sizes([*est, pair], 4, ["patch", "blend"], 0.95)
+    np.testing.assert_array_equal(z["patch"], [1.0, np.nan, 3.0, 4.0])
+    np.testing.assert_array_equal(z["blend"], [1.0, 2.0, 3.0, 4.0])
+
+
+def test_a_trigger_that_does_not_succeed_is_left_out():
+    """A pair not reached within the budget has no known size: neither the size its last
+    trigger had (a blend that never succeeded can sit at α ≈ 0 and would score as a backdoor)
+    nor the family's largest (which raised the medians of rows where many pairs were not
+    reached, and made their reachable pairs score as backdoors); the smallest successful
+    restart counts."""
     shape = (1, 4, 5)
 
     def est(family, s, t, size, success, restart=0):
@@ -110,10 +128,20 @@ def test_a_trigger_that_does_not_succeed_counts_as_its_familys_largest():
         est("patch", 0, 1, 7.0, 0.96, restart=1),
         est("patch", 1, 0, 3.0, 0.2),
     ]
-    z = size_matrices(found, 2, ["blend", "patch"], (0.0, 1.0), 0.95)
-    assert z["blend"][0, 1] == 1.0 and z["blend"][1, 0] == pytest.approx(0.3)
-    assert z["patch"][0, 1] == 7.0 and z["patch"][1, 0] == 20.0
+    z = size_matrices(found, 2, ["blend", "patch"], 0.95)
+    assert np.isnan(z["blend"][0, 1]) and z["blend"][1, 0] == pytest.approx(0.3)
+    assert z["patch"][0, 1] == 7.0 and np.isnan(z["patch"][1, 0])
     assert np.isnan(z["blend"][0, 0])
+    # a row where most pairs are not reached: its reachable pair is not made an outlier
+    rng = np.random.default_rng(0)
+    sizes = rng.uniform(0.2, 0.4, (10, 10))
+    np.fill_diagonal(sizes, np.nan)
+    sizes[2, [1, 4, 5, 7, 9]] = np.nan  # not reached
+    sizes[2, 0] = 0.18  # a little below the row: natural
+    assert detect_pairs({"blend": sizes}).pairs == []
+    as_largest = detect_pairs({"blend": np.where(np.isnan(sizes), 1.0, sizes)}).pairs
+    assert (2, 0) in as_largest and {s for s, _ in as_largest} == {2}  # every reachable one
+    np.fill_diagonal(sizes, np.nan)
 
 
 @pytest.fixture(scope="module")
