@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from panel import TARGET, panel_scenario, truth_of
 
-from bna_export.detect import detect_pairs
+from bna_export.detect import detect_pairs, large_side_scores
 from bna_export.model import adapt_module
 from bna_export.reverse import reverse_engineer
 from bna_export.settings import Settings, with_overrides
@@ -84,9 +84,7 @@ def main() -> None:
                     best[key] = max(best[key], float(vals.max()))
         a2o = max(float(det.target_scores[f][TARGET]) for f in group)
         # pooled rule, detecting side only (a smaller trigger than the targets' median)
-        ps = np.array([det.pooled_scores[f] for f in group])  # [families, K]
-        small = np.array([pooled[f] < np.nanmedian(pooled[f]) for f in group])
-        ps = np.where(small, ps, 0.0)
+        ps = np.stack([large_side_scores(1 / pooled[f], det.pooled_scores[f]) for f in group])
         mine_7 = float(ps[:, TARGET].max())
         other = float(np.delete(ps, TARGET, axis=1).max())
         steps = sum(cost[f][0] for f in group)

@@ -34,6 +34,7 @@ import torch
 from mitigation import TRIGGER_OPTIONS  # the attacks' settings, as in the known-target table
 
 from bna_export.defend import Mitigation, fit_defence
+from bna_export.detect import large_side_scores
 from bna_export.fit import predict_mitigated
 from bna_export.metrics import compute_metrics
 from bna_export.model import adapt_module
@@ -103,11 +104,11 @@ def run_row(arch: str, attack: str, seed: int, settings: Settings) -> dict:
     pooled = {True: 0.0, False: 0.0}
     det = h["detection"]
     for family, scores in det.get("pooled_scores", {}).items():
-        sizes = np.array([np.nan if v is None else v for v in det["pooled_sizes"][family]])
-        for t, (score, size) in enumerate(zip(scores, sizes, strict=True)):
-            if score is not None and size < np.nanmedian(sizes):
-                key = t in true_targets and not attack.endswith("-a2a")
-                pooled[key] = max(pooled[key], score)
+        sizes = np.array(det["pooled_sizes"][family], dtype=np.float64)  # None -> NaN
+        side = large_side_scores(1 / sizes, np.array(scores, dtype=np.float64))
+        for t, score in enumerate(side.tolist()):
+            key = t in true_targets and not attack.endswith("-a2a")
+            pooled[key] = max(pooled[key], score)
     m = Mitigation.from_fit(out.fit)
     pc = predict_mitigated(model, m.targets, m.thetas, sc.test.x)
     pt = predict_mitigated(model, m.targets, m.thetas, trig["x"])

@@ -123,6 +123,12 @@ def outliers(
     return over & (s > med if side == "large" else s < med)
 
 
+def large_side_scores(stats: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """``scores`` where the statistic is above the median (the side a backdoor is on: a smaller
+    trigger than the median), 0 elsewhere and where there is no score (NaN)."""
+    return np.where(outliers(stats, scores, -np.inf, "large"), scores, 0.0)
+
+
 def _row_medians(z: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
     """Weighted median of every row's non-NaN entries, [K, K] -> [K, 1] (NaN: empty row)."""
     out = np.full((z.shape[0], 1), np.nan)

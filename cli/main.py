@@ -19,6 +19,7 @@ import numpy as np
 from bna_export import __version__, artifact, distributed, report
 from bna_export.data import Dataset, load_data, load_inputs, load_npz
 from bna_export.defend import Mitigation, fit_defence
+from bna_export.detect import large_side_scores
 from bna_export.errors import BadInputError, BnaError, FitFileError
 from bna_export.evaluation import evaluate_built, evaluate_reference
 from bna_export.model import BnaModel, load_model
@@ -476,13 +477,16 @@ def inspect(fit_path: str, plot_path: str | None, as_json: bool, quiet: bool) ->
                 out.append(f"  {r['source']} -> {r['target']} ({r['family']}; scores {scores})")
         detection = fit.header.get("detection") or {}
         for fam, sc in (detection.get("pooled_scores") or {}).items():
-            ranked = sorted((v, t) for t, v in enumerate(sc) if v is not None)
-            if ranked:
-                v, t = ranked[-1]
-                out.append(
-                    f"pooled rule, {fam} family: best target {t} (score {v:.1f}; threshold "
-                    f"{detection.get('threshold')})"
-                )
+            sizes = np.array(detection["pooled_sizes"][fam], dtype=np.float64)  # None -> NaN
+            with np.errstate(divide="ignore"):
+                side = large_side_scores(1 / sizes, np.array(sc, dtype=np.float64))
+            if not side.size:
+                continue
+            t = int(np.argmax(side))
+            out.append(
+                f"pooled rule, {fam} family: best target {t} (score {side[t]:.1f}, smaller "
+                f"trigger than the median; threshold {detection.get('threshold')})"
+            )
         for t, info in (detection.get("intrinsic") or {}).items():
             largest = max(info["pair_sizes"].values())
             out.append(

@@ -4,6 +4,7 @@ import pytest
 from bna_export.detect import (
     detect_pairs,
     intrinsic_check,
+    large_side_scores,
     mad_scores,
     outliers,
     pair_statistics,
@@ -122,6 +123,14 @@ def test_pooled_rule_finds_a_target_that_every_class_reaches_cheaply():
     unreached = np.array([36.0] * 6 + [4.0, 30.0, 31.0, 36.0])
     det = detect_pairs(pairs, pooled={"patch": unreached})
     assert det.targets == [] and np.isnan(det.pooled_scores["patch"]).all()
+
+
+def test_large_side_scores_keep_only_the_backdoor_side():
+    stats = np.array([1.0, 2.0, 3.0, 10.0, 0.1, np.nan])
+    scores = mad_scores(stats)
+    side = large_side_scores(stats, scores)
+    assert side[3] == scores[3] > 0 and side[4] == 0.0 < scores[4]  # 0.1: far, but small side
+    assert side[5] == 0.0 and side[0] == 0.0
 
 
 def test_intrinsic_check_keeps_the_smallest_when_the_pooled_trigger_is_much_larger():
