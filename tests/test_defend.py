@@ -1,11 +1,12 @@
 import dataclasses
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from bna_export import artifact
-from bna_export.data import Dataset
+from bna_export.data import Dataset, load_npz
 from bna_export.defend import Mitigation, fit_defence, resolve_sources
 from bna_export.errors import BadInputError, FitFileError
 from bna_export.fit import predict_mitigated
@@ -101,9 +102,18 @@ def detect(scenario, progress=None):
     return model, fit_defence(model, scenario.defender, progress=progress)
 
 
+def from_file(files, fit_path):
+    """The model of a scenario's files and the fit file the CLI wrote for it (the outcome's
+    ``fit``)."""
+    x = load_npz(files["defender"])[0].x
+    model = load_model(str(files["model"]), None, torch.from_numpy(x[:2]), torch.from_numpy(x))
+    return model, SimpleNamespace(fit=artifact.load(fit_path))
+
+
 @pytest.fixture(scope="module")
-def a2o_detected(a2o_scenario):
-    return detect(a2o_scenario)
+def a2o_detected(a2o_files, a2o_detected_file):
+    """No hint, the all-to-one scenario: the fit file of the CLI's test (one fit for both)."""
+    return from_file(a2o_files, a2o_detected_file[0])
 
 
 def repaired(model, fit, triggered):
@@ -166,8 +176,10 @@ def test_all_to_all_pairs_are_found(a2a_scenario):
     assert out.detection is not None and not out.detection.all_to_one
 
 
-def test_a_clean_model_gives_no_detection_and_an_unchanged_f(clean_scenario):
-    model, out = detect(clean_scenario)
+def test_a_clean_model_gives_no_detection_and_an_unchanged_f(
+    clean_scenario, clean_files, clean_detected_file
+):
+    model, out = from_file(clean_files, clean_detected_file[0])
     h, t = out.fit.header, out.fit.tensors
     assert h["attacked"] is False and h["targets"] == [] and h["pairs"] == []
     assert h["detection"]["detected_pairs"] == [] and h["detection"]["scores_computed"]

@@ -16,6 +16,10 @@ from bna_export.errors import BadInputError
 FAST = [
     "--set",
     "reverse.steps=300",
+    "--set",
+    "sweep.steps=120",
+    "--set",
+    "sweep.blend_steps=60",
     "--restarts",
     "1",
     "--epochs",

@@ -163,8 +163,13 @@ def test_untargeted_problem_leaves_its_source(twelve):
 
 @pytest.mark.slow
 def test_screen_finds_the_all_to_one_target_with_fewer_problems(twelve):
-    s = Settings()
-    s = dataclasses.replace(s, detect=dataclasses.replace(s.detect, screen_above=8))
+    s = Settings()  # the default sweep; a short Θ fit (this test is about the screen)
+    s = dataclasses.replace(
+        s,
+        detect=dataclasses.replace(s.detect, screen_above=8),
+        reverse=dataclasses.replace(s.reverse, steps=200, restarts=1),
+        fit=dataclasses.replace(s.fit, epochs=2),
+    )
     out = fit_defence(
         adapt_module(twelve.net, torch.from_numpy(twelve.test.x[:2])), twelve.defender, settings=s
     )
