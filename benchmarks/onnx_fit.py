@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from bna_export.defend import Mitigation, fit_defence
+from bna_export.defend import fit_defence
 from bna_export.fit import predict_mitigated
+from bna_export.fitfile import Mitigation
 from bna_export.model import adapt_module, load_model
 from bna_export.scenario import build_scenario, digits, export_onnx, synthetic_scenario_data
 

@@ -33,9 +33,10 @@ import numpy as np
 import torch
 from mitigation import TRIGGER_OPTIONS  # the attacks' settings, as in the known-target table
 
-from bna_export.defend import Mitigation, fit_defence
+from bna_export.defend import fit_defence
 from bna_export.detect import large_side_scores
 from bna_export.fit import predict_mitigated
+from bna_export.fitfile import Mitigation
 from bna_export.metrics import compute_metrics
 from bna_export.model import adapt_module
 from bna_export.scenario import Scenario, build_scenario, digits

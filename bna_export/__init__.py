@@ -8,7 +8,7 @@ from .artifact import load as load_fit
 from .artifact import save as save_fit
 from .attacks import Trigger, all_to_all, all_to_one, poison, triggered_set
 from .data import Dataset, load_data, load_npz
-from .defend import FitOutcome, Mitigation, fit_defence
+from .defend import FitOutcome, fit_defence
 from .detect import (
     Detection,
     detect_pairs,
@@ -21,6 +21,7 @@ from .detect import (
 from .distributed import Shard, solve
 from .errors import BadInputError, BnaError, FitFileError, ModelError
 from .fit import Prediction, fit_thetas, predict_mitigated
+from .fitfile import FitRecord, Mitigation
 from .histogram import divergence, soft_histogram
 from .metrics import compute_metrics
 from .model import BnaModel, adapt_onnx, load_model
@@ -47,6 +48,7 @@ __all__ = [
     "FitFile",
     "FitFileError",
     "FitOutcome",
+    "FitRecord",
     "FitSettings",
     "HistogramSettings",
     "Mitigation",

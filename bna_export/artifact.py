@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FitFileError
+from .errors import BadInputError, FitFileError
 
 MAGIC = b"BNAFIT\x00\x01"
 FORMAT_VERSION = 1
@@ -118,6 +118,12 @@ def decode(buf: bytes, source: str = "fit file") -> FitFile:
         if b1 < e0:
             raise FitFileError(f"{source}: tensors {n0!r} and {n1!r} overlap")
     return FitFile(header, tensors)
+
+
+def check_folder(path: str | Path) -> None:
+    """Fail with one line unless the folder that ``path`` is to be written into exists."""
+    if not Path(path).resolve().parent.is_dir():
+        raise BadInputError(f"{path}: the folder does not exist")
 
 
 def write_atomic(path: str | Path, data: bytes) -> None:

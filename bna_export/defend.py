@@ -15,17 +15,16 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, fitfile
 from .artifact import FitFile
 from .data import Dataset
 from .detect import Detection, intrinsic_check
 from .distributed import Shard, solve
-from .errors import BadInputError, FitFileError, ModelError
+from .errors import BadInputError, ModelError
 from .families import FAMILIES
 from .fit import Refresh, fit_thetas, g_logits, predict_mitigated
 from .model import BnaModel
@@ -92,10 +91,11 @@ def resolve_sources(
 
 @dataclass
 class FitOutcome:
-    """What :func:`fit_defence` made: the fit file, the triggers it used per target, and the
-    detection over all pairs (None when targets or pairs were given)."""
+    """What :func:`fit_defence` made: the fit file and its record, the triggers it used per
+    target, and the detection over all pairs (None when targets or pairs were given)."""
 
     fit: FitFile
+    record: fitfile.FitRecord
     triggers: dict[int, list[TriggerEstimate]]
     detection: Detection | None = None
 
@@ -204,7 +204,7 @@ def fit_defence(
         thetas = [torch.zeros((0, 4, la.channels)) for la in model.layers]
         history = []
     mode = "detect" if detecting else ("targets" if pairs is None else "pairs")
-    fit = _record(
+    record = _record(
         model,
         data,
         settings,
@@ -218,7 +218,7 @@ def fit_defence(
         mode=mode,
         sweep=sweep,
     )
-    return FitOutcome(fit, chosen, sweep.detection if sweep else None)
+    return FitOutcome(fitfile.to_fit(record), record, chosen, sweep.detection if sweep else None)
 
 
 def _check_data(
@@ -414,14 +414,14 @@ def _intrinsic_check(
         _, fam, pooled, pair_sizes = min(checks, key=lambda c: (c[0], c[1]))
         kept = intrinsic_check(pair_sizes, pooled, settings.detect.intrinsic_ratio)
         out[t] = srcs if len(kept) == len(pair_sizes) else kept
-        sweep.intrinsic[t] = {
-            "family": fam,
-            "pooled_size": pooled if np.isfinite(pooled) else None,
-            "pair_sizes": {str(s): z for s, z in pair_sizes.items()},
-            "ratios": {c[1]: c[0] if np.isfinite(c[0]) else None for c in checks},
-            "kept": out[t],
-            "dropped": [s for s in srcs if s not in out[t]],
-        }
+        sweep.intrinsic[t] = fitfile.Intrinsic(
+            family=fam,
+            pooled_size=pooled if np.isfinite(pooled) else None,
+            pair_sizes=pair_sizes,
+            ratios={c[1]: c[0] if np.isfinite(c[0]) else None for c in checks},
+            kept=tuple(out[t]),
+            dropped=tuple(s for s in srcs if s not in out[t]),
+        )
     return out
 
 
@@ -442,43 +442,71 @@ def _probe_inputs(
 
 
 def _scores(
-    sweep: SweepResult | None, triggers: list[dict[str, Any]]
-) -> dict[str, list[dict[str, Any]]]:
+    sweep: SweepResult | None, triggers: Sequence[fitfile.Trigger]
+) -> dict[str, tuple[fitfile.PairScore, ...]]:
     """Per family, per pair: size, statistic, anomaly score and whether it was detected. With
     no sweep (targets or pairs given), the per-target triggers, unscored."""
     if sweep is None:
         return {
-            f: [
-                {
-                    "source": None if len(t["sources"]) != 1 else t["sources"][0],
-                    "target": t["target"],
-                    "size": t["size"],
-                    "statistic": 1.0 / max(t["size"], 1e-12),
-                    "score": None,
-                    "detected": None,
-                }
+            f: tuple(
+                fitfile.PairScore(
+                    None if len(t.sources) != 1 else t.sources[0],
+                    t.target,
+                    t.size,
+                    1.0 / max(t.size, 1e-12),
+                    None,
+                    None,
+                )
                 for t in triggers
-                if t["family"] == f
-            ]
-            for f in dict.fromkeys(t["family"] for t in triggers)
+                if t.family == f
+            )
+            for f in dict.fromkeys(t.family for t in triggers)
         }
     det = sweep.detection
     out = {}
     for f, z in sweep.sizes.items():
         st, sc = det.statistics[f], det.scores[f]
-        out[f] = [
-            {
-                "source": s,
-                "target": t,
-                "size": float(z[s, t]),
-                "statistic": float(st[s, t]),
-                "score": float(sc[s, t]) if np.isfinite(sc[s, t]) else None,
-                "detected": det.family.get((s, t)) == f,
-                **({} if sweep.weights is None else {"weight": float(sweep.weights[f][s, t])}),
-            }
+        out[f] = tuple(
+            fitfile.PairScore(
+                s,
+                t,
+                float(z[s, t]),
+                float(st[s, t]),
+                float(sc[s, t]) if np.isfinite(sc[s, t]) else None,
+                det.family.get((s, t)) == f,
+                None if sweep.weights is None else float(sweep.weights[f][s, t]),
+            )
             for s, t in np.argwhere(~np.isnan(z)).tolist()
-        ]
+        )
     return out
+
+
+def _detection(settings: Settings, sweep: SweepResult | None) -> fitfile.Detection:
+    d = settings.detect
+    det = None if sweep is None else sweep.detection
+    return fitfile.Detection(
+        rule="union",
+        normalise=d.normalise,
+        consistency=d.consistency,
+        threshold=d.mad_threshold,
+        side="large",
+        scores_computed=sweep is not None,
+        pair_families={} if det is None else dict(det.family),
+        detected_pairs=() if det is None else tuple(tuple(p) for p in det.pairs),
+        all_to_one={} if det is None else dict(det.all_to_one),
+        target_scores={} if det is None else {f: tuple(v) for f, v in det.target_scores.items()},
+        pooled_scores={} if det is None else {f: tuple(v) for f, v in det.pooled_scores.items()},
+        pooled_sizes={} if sweep is None else {f: tuple(z) for f, z in sweep.pooled.items()},
+        intrinsic={} if sweep is None else dict(sweep.intrinsic),
+        sweep={}
+        if sweep is None
+        else {
+            "exhaustive": sweep.weights is None,
+            "problems": sweep.problems,
+            "problem_steps": sweep.problem_steps,
+            "screen": sweep.screen,
+        },
+    )
 
 
 def _record(
@@ -494,202 +522,72 @@ def _record(
     history: list[float],
     mode: str,
     sweep: SweepResult | None = None,
-) -> FitFile:
+) -> fitfile.FitRecord:
     targets = list(sources)
-    tensors: dict[str, np.ndarray] = {}
-    layers = []
-    for i, la in enumerate(model.layers):
-        layers.append(
-            {
-                "index": i,
-                "name": la.name,
-                "channels": la.channels,
-                "eps": la.eps,
-                "measured": la.measured,
-            }
+    triggers = tuple(
+        fitfile.Trigger(
+            index=j,
+            family=e.family,
+            target=e.problem.target,
+            sources=tuple(e.problem.sources),
+            restart=e.problem.restart % _ROUND,
+            refresh_round=e.problem.restart // _ROUND,
+            size=e.size,
+            relative_size=relative_size(e, input_range),
+            success=e.success,
+            steps=e.steps,
+            used=any(e is u for u in chosen[e.problem.target]),
+            params=dict(e.params),
         )
-        for key in ("running_mean", "running_var", "weight", "bias"):
-            tensors[f"layer.{i}.{key}"] = getattr(la, key).cpu().numpy().astype(np.float32)
-        tensors[f"theta.{i}"] = thetas[i].numpy().astype(np.float32)
-    triggers = []
-    for j, e in enumerate(estimates):
-        used = any(e is u for u in chosen[e.problem.target])
-        triggers.append(
-            {
-                "index": j,
-                "family": e.family,
-                "target": e.problem.target,
-                "sources": list(e.problem.sources),
-                "restart": e.problem.restart % _ROUND,
-                "refresh_round": e.problem.restart // _ROUND,
-                "size": e.size,
-                "relative_size": relative_size(e, input_range),
-                "success": e.success,
-                "steps": e.steps,
-                "used": used,
-            }
-        )
-        for key, value in e.params.items():
-            tensors[f"trigger.{j}.{key}"] = value.astype(np.float32)
+        for j, e in enumerate(estimates)
+    )
     probes = _probe_inputs(data, sources, chosen, input_range, n_classes)
     with torch.no_grad(), model.capturing() as outputs:
         f_logits = model(torch.from_numpy(probes).to(model.device)).cpu().numpy()
-    for i, out in enumerate(outputs):  # each BN output's per-sample channel means: finds the
-        z = torch.cat(out)  # layer again in an ONNX graph, whatever the exporter folded
-        tensors[f"layer.{i}.probe_mean"] = (
-            z.reshape(len(z), z.shape[1], -1).mean(2).cpu().numpy().astype(np.float32)
+    means = []  # each BN output's per-sample channel means: finds the layer again in an ONNX
+    for out in outputs:  # graph, whatever the exporter folded
+        z = torch.cat(out)
+        means.append(z.reshape(len(z), z.shape[1], -1).mean(2).cpu().numpy())
+    layers = tuple(
+        fitfile.Layer(
+            i,
+            la.name,
+            la.channels,
+            la.eps,
+            la.measured,
+            *(
+                getattr(la, k).cpu().numpy()
+                for k in ("running_mean", "running_var", "weight", "bias")
+            ),
+            thetas[i].numpy(),
+            means[i],
         )
+        for i, la in enumerate(model.layers)
+    )
     pred = predict_mitigated(model, targets, thetas, probes)
-    tensors["probe.x"] = probes
-    tensors["probe.f_logits"] = f_logits.astype(np.float32)
-    tensors["probe.g_logits"] = g_logits(model, thetas, len(targets), probes).astype(np.float32)
-    tensors["probe.label"] = pred.label.astype(np.int64)
-    tensors["probe.triggered"] = pred.triggered.astype(np.bool_)
-    tensors["probe.logits"] = pred.logits.astype(np.float32)
-    detection: dict[str, Any] = {
-        "rule": "union",
-        "normalise": settings.detect.normalise,
-        "consistency": settings.detect.consistency,
-        "threshold": settings.detect.mad_threshold,
-        "side": "large",
-        "scores_computed": sweep is not None,
-        "pair_families": {}
-        if sweep is None
-        else {f"{s}:{t}": f for (s, t), f in sorted(sweep.detection.family.items())},
-        "detected_pairs": [] if sweep is None else [list(p) for p in sweep.detection.pairs],
-        "all_to_one": {}
-        if sweep is None
-        else {str(t): f for t, f in sweep.detection.all_to_one.items()},
-        "target_scores": {}
-        if sweep is None
-        else {
-            f: [None if not np.isfinite(v) else float(v) for v in sc]
-            for f, sc in sweep.detection.target_scores.items()
-        },
-        "pooled_scores": {}
-        if sweep is None
-        else {
-            f: [None if not np.isfinite(v) else float(v) for v in sc]
-            for f, sc in sweep.detection.pooled_scores.items()
-        },
-        "pooled_sizes": {}
-        if sweep is None
-        else {
-            f: [None if not np.isfinite(v) else float(v) for v in z]
-            for f, z in sweep.pooled.items()
-        },
-        "intrinsic": {} if sweep is None else {str(t): v for t, v in sweep.intrinsic.items()},
-        "sweep": {}
-        if sweep is None
-        else {
-            "exhaustive": sweep.weights is None,
-            "problems": sweep.problems,
-            "problem_steps": sweep.problem_steps,
-            "screen": sweep.screen,
-        },
-    }
-    header = {
-        "tool": "bna-export",
-        "tool_version": __version__,
-        "mode": mode,
-        "attacked": bool(targets),
-        "n_classes": n_classes,
-        "model_format": model.source,
-        "input_shape": list(data.x.shape[1:]),
-        "input_range": [float(input_range[0]), float(input_range[1])],
-        "targets": targets,
-        "sources": {str(t): s for t, s in sources.items()},
-        "pairs": [[s, t] for t in targets for s in sources[t]],
-        "families": {str(t): "+".join(sorted({e.family for e in chosen[t]})) for t in targets},
-        "scores": _scores(sweep, triggers),
-        "detection": detection,
-        "triggers": triggers,
-        "layers": layers,
-        "settings": settings.to_dict(),
-        "history": history,
-        "data": {
-            "images": len(data),
-            "sha256": hashlib.sha256(data.x.tobytes() + data.y.tobytes()).hexdigest(),
-        },
-    }
-    return FitFile(header, tensors)
-
-
-@dataclass
-class Mitigation:
-    """The parts of a fit file that the mitigated classifier needs."""
-
-    targets: list[int]
-    thetas: list[torch.Tensor]
-    n_classes: int
-    input_shape: tuple[int, ...]
-    input_range: tuple[float, float]
-
-    @classmethod
-    def from_fit(cls, fit: FitFile) -> Mitigation:
-        h, t = fit.header, fit.tensors
-        try:
-            layers = h["layers"]
-            thetas = [torch.from_numpy(np.array(t[f"theta.{i}"])) for i in range(len(layers))]
-            out = cls(
-                [int(x) for x in h["targets"]],
-                thetas,
-                int(h["n_classes"]),
-                tuple(int(d) for d in h["input_shape"]),
-                (float(h["input_range"][0]), float(h["input_range"][1])),
-            )
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise FitFileError(f"fit file lacks a field or tensor: {exc}") from exc
-        for i, (th, la) in enumerate(zip(thetas, layers, strict=True)):
-            try:
-                channels = int(la["channels"])
-            except (KeyError, TypeError, ValueError, IndexError) as exc:
-                raise FitFileError(f"fit file: layer {i} has no channel count") from exc
-            if th.shape != (len(out.targets), 4, channels):
-                raise FitFileError(
-                    f"theta.{i} has shape {tuple(th.shape)}; expected "
-                    f"({len(out.targets)}, 4, {channels})"
-                )
-        return out
-
-    def check_model(self, model: BnaModel, fit: FitFile) -> None:
-        """Fail unless ``model`` has the BN layers (same statistics) the fit was made on. A
-        measured layer (an ONNX model's Conv/Gemm output) takes the fit file's statistics, so
-        that h works in the units Θ was fitted in."""
-        layers = fit.header["layers"]
-        made_from = fit.header.get("model_format", "torch")
-        if made_from != model.source:
-            kinds = {"onnx": "an .onnx file", "torch": "a .pt2 or a PyTorch module"}
-            raise ModelError(
-                f"the fit file was made from {kinds.get(made_from, made_from)} and this model is "
-                f"{kinds.get(model.source, model.source)}: evaluate with the kind of model it was "
-                "fitted on, or `build` the graph and evaluate that"
-            )
-        if len(layers) != len(model.layers):
-            raise ModelError(
-                f"the fit file has {len(layers)} BatchNorm layers, the model "
-                f"{len(model.layers)}: this is not the model that was fitted"
-            )
-        for i, (rec, la) in enumerate(zip(layers, model.layers, strict=True)):
-            mean = fit.tensors.get(f"layer.{i}.running_mean")
-            spread = fit.tensors.get(f"layer.{i}.weight")
-            if (
-                la.measured
-                and bool(rec.get("measured"))
-                and rec.get("name") == la.name
-                and mean is not None
-                and spread is not None
-                and mean.shape == spread.shape == (la.channels,)
-            ):
-                la.set_statistics(torch.from_numpy(mean), torch.from_numpy(spread))
-                continue
-            if (
-                mean is None
-                or la.measured
-                or mean.shape != (la.channels,)
-                or not np.allclose(mean, la.running_mean.numpy(), rtol=1e-5, atol=1e-6)
-            ):
-                raise ModelError(
-                    f"BatchNorm layer {i} ({rec['name']}) differs from the fit "
-                    "file's: this is not the model that was fitted"
-                )
+    return fitfile.FitRecord(
+        tool_version=__version__,
+        mode=mode,
+        n_classes=n_classes,
+        model_format=model.source,
+        input_shape=tuple(data.x.shape[1:]),
+        input_range=(float(input_range[0]), float(input_range[1])),
+        sources={t: tuple(sources[t]) for t in targets},
+        families={t: "+".join(sorted({e.family for e in chosen[t]})) for t in targets},
+        scores=_scores(sweep, triggers),
+        detection=_detection(settings, sweep),
+        triggers=triggers,
+        layers=layers,
+        settings=settings.to_dict(),
+        history=tuple(history),
+        data_images=len(data),
+        data_sha256=hashlib.sha256(data.x.tobytes() + data.y.tobytes()).hexdigest(),
+        probes=fitfile.Probes(
+            probes,
+            f_logits,
+            g_logits(model, thetas, len(targets), probes),
+            pred.label,
+            pred.triggered,
+            pred.logits,
+        ),
+    )

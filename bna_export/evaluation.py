@@ -11,9 +11,10 @@ import numpy as np
 import torch
 
 from .data import Dataset, check_against_model
-from .defend import Mitigation, model_output_classes
+from .defend import model_output_classes
 from .errors import BadInputError
 from .fit import predict_mitigated
+from .fitfile import Mitigation
 from .metrics import compute_metrics
 from .model import BnaModel
 from .runtime import Provider, open_built, ran_on

@@ -1,11 +1,13 @@
-"""What a fit file's detection says, ready to show: signed anomaly-score histograms per trigger
-family (text, or a PNG when matplotlib is installed) and the detected pairs with their scores."""
+"""What a fit file says, ready to show: the text of ``fit`` and ``inspect``, the summary of
+``inspect --json``, signed anomaly-score histograms per trigger family (text, or a PNG when
+matplotlib is installed) and the detected pairs with their scores. Reads fit-file records
+(:mod:`bna_export.fitfile`), which are validated when read."""
 
 from __future__ import annotations
 
-import functools
 import io
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,10 +15,14 @@ from typing import Any
 import numpy as np
 
 from .artifact import write_atomic
-from .errors import BadInputError, FitFileError
+from .detect import large_side_scores
+from .errors import BadInputError
+from .fitfile import Detection, FitRecord, PairScore, header_of
 
 OVERFLOW = 20.0
 """Scores beyond ±OVERFLOW share the last bin (an infinite score, MAD = 0, lands there too)."""
+
+Scores = Mapping[str, Sequence[PairScore]]
 
 
 @dataclass
@@ -31,42 +37,22 @@ class Histogram:
     pairs: int
 
 
-def signed_scores(entries: list[dict[str, Any]]) -> np.ndarray:
+def signed_scores(entries: Sequence[PairScore]) -> np.ndarray:
     """Per pair: +score when the statistic is above the median (small trigger), else -score;
     an infinite score (MAD = 0) is +inf or -inf."""
-    stats = np.array([e["statistic"] for e in entries], dtype=np.float64)
-    raw = np.array([np.inf if e["score"] is None else e["score"] for e in entries])
+    stats = np.array([e.statistic for e in entries], dtype=np.float64)
+    raw = np.array([np.inf if e.score is None else e.score for e in entries])
     med = np.median(stats) if len(stats) else 0.0
     return np.where(stats > med, raw, -raw)
 
 
-MALFORMED = (KeyError, TypeError, ValueError, IndexError, AttributeError)
-"""What reading a fit-file header of the wrong shape raises (a missing key, a list where a
-dict was expected, ...): callers turn these into :class:`FitFileError`."""
-
-
-def _malformed(fn: Any) -> Any:
-    """A fit file is untrusted: a header of the wrong shape is a :class:`FitFileError`."""
-
-    @functools.wraps(fn)
-    def wrapper(header: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(header, *args, **kwargs)
-        except MALFORMED as exc:
-            raise FitFileError(f"fit file: malformed detection results ({exc!r})") from exc
-
-    return wrapper
-
-
-@_malformed
-def score_histograms(header: dict[str, Any]) -> list[Histogram]:
+def score_histograms(scores: Scores, detection: Detection) -> list[Histogram]:
     """One histogram per family of the pair sweep (none when targets or pairs were given)."""
-    det = header.get("detection") or {}
-    if not det.get("scores_computed"):
+    if not detection.scores_computed:
         return []
-    threshold = float(det.get("threshold", 7.0))
+    threshold = float(detection.threshold)
     out = []
-    for family, entries in sorted((header.get("scores") or {}).items()):
+    for family, entries in sorted(scores.items()):
         if not entries:
             continue
         signed = np.clip(signed_scores(entries), -OVERFLOW, OVERFLOW)
@@ -74,37 +60,162 @@ def score_histograms(header: dict[str, Any]) -> list[Histogram]:
         hi = max(math.ceil(signed.max()), math.ceil(threshold) + 1, lo + 1)
         edges = np.arange(lo, hi + 1, dtype=np.float64)
         counts, _ = np.histogram(signed, edges)
-        flags = np.array([bool(e.get("detected")) for e in entries])
+        flags = np.array([bool(e.detected) for e in entries])
         hits, _ = np.histogram(signed[flags], edges)
         out.append(
             Histogram(
-                family,
-                edges.tolist(),
-                counts.tolist(),
-                hits.tolist(),
-                threshold,
-                len(entries),
+                family, edges.tolist(), counts.tolist(), hits.tolist(), threshold, len(entries)
             )
         )
     return out
 
 
-@_malformed
-def detected_pairs(header: dict[str, Any]) -> list[dict[str, Any]]:
+def detected_pairs(scores: Scores, detection: Detection) -> list[dict[str, Any]]:
     """The detected pairs, each with its family and its score in every family."""
-    det = header.get("detection") or {}
-    families = det.get("pair_families") or {}
-    by_pair: dict[str, dict[str, Any]] = {}
-    for family, entries in (header.get("scores") or {}).items():
+    families = detection.pair_families
+    by_pair: dict[tuple[int | None, int], dict[str, Any]] = {}
+    for family, entries in scores.items():
         for e in entries:
-            key = f"{e['source']}:{e['target']}"
+            key = (e.source, e.target)
             if key in families:
                 row = by_pair.setdefault(
-                    key,
-                    {"source": e["source"], "target": e["target"], "family": families[key]},
+                    key, {"source": e.source, "target": e.target, "family": families[key]}
                 )
-                row[f"{family}_score"] = e["score"]
+                row[f"{family}_score"] = e.score
     return sorted(by_pair.values(), key=lambda r: (r["target"], r["source"]))
+
+
+def _size(value: float | None) -> str:
+    return "none (no pooled trigger succeeded)" if value is None else f"{value:.2f}"
+
+
+def fit_lines(rec: FitRecord, output: str, seconds: float) -> list[str]:
+    """What ``fit`` prints: what was checked and found, and each target's triggers."""
+    out = []
+    det = rec.detection
+    if rec.mode == "detect":
+        k, sweep = rec.n_classes, det.sweep
+        how = (
+            f"checked {k * (k - 1)} class pairs"
+            if sweep.get("exhaustive", True)
+            else f"screened {k} classes ({sweep['problems']} trigger problems)"
+        )
+        if det.pooled_scores:
+            how += f" and {k} targets on every other class's images"
+        found = det.detected_pairs
+        out.append(f"{how}: " + (f"{len(found)} detected" if found else "no backdoor detected"))
+        for t, info in det.intrinsic.items():
+            if info.dropped:
+                out.append(
+                    f"  target {t}: dropped sources {list(info.dropped)} (pooled trigger "
+                    f"{_size(info.pooled_size)} vs per-pair up to "
+                    f"{max(info.pair_sizes.values()):.2f}: intrinsic, not a backdoor)"
+                )
+    if not rec.targets:
+        out.append(f"the model is served unchanged; fit file -> {output} ({seconds:.1f}s)")
+        return out
+    out.append(f"fitted {len(rec.targets)} target(s) in {seconds:.1f}s -> {output}")
+    for t in rec.targets:
+        used = [tr for tr in rec.triggers if tr.target == t and tr.used]
+        sizes = ", ".join(f"{tr.size:.2f}" for tr in used)
+        out.append(
+            f"  target {t}: sources {list(rec.sources[t])}, {rec.families[t]} "
+            f"trigger(s) of size {sizes}, success {used[0].success:.2f}"
+        )
+    return out
+
+
+def fit_summary(rec: FitRecord) -> dict[str, Any]:
+    """The fit's part of ``fit --json``."""
+    h = header_of(rec)
+    keys = ("mode", "attacked", "targets", "pairs", "sources", "families")
+    return {
+        **{k: h[k] for k in keys},
+        "detected_pairs": h["detection"]["detected_pairs"],
+        "intrinsic": h["detection"]["intrinsic"],
+    }
+
+
+def summary(rec: FitRecord, path: str) -> dict[str, Any]:
+    """``inspect --json``: the header's parts a reader wants, and the detected pairs."""
+    h = header_of(rec)
+    keys = (
+        "tool_version", "mode", "attacked", "targets", "pairs", "sources", "families", "scores",
+        "detection", "triggers", "settings", "layers", "n_classes", "input_shape", "input_range",
+    )  # fmt: skip
+    return {
+        "file": path,
+        **{k: h[k] for k in keys},
+        "detected_pairs": detected_pairs(rec.scores, rec.detection),
+    }
+
+
+def inspect_lines(rec: FitRecord, path: str) -> list[str]:
+    """What ``inspect`` prints: the verdict, score histograms, detected pairs, the pooled rule's
+    best targets, the intrinsic check, triggers, layers and settings."""
+    det = rec.detection
+    out = [f"{path}: made by bna-export {rec.tool_version} ({rec.mode} mode)"]
+    out.append(f"attacked: {'yes' if rec.attacked else 'no'}; targets: {rec.targets}")
+    for t, src in rec.sources.items():
+        out.append(f"  target {t} <- sources {list(src)} ({rec.families.get(t)} trigger)")
+    for h in score_histograms(rec.scores, det):
+        out.append(
+            f"anomaly scores, {h.family} family ({h.pairs} pairs; threshold {h.threshold:g}; "
+            "+ = smaller trigger than the median; * = detected):"
+        )
+        top = max(h.counts)
+        for lo, n, hit in zip(h.edges[:-1], h.counts, h.detected, strict=True):
+            if n == 0 and lo < h.threshold - 1:
+                continue
+            bar = "#" * (0 if n == 0 else max(1, round(30 * (n - hit) / top))) + "*" * hit
+            mark = "  <- threshold" if lo <= h.threshold < lo + 1 else ""
+            out.append(f"  [{lo:+4.0f},{lo + 1:+4.0f}) {n:4d} {bar}{mark}")
+    found = detected_pairs(rec.scores, det)
+    if found:
+        out.append("detected pairs:")
+        for r in found:
+            scores = ", ".join(
+                f"{k.removesuffix('_score')} {v:.1f}" if v is not None else f"{k} inf"
+                for k, v in sorted(r.items())
+                if k.endswith("_score")
+            )
+            out.append(f"  {r['source']} -> {r['target']} ({r['family']}; scores {scores})")
+    for fam, sc in det.pooled_scores.items():
+        sizes = np.array(det.pooled_sizes.get(fam, ()), dtype=np.float64)  # None -> NaN
+        if sizes.shape != (len(sc),):
+            continue
+        with np.errstate(divide="ignore"):
+            side = large_side_scores(1 / sizes, np.array(sc, dtype=np.float64))
+        if not side.size:
+            continue
+        t = int(np.argmax(side))
+        out.append(
+            f"pooled rule, {fam} family: best target {t} (score {side[t]:.1f}, smaller "
+            f"trigger than the median; threshold {det.threshold})"
+        )
+    for t, info in det.intrinsic.items():
+        largest = max(info.pair_sizes.values(), default=float("nan"))
+        out.append(
+            f"intrinsic check, target {t}: pooled {info.family} trigger "
+            f"{_size(info.pooled_size)} vs per-pair up to {largest:.2f}"
+            + (f"; dropped sources {list(info.dropped)}" if info.dropped else "; all kept")
+        )
+    out.append("triggers:")
+    out.append(f"  {'target':>6} {'family':<12} {'size':>8} {'rel.':>7} {'success':>8} used")
+    for tr in rec.triggers:
+        out.append(
+            f"  {tr.target:>6} {tr.family:<12} {tr.size:>8.3f} {tr.relative_size:>7.4f} "
+            f"{tr.success:>8.3f} {'yes' if tr.used else ''}"
+        )
+    n_ch = sum(la.channels for la in rec.layers)
+    out.append(f"layers: {len(rec.layers)} BatchNorm layers, {n_ch} channels")
+    st = rec.settings
+    f = st.get("fit", {}) if isinstance(st.get("fit"), dict) else {}
+    out.append(
+        f"settings: divergence {f.get('divergence')}, epochs {f.get('epochs')}, "
+        f"lr {f.get('lr')}, seed {st.get('seed')}, trigger type {st.get('trigger_type')}"
+    )
+    return out
 
 
 def pyplot() -> Any:
@@ -119,10 +230,10 @@ def pyplot() -> Any:
     return plt
 
 
-def plot_scores(header: dict[str, Any], path: str | Path) -> None:
+def plot_scores(scores: Scores, detection: Detection, path: str | Path) -> None:
     """Write a PNG of the anomaly-score histograms (one panel per family)."""
     plt = pyplot()
-    hists = score_histograms(header)
+    hists = score_histograms(scores, detection)
     if not hists:
         raise BadInputError("this fit file has no pair sweep to plot (targets or pairs were given)")
     fig, axes = plt.subplots(1, len(hists), figsize=(5 * len(hists), 3.2), squeeze=False)

@@ -83,6 +83,15 @@ def open_built(
     return session(proto.SerializeToString(), provider), meta
 
 
+def check_inputs(sess: ort.InferenceSession, x: np.ndarray, source: str) -> None:
+    """Fail with one line unless the images ``x`` (from ``source``) fit the graph's input."""
+    want = tuple(sess.get_inputs()[0].shape[1:])
+    if len(want) != x.ndim - 1 or any(
+        isinstance(d, int) and d != n for d, n in zip(want, x.shape[1:], strict=True)
+    ):
+        raise BadInputError(f"{source}: images are {x.shape[1:]} but the graph takes {want}")
+
+
 def ran_on(sess: ort.InferenceSession) -> str:
     """'cuda' or 'cpu': the provider that runs the session's nodes first."""
     return "cuda" if sess.get_providers()[0] == _NAMES["cuda"] else "cpu"

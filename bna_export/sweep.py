@@ -45,6 +45,7 @@ import torch
 
 from .data import Dataset
 from .detect import Detection, detect_pairs
+from .fitfile import Intrinsic
 from .model import BnaModel
 from .reverse import ANY, Problem, TriggerEstimate, succeeds
 from .settings import DetectSettings, Settings
@@ -68,7 +69,7 @@ class SweepResult:
     """Per family the [K] sizes of the pooled problems (empty without ``detect.pooled_rule``)."""
     problems: int = 0
     problem_steps: int = 0
-    intrinsic: dict[int, dict[str, Any]] = field(default_factory=dict)
+    intrinsic: dict[int, Intrinsic] = field(default_factory=dict)
     """Filled by the intrinsic-backdoor check (:mod:`bna_export.defend`), per target."""
 
 

@@ -16,12 +16,12 @@ from typing import Any, ClassVar
 import click
 import numpy as np
 
-from bna_export import __version__, artifact, distributed, report
+from bna_export import __version__, artifact, distributed, fitfile, report
 from bna_export.data import Dataset, load_data, load_inputs, load_npz
-from bna_export.defend import Mitigation, fit_defence
-from bna_export.detect import large_side_scores
-from bna_export.errors import BadInputError, BnaError, FitFileError
+from bna_export.defend import fit_defence
+from bna_export.errors import BadInputError, BnaError
 from bna_export.evaluation import evaluate_built, evaluate_reference
+from bna_export.fitfile import Mitigation
 from bna_export.model import BnaModel, load_model
 from bna_export.settings import (
     DetectSettings,
@@ -160,10 +160,6 @@ def _load(model: str, weights: str | None, data: Dataset, device: Any = "cpu") -
 
     x = torch.from_numpy(data.x)
     return load_model(model, weights, x[:2], x, device)
-
-
-def _size(value: float | None) -> str:
-    return "none (no pooled trigger succeeded)" if value is None else f"{value:.2f}"
 
 
 def _emit(obj: dict[str, Any]) -> None:
@@ -312,8 +308,7 @@ def fit(
     tlist, plist = _int_list(targets, "--targets"), _pairs(pairs)
     if tlist is not None and plist is not None:
         raise BadInputError("give at most one of --targets and --pairs")
-    if not Path(output).resolve().parent.is_dir():
-        raise BadInputError(f"{output}: the folder does not exist")
+    artifact.check_folder(output)
     base = Settings()
     settings = dataclasses.replace(
         base,
@@ -347,7 +342,6 @@ def fit(
     if outcome is None:  # another rank writes the results
         return
     digest = artifact.save(output, outcome.fit)
-    h = outcome.fit.header
     seconds = time.perf_counter() - start
     if as_json:
         _emit(
@@ -355,72 +349,13 @@ def fit(
                 "output": output,
                 "sha256": digest,
                 "seconds": round(seconds, 2),
-                "mode": h["mode"],
-                "attacked": h["attacked"],
-                "targets": h["targets"],
-                "pairs": h["pairs"],
-                "sources": h["sources"],
-                "families": h["families"],
-                "detected_pairs": h["detection"]["detected_pairs"],
-                "intrinsic": h["detection"]["intrinsic"],
+                **report.fit_summary(outcome.record),
                 "ranks": shard.world,
                 "device": str(where),
             }
         )
         return
-    if h["mode"] == "detect":
-        found = h["detection"]["detected_pairs"]
-        k, sweep = h["n_classes"], h["detection"].get("sweep", {})
-        how = (
-            f"checked {k * (k - 1)} class pairs"
-            if sweep.get("exhaustive", True)
-            else f"screened {k} classes ({sweep['problems']} trigger problems)"
-        )
-        if h["detection"].get("pooled_scores"):
-            how += f" and {k} targets on every other class's images"
-        click.echo(f"{how}: " + (f"{len(found)} detected" if found else "no backdoor detected"))
-        for t, info in h["detection"]["intrinsic"].items():
-            if info["dropped"]:
-                click.echo(
-                    f"  target {t}: dropped sources {info['dropped']} (pooled trigger "
-                    f"{_size(info['pooled_size'])} vs per-pair up to "
-                    f"{max(info['pair_sizes'].values()):.2f}: intrinsic, not a backdoor)"
-                )
-    if not h["targets"]:
-        click.echo(f"the model is served unchanged; fit file -> {output} ({seconds:.1f}s)")
-        return
-    click.echo(f"fitted {len(h['targets'])} target(s) in {seconds:.1f}s -> {output}")
-    for t in h["targets"]:
-        used = [tr for tr in h["triggers"] if tr["target"] == t and tr["used"]]
-        sizes = ", ".join(f"{tr['size']:.2f}" for tr in used)
-        click.echo(
-            f"  target {t}: sources {h['sources'][str(t)]}, {h['families'][str(t)]} "
-            f"trigger(s) of size {sizes}, success {used[0]['success']:.2f}"
-        )
-
-
-def _summary(fit: artifact.FitFile, path: str) -> dict[str, Any]:
-    h = fit.header
-    scores: dict[str, list[dict[str, Any]]] = h.get("scores", {})
-    return {
-        "file": path,
-        "tool_version": h.get("tool_version"),
-        "mode": h.get("mode"),
-        "attacked": h.get("attacked"),
-        "targets": h.get("targets"),
-        "pairs": h.get("pairs"),
-        "sources": h.get("sources"),
-        "families": h.get("families"),
-        "scores": scores,
-        "detection": h.get("detection"),
-        "detected_pairs": report.detected_pairs(h),
-        "triggers": h.get("triggers"),
-        "settings": h.get("settings"),
-        "layers": h.get("layers"),
-        "n_classes": h.get("n_classes"),
-        "input_shape": h.get("input_shape"),
-        "input_range": h.get("input_range"),
-    }
+    click.echo("\n".join(report.fit_lines(outcome.record, output, seconds)))
 
 
 @cli.command()
@@ -435,84 +370,14 @@ def _summary(fit: artifact.FitFile, path: str) -> dict[str, Any]:
 def inspect(fit_path: str, plot_path: str | None, as_json: bool, quiet: bool) -> None:
     """Show what a fit file holds: whether an attack was detected, the anomaly scores of the
     class pairs, targets, sources, triggers, layers and settings."""
-    fit = artifact.load(fit_path)
-    try:
-        s = _summary(fit, fit_path)
-    except report.MALFORMED as exc:
-        raise FitFileError(f"{fit_path}: malformed header ({type(exc).__name__}: {exc})") from exc
+    rec = fitfile.load(fit_path)
     if plot_path is not None:
-        if not Path(plot_path).resolve().parent.is_dir():
-            raise BadInputError(f"{plot_path}: the folder does not exist")
-        report.plot_scores(fit.header, plot_path)
+        artifact.check_folder(plot_path)
+        report.plot_scores(rec.scores, rec.detection, plot_path)
     if as_json:
-        _emit(s)
+        _emit(report.summary(rec, fit_path))
         return
-    out: list[str] = []
-    try:  # a fit file is untrusted input: render everything before printing anything
-        out.append(f"{fit_path}: made by bna-export {s['tool_version']} ({s['mode']} mode)")
-        out.append(f"attacked: {'yes' if s['attacked'] else 'no'}; targets: {s['targets']}")
-        for t, src in (s["sources"] or {}).items():
-            out.append(f"  target {t} <- sources {src} ({(s['families'] or {}).get(t)} trigger)")
-        for h in report.score_histograms(fit.header):
-            out.append(
-                f"anomaly scores, {h.family} family ({h.pairs} pairs; threshold {h.threshold:g}; "
-                "+ = smaller trigger than the median; * = detected):"
-            )
-            top = max(h.counts)
-            for lo, n, hit in zip(h.edges[:-1], h.counts, h.detected, strict=True):
-                if n == 0 and lo < h.threshold - 1:
-                    continue
-                bar = "#" * (0 if n == 0 else max(1, round(30 * (n - hit) / top))) + "*" * hit
-                mark = "  <- threshold" if lo <= h.threshold < lo + 1 else ""
-                out.append(f"  [{lo:+4.0f},{lo + 1:+4.0f}) {n:4d} {bar}{mark}")
-        found = report.detected_pairs(fit.header)
-        if found:
-            out.append("detected pairs:")
-            for r in found:
-                scores = ", ".join(
-                    f"{k.removesuffix('_score')} {v:.1f}" if v is not None else f"{k} inf"
-                    for k, v in sorted(r.items())
-                    if k.endswith("_score")
-                )
-                out.append(f"  {r['source']} -> {r['target']} ({r['family']}; scores {scores})")
-        detection = fit.header.get("detection") or {}
-        for fam, sc in (detection.get("pooled_scores") or {}).items():
-            sizes = np.array(detection["pooled_sizes"][fam], dtype=np.float64)  # None -> NaN
-            with np.errstate(divide="ignore"):
-                side = large_side_scores(1 / sizes, np.array(sc, dtype=np.float64))
-            if not side.size:
-                continue
-            t = int(np.argmax(side))
-            out.append(
-                f"pooled rule, {fam} family: best target {t} (score {side[t]:.1f}, smaller "
-                f"trigger than the median; threshold {detection.get('threshold')})"
-            )
-        for t, info in (detection.get("intrinsic") or {}).items():
-            largest = max(info["pair_sizes"].values())
-            out.append(
-                f"intrinsic check, target {t}: pooled {info['family']} trigger "
-                f"{_size(info['pooled_size'])} vs per-pair up to {largest:.2f}"
-                + (f"; dropped sources {info['dropped']}" if info["dropped"] else "; all kept")
-            )
-        out.append("triggers:")
-        out.append(f"  {'target':>6} {'family':<12} {'size':>8} {'rel.':>7} {'success':>8} used")
-        for tr in s["triggers"] or []:
-            out.append(
-                f"  {tr['target']:>6} {tr['family']:<12} {tr['size']:>8.3f} "
-                f"{tr['relative_size']:>7.4f} {tr['success']:>8.3f} "
-                f"{'yes' if tr['used'] else ''}"
-            )
-        n_ch = sum(la["channels"] for la in s["layers"] or [])
-        out.append(f"layers: {len(s['layers'] or [])} BatchNorm layers, {n_ch} channels")
-        st = s["settings"] or {}
-        f = st.get("fit", {})
-        out.append(
-            f"settings: divergence {f.get('divergence')}, epochs {f.get('epochs')}, "
-            f"lr {f.get('lr')}, seed {st.get('seed')}, trigger type {st.get('trigger_type')}"
-        )
-    except report.MALFORMED as exc:
-        raise FitFileError(f"{fit_path}: malformed header ({type(exc).__name__}: {exc})") from exc
-    click.echo("\n".join(out))
+    click.echo("\n".join(report.inspect_lines(rec, fit_path)))
     if plot_path is not None:
         click.echo(f"plot -> {plot_path}")
 
@@ -579,9 +444,8 @@ def evaluate(
     else:
         model = _load(model_spec, weights, clean)
         if fit_path is not None:
-            fit = artifact.load(fit_path)
-            mitigation = Mitigation.from_fit(fit)
-            mitigation.check_model(model, fit)
+            mitigation = Mitigation.from_record(fitfile.load(fit_path))
+            mitigation.check_model(model)
         ev = evaluate_reference(model, clean, trig, attack, mitigation, batch=batch_size)
     if as_json:
         _emit(
@@ -652,8 +516,7 @@ def build(
     Outputs: label int64 [N], triggered bool [N], logits float [N, K].
     """
     fit = artifact.load(fit_path)
-    if not Path(out_path).resolve().parent.is_dir():
-        raise BadInputError(f"{out_path}: the folder does not exist")
+    artifact.check_folder(out_path)
     from bna_export.graph import build_graph
 
     t0 = time.perf_counter()
@@ -722,17 +585,13 @@ def run(
     quiet: bool,
 ) -> None:
     """Batch inference of a built graph with ONNX Runtime; says which provider ran."""
-    from bna_export.runtime import open_built, ran_on, run_built
+    from bna_export.runtime import check_inputs, open_built, ran_on, run_built
 
     x = load_inputs(data_path)
-    if out_path is not None and not Path(out_path).resolve().parent.is_dir():
-        raise BadInputError(f"{out_path}: the folder does not exist")
+    if out_path is not None:
+        artifact.check_folder(out_path)
     sess, _ = open_built(onnx_path, provider)
-    want = tuple(sess.get_inputs()[0].shape[1:])
-    if len(want) != x.ndim - 1 or any(
-        isinstance(d, int) and d != n for d, n in zip(want, x.shape[1:], strict=True)
-    ):
-        raise BadInputError(f"{data_path}: images are {x.shape[1:]} but the graph takes {want}")
+    check_inputs(sess, x, data_path)
     bar = Progress(not quiet and sys.stderr.isatty())
     t0 = time.perf_counter()
     out = run_built(sess, x, batch_size, lambda d, n: bar("run", d, n))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bna_export import artifact
+from bna_export import fitfile
 from bna_export.report import draw_scores, pyplot, save_png, score_histograms
 from bna_export.runtime import open_built
 from bna_export.scenario import build_scenario, digits, export_onnx, write_scenario
@@ -45,7 +45,8 @@ def bna_export(*args: str, capture: bool = False) -> str:
 def figure(fit_path: Path, x: np.ndarray, y: np.ndarray, f_label, pred, path: Path) -> None:
     """Anomaly-score histograms (top) and triggered digits with f's and the routed label."""
     plt = pyplot()
-    hists = score_histograms(artifact.load(fit_path).header)
+    rec = fitfile.load(fit_path)
+    hists = score_histograms(rec.scores, rec.detection)
     fig = plt.figure(figsize=(10, 6.4))
     grid = fig.add_gridspec(2, 1, height_ratios=[1.1, 1.0])
     top = grid[0].subgridspec(1, max(1, len(hists)))
@@ -142,10 +143,10 @@ def main() -> None:
         keys = ("acc", "asr", "sia", "tpr", "fpr")
         cells = ["-" if r[k] is None else f"{r[k]:.1%}" for k in keys]
         print(f"| {name} | " + " | ".join(cells) + " |")
-    header = artifact.load(fit).header
+    rec = fitfile.load(fit)
     print(
-        f"\ndetected: {'yes' if header['attacked'] else 'no'}, targets {header['targets']}, "
-        f"sources {header['sources']}\nC++ runner: {cpp}\n"
+        f"\ndetected: {'yes' if rec.attacked else 'no'}, targets {rec.targets}, "
+        f"sources { {t: list(v) for t, v in rec.sources.items()} }\nC++ runner: {cpp}\n"
         f"wrote {out / 'demo.png'} (anomaly scores, triggered digits and their routed labels); "
         f"{time.perf_counter() - t0:.0f}s in all"
     )

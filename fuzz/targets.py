@@ -13,9 +13,8 @@ import tempfile
 
 import numpy as np
 
-from bna_export import artifact, report
+from bna_export import artifact, fitfile, report
 from bna_export.data import load_inputs, load_npz
-from bna_export.defend import Mitigation
 from bna_export.errors import BnaError
 
 READERS = ("fit", "npz", "npy")
@@ -25,10 +24,11 @@ _DIR = tempfile.mkdtemp(prefix="bna-fuzz-")
 def read_fit(buf: bytes) -> None:
     """Decode a fit file and use it as ``evaluate``/``build``/``inspect`` would."""
     try:
-        fit = artifact.decode(buf)
-        report.score_histograms(fit.header)
-        report.detected_pairs(fit.header)
-        Mitigation.from_fit(fit)
+        rec = fitfile.read(artifact.decode(buf))
+        report.score_histograms(rec.scores, rec.detection)
+        report.detected_pairs(rec.scores, rec.detection)
+        report.inspect_lines(rec, "fit.bna")
+        fitfile.Mitigation.from_record(rec)
     except BnaError:
         pass
 

@@ -7,9 +7,10 @@ import torch
 
 from bna_export import artifact
 from bna_export.data import Dataset, load_npz
-from bna_export.defend import Mitigation, fit_defence, resolve_sources
+from bna_export.defend import fit_defence, resolve_sources
 from bna_export.errors import BadInputError, FitFileError
 from bna_export.fit import predict_mitigated
+from bna_export.fitfile import Mitigation
 from bna_export.model import adapt_module, load_model
 from bna_export.scenario import export_onnx
 from bna_export.settings import FitSettings, ReverseSettings, Settings
@@ -75,7 +76,7 @@ def test_fit_file_records_what_later_steps_need(model, patch_scenario):
     np.testing.assert_array_equal(t["probe.triggered"], flag)
     np.testing.assert_array_equal(t["probe.label"], np.where(flag, g_label, f_label))
     m = Mitigation.from_fit(artifact.decode(artifact.encode(out.fit)))
-    m.check_model(model, out.fit)
+    m.check_model(model)
     assert m.targets == [0] and m.input_shape == (1, 16, 16)
 
 

@@ -2,54 +2,59 @@ import numpy as np
 import pytest
 
 from bna_export.errors import BadInputError
+from bna_export.fitfile import Detection, PairScore
 from bna_export.report import detected_pairs, plot_scores, score_histograms, signed_scores
 
 
-def header(scores, detected=(), threshold=7.0, computed=True):
+def records(scores, detected=(), threshold=7.0, computed=True):
+    """(scores, detection) records of a sweep with these pairs' statistics and scores."""
     entries = {
         fam: [
-            {
-                "source": s,
-                "target": t,
-                "statistic": st,
-                "score": sc,
-                "detected": (s, t) in detected and fam == "patch",
-            }
+            PairScore(s, t, 1 / st, st, sc, (s, t) in detected and fam == "patch")
             for (s, t), st, sc in rows
         ]
         for fam, rows in scores.items()
     }
-    return {
-        "scores": entries,
-        "detection": {
-            "scores_computed": computed,
-            "threshold": threshold,
-            "pair_families": {f"{s}:{t}": "patch" for s, t in detected},
-        },
-    }
+    detection = Detection(
+        rule="union",
+        normalise="source",
+        consistency=1.4826,
+        threshold=threshold,
+        side="large",
+        scores_computed=computed,
+        pair_families={(s, t): "patch" for s, t in detected},
+        detected_pairs=tuple(detected),
+        all_to_one={},
+        target_scores={},
+        pooled_scores={},
+        pooled_sizes={},
+        intrinsic={},
+        sweep={},
+    )
+    return entries, detection
 
 
 ROWS = [((0, 1), 1.0, 0.2), ((1, 0), 0.9, 0.5), ((0, 2), 1.1, 0.7), ((2, 0), 5.0, 9.5)]
 
 
 def test_signed_scores_put_small_triggers_on_the_plus_side():
-    got = signed_scores(header({"patch": ROWS})["scores"]["patch"])
+    got = signed_scores(records({"patch": ROWS})[0]["patch"])
     np.testing.assert_allclose(got, [-0.2, -0.5, 0.7, 9.5])
-    inf = [{"statistic": 2.0, "score": None}, {"statistic": 1.0, "score": 0.0}]
+    inf = [PairScore(0, 1, 0.5, 2.0, None, False), PairScore(1, 0, 1.0, 1.0, 0.0, False)]
     assert signed_scores(inf)[0] == np.inf
 
 
 def test_histograms_count_every_pair_and_mark_the_detected():
-    (h,) = score_histograms(header({"patch": ROWS}, detected=[(2, 0)]))
+    (h,) = score_histograms(*records({"patch": ROWS}, detected=[(2, 0)]))
     assert h.family == "patch" and h.pairs == 4 and sum(h.counts) == 4
     assert h.edges[0] == -1.0 and h.edges[-1] >= 9.0 and sum(h.detected) == 1
     nine = h.edges.index(9.0)
     assert h.counts[nine] == 1 and h.detected[nine] == 1
-    assert score_histograms(header({"patch": ROWS}, computed=False)) == []
+    assert score_histograms(*records({"patch": ROWS}, computed=False)) == []
 
 
 def test_detected_pairs_carry_every_family_score():
-    rows = detected_pairs(header({"patch": ROWS, "perturbation": ROWS}, detected=[(2, 0)]))
+    rows = detected_pairs(*records({"patch": ROWS, "perturbation": ROWS}, detected=[(2, 0)]))
     assert rows == [
         {"source": 2, "target": 0, "family": "patch", "patch_score": 9.5, "perturbation_score": 9.5}
     ]
@@ -57,6 +62,6 @@ def test_detected_pairs_carry_every_family_score():
 
 def test_plot_needs_a_sweep(tmp_path):
     with pytest.raises(BadInputError, match="no pair sweep"):
-        plot_scores(header({"patch": ROWS}, computed=False), tmp_path / "x.png")
-    plot_scores(header({"patch": ROWS}, detected=[(2, 0)]), tmp_path / "x.png")
+        plot_scores(*records({"patch": ROWS}, computed=False), tmp_path / "x.png")
+    plot_scores(*records({"patch": ROWS}, detected=[(2, 0)]), tmp_path / "x.png")
     assert (tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG"

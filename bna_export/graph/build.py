@@ -12,8 +12,8 @@ import onnx_ir as ir
 
 from .. import __version__
 from ..artifact import FitFile, encode
-from ..defend import Mitigation
 from ..errors import FitFileError, ModelError
+from ..fitfile import FitRecord, read
 from ..runtime import run_built, session
 from .load import load_proto
 from .locate import Located, locate_by_name, locate_layers
@@ -37,74 +37,61 @@ class Built:
     """How the layers were found: "name" (the fit was made from this .onnx) or "value"."""
 
 
-def _stats(fit: FitFile) -> list[LayerStats]:
-    out = []
-    for i, rec in enumerate(fit.header["layers"]):
-        t = fit.tensors
-        try:
-            out.append(
-                LayerStats(
-                    t[f"layer.{i}.weight"],
-                    t[f"layer.{i}.bias"],
-                    t[f"layer.{i}.running_mean"],
-                    t[f"layer.{i}.running_var"],
-                    float(rec["eps"]),
-                )
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FitFileError(f"fit file lacks layer {i}'s statistics ({exc})") from exc
-    return out
+def _stats(rec: FitRecord) -> list[LayerStats]:
+    return [
+        LayerStats(la.weight, la.bias, la.running_mean, la.running_var, float(la.eps))
+        for la in rec.layers
+    ]
 
 
 def build_graph(model_path: str | Path, fit: FitFile, whole_batch: bool = False) -> Built:
     """Rewrite f's ONNX graph with every g_t and the routing; raises :class:`ModelError` when
     the graph in ONNX Runtime disagrees with the fit file's reference on its probes.
     ``whole_batch``: the naive graph that runs every g_t on every sample (benchmarks)."""
-    mitigation = Mitigation.from_fit(fit)
-    t = fit.tensors
-    try:
-        probe_x = t["probe.x"]
-        expected = (t["probe.label"], t["probe.triggered"], t["probe.logits"])
-        fingerprints = [t[f"layer.{i}.probe_mean"] for i in range(len(fit.header["layers"]))]
-    except KeyError as exc:
+    rec = read(fit)
+    probes = rec.probes
+    fingerprints = [la.probe_mean for la in rec.layers]
+    if probes is None or any(f is None for f in fingerprints):
         raise FitFileError(
-            f"fit file lacks {exc}: it was written before `build` existed; run `fit` again"
-        ) from exc
+            "fit file lacks its probes: it was written before `build` existed; run `fit` again"
+        )
+    probe_x = probes.x
+    expected = (probes.label, probes.triggered, probes.logits)
     proto = load_proto(model_path)
     model = ir.from_proto(proto)
     inputs = model.graph.inputs
     if len(inputs) != 1 or inputs[0].shape is None:
         raise ModelError(f"{model_path}: the model must have one image input with a known shape")
     dims = list(inputs[0].shape)
-    if len(dims) != 1 + len(mitigation.input_shape) or any(
-        isinstance(d, int) and d != e for d, e in zip(dims[1:], mitigation.input_shape, strict=True)
+    if len(dims) != 1 + len(rec.input_shape) or any(
+        isinstance(d, int) and d != e for d, e in zip(dims[1:], rec.input_shape, strict=True)
     ):
         raise ModelError(
             f"{model_path}: input shape {dims} does not take the fit's images "
-            f"{list(mitigation.input_shape)}: this is not the model that was fitted"
+            f"{list(rec.input_shape)}: this is not the model that was fitted"
         )
     if isinstance(dims[0], int):
         raise ModelError(
             f"{model_path}: the input has a fixed batch size {dims[0]}; export it with a dynamic "
             "batch dimension (torch.onnx.export(..., dynamic_shapes=...) or dynamic_axes=...)"
         )
-    targets = mitigation.targets
-    names = [str(rec["name"]) for rec in fit.header["layers"]]
+    targets = rec.targets
+    names = [la.name for la in rec.layers]
     located: list[Located] = []
     found_by = "value"
-    if targets and fit.header.get("model_format") == "onnx":
+    if targets and rec.model_format == "onnx":
         by_name = locate_by_name(model.graph, proto, fingerprints, names, probe_x)
         if by_name is not None:
             located, found_by = by_name, "name"
     if targets and found_by == "value":
         located = locate_layers(model.graph, proto, fingerprints, names, probe_x)
-    thetas = [th.numpy() for th in mitigation.thetas]
+    thetas = [np.asarray(la.theta) for la in rec.layers]
     digest = hashlib.sha256(encode(fit)).hexdigest()
     built = rewrite(
         model,
         proto,
         located,
-        _stats(fit),
+        _stats(rec),
         thetas,
         targets,
         probe_x,

@@ -1,0 +1,38 @@
+import numpy as np
+import pytest
+
+from bna_export import artifact, fitfile
+from bna_export.errors import FitFileError
+
+
+def test_a_record_writes_back_the_bytes_it_was_read_from(a2o_detected_file, fitted):
+    for path in (a2o_detected_file[0], fitted[0]):
+        fit = artifact.load(path)
+        rec = fitfile.read(fit)
+        assert artifact.encode(fitfile.to_fit(rec)) == artifact.encode(fit)
+    rec = fitfile.load(a2o_detected_file[0])
+    assert rec.mode == "detect" and rec.targets == [0] and rec.detection.scores_computed
+    assert all(t == 0 for _, t in rec.detection.detected_pairs)
+    assert rec.pairs == [(s, 0) for s in rec.sources[0]]
+    assert all(la.theta.shape == (1, 4, la.channels) for la in rec.layers)
+    assert rec.probes is not None and rec.probes.g_logits.shape[0] == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda h, t: h.pop("targets"), "has no 'targets'"),
+        (lambda h, t: h.update(n_classes="5"), "n_classes is not an integer"),
+        (lambda h, t: h["triggers"][0].update(size=None), r"triggers\[0\].size is not a number"),
+        (lambda h, t: h["detection"].update(pair_families={"0-1": "patch"}), "SOURCE:TARGET"),
+        (lambda h, t: h["sources"].update({"0": [1, "2"]}), r"sources.0\[1\]"),
+        (lambda h, t: t.pop("layer.1.weight"), "lacks the tensor 'layer.1.weight'"),
+        (lambda h, t: t.update({"theta.0": np.zeros((2, 4, 8), np.float32)}), "theta.0"),
+        (lambda h, t: t.update({"probe.label": np.zeros(1, np.int64)}), "disagree in length"),
+    ],
+)
+def test_a_malformed_fit_file_is_one_error_naming_the_field(fitted, change, message):
+    fit = artifact.decode(fitted[0].read_bytes())
+    change(fit.header, fit.tensors)
+    with pytest.raises(FitFileError, match=message):
+        fitfile.read(artifact.decode(artifact.encode(fit)))
