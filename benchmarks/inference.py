@@ -36,7 +36,7 @@ import torch
 
 from bna_export.data import Dataset
 from bna_export.defend import fit_defence
-from bna_export.graph import build_graph
+from bna_export.export import build_graph
 from bna_export.model import adapt_module
 from bna_export.scenario import Scenario, build_scenario, coloured_digits, export_onnx
 from bna_export.settings import FitSettings, ReverseSettings, Settings

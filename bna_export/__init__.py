@@ -1,93 +1,82 @@
 """bna-export: find out whether an image classifier is backdoored, repair it without changing a
-trained weight (BNA), and evaluate the repaired classifier."""
+trained weight (BNA), and evaluate the repaired classifier.
+
+The public API is listed in ``__all__``; each name is imported from its module when first used,
+so that ``import bna_export.runtime`` (the serving side) needs only onnxruntime and numpy."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .artifact import FitFile
-from .artifact import load as load_fit
-from .artifact import save as save_fit
-from .attacks import Trigger, all_to_all, all_to_one, poison, triggered_set
-from .data import Dataset, load_data, load_npz
-from .defend import FitOutcome, fit_defence
-from .detect import (
-    Detection,
-    detect_pairs,
-    intrinsic_check,
-    mad_scores,
-    outliers,
-    pair_statistics,
-    target_scores,
-)
-from .distributed import Shard, solve
-from .errors import BadInputError, BnaError, FitFileError, ModelError
-from .fit import Prediction, fit_thetas, predict_mitigated
-from .fitfile import FitRecord, Mitigation
-from .histogram import divergence, soft_histogram
-from .metrics import compute_metrics
-from .model import BnaModel, adapt_onnx, load_model
-from .norm import BnaNorm
-from .reverse import Problem, TriggerEstimate, reverse_engineer
-from .settings import (
-    DetectSettings,
-    FitSettings,
-    HistogramSettings,
-    ReverseSettings,
-    Settings,
-    with_overrides,
-)
-from .sweep import SweepResult, pair_problems, run_sweep, size_matrices
+_API = {
+    # name: (module, attribute)
+    "adapt_onnx": ("model", "adapt_onnx"),
+    "all_to_all": ("attacks", "all_to_all"),
+    "all_to_one": ("attacks", "all_to_one"),
+    "BadInputError": ("errors", "BadInputError"),
+    "BnaError": ("errors", "BnaError"),
+    "BnaModel": ("model", "BnaModel"),
+    "BnaNorm": ("norm", "BnaNorm"),
+    "compute_metrics": ("metrics", "compute_metrics"),
+    "Dataset": ("data", "Dataset"),
+    "detect_pairs": ("detect", "detect_pairs"),
+    "Detection": ("detect", "Detection"),
+    "DetectSettings": ("settings", "DetectSettings"),
+    "divergence": ("histogram", "divergence"),
+    "fit_defence": ("defend", "fit_defence"),
+    "fit_thetas": ("fit", "fit_thetas"),
+    "FitFile": ("artifact", "FitFile"),
+    "FitFileError": ("errors", "FitFileError"),
+    "FitOutcome": ("defend", "FitOutcome"),
+    "FitRecord": ("fitfile", "FitRecord"),
+    "FitSettings": ("settings", "FitSettings"),
+    "HistogramSettings": ("settings", "HistogramSettings"),
+    "intrinsic_check": ("detect", "intrinsic_check"),
+    "load_data": ("data", "load_data"),
+    "load_fit": ("artifact", "load"),
+    "load_model": ("model", "load_model"),
+    "load_npz": ("data", "load_npz"),
+    "mad_scores": ("detect", "mad_scores"),
+    "Mitigation": ("fitfile", "Mitigation"),
+    "ModelError": ("errors", "ModelError"),
+    "outliers": ("detect", "outliers"),
+    "pair_problems": ("sweep", "pair_problems"),
+    "pair_statistics": ("detect", "pair_statistics"),
+    "poison": ("attacks", "poison"),
+    "predict_mitigated": ("fit", "predict_mitigated"),
+    "Prediction": ("fit", "Prediction"),
+    "Problem": ("reverse", "Problem"),
+    "reverse_engineer": ("reverse", "reverse_engineer"),
+    "ReverseSettings": ("settings", "ReverseSettings"),
+    "run_sweep": ("sweep", "run_sweep"),
+    "save_fit": ("artifact", "save"),
+    "Settings": ("settings", "Settings"),
+    "Shard": ("distributed", "Shard"),
+    "size_matrices": ("sweep", "size_matrices"),
+    "soft_histogram": ("histogram", "soft_histogram"),
+    "solve": ("distributed", "solve"),
+    "SweepResult": ("sweep", "SweepResult"),
+    "target_scores": ("detect", "target_scores"),
+    "Trigger": ("attacks", "Trigger"),
+    "triggered_set": ("attacks", "triggered_set"),
+    "TriggerEstimate": ("reverse", "TriggerEstimate"),
+    "with_overrides": ("settings", "with_overrides"),
+}
 
-__all__ = [
-    "BadInputError",
-    "BnaError",
-    "BnaModel",
-    "BnaNorm",
-    "Dataset",
-    "DetectSettings",
-    "Detection",
-    "FitFile",
-    "FitFileError",
-    "FitOutcome",
-    "FitRecord",
-    "FitSettings",
-    "HistogramSettings",
-    "Mitigation",
-    "ModelError",
-    "Prediction",
-    "Problem",
-    "ReverseSettings",
-    "Settings",
-    "Shard",
-    "SweepResult",
-    "Trigger",
-    "TriggerEstimate",
-    "__version__",
-    "adapt_onnx",
-    "all_to_all",
-    "all_to_one",
-    "compute_metrics",
-    "detect_pairs",
-    "divergence",
-    "fit_defence",
-    "fit_thetas",
-    "intrinsic_check",
-    "load_data",
-    "load_fit",
-    "load_model",
-    "load_npz",
-    "mad_scores",
-    "outliers",
-    "pair_problems",
-    "pair_statistics",
-    "poison",
-    "predict_mitigated",
-    "reverse_engineer",
-    "run_sweep",
-    "save_fit",
-    "size_matrices",
-    "soft_histogram",
-    "solve",
-    "target_scores",
-    "triggered_set",
-    "with_overrides",
-]
+__all__ = sorted([*_API, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attr = _API[name]
+    value = getattr(importlib.import_module(f".{module}", __name__), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])

@@ -17,6 +17,7 @@ from .fit import predict_mitigated
 from .fitfile import Mitigation
 from .metrics import compute_metrics
 from .model import BnaModel
+from .onnxfile import load_built
 from .runtime import Provider, open_built, ran_on
 
 
@@ -45,7 +46,7 @@ def evaluate_built(
 ) -> Evaluation:
     """Evaluate a built graph in ONNX Runtime: 'mitigated' from its outputs, 'model' from f's
     own logits inside it (named by its ``bna.f_logits`` metadata)."""
-    sess, meta = open_built(path, provider, with_f_logits=True)
+    sess, meta = open_built(load_built(path, with_f_logits=True), provider)
     inp = sess.get_inputs()[0]
     k = sess.get_outputs()[2].shape[-1]
     dims = inp.shape[1:]

@@ -4,7 +4,7 @@ BatchNorm's normalisation for the per-channel transform h(z | θ) = max(min((z -
 Every BatchNorm becomes a :class:`BnaNorm` that computes f's own normalisation for samples routed
 to -1 and h(· | θ_t) followed by the BN's affine γ·h + β for samples routed to target index t.
 Nothing of f's trained parameters changes; Θ lives outside the model and is passed in. A model
-given as ONNX runs through :mod:`bna_export.graph.to_torch`; there the outputs of Conv and Gemm
+given as ONNX runs through :mod:`bna_export.interp`; there the outputs of Conv and Gemm
 nodes (whose BN was folded in, or which had none) get a "measured" :class:`BnaNorm`: f passes
 through unchanged, and h works in units of the channel's mean and spread on clean data.
 """
@@ -27,7 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ModelError
+from .interp import OnnxModule, bn_sites
 from .norm import BnaNorm
+from .onnxfile import load_proto
 
 log = logging.getLogger(__name__)
 
@@ -364,12 +366,9 @@ def _constant(value: ir.Value | None, what: str) -> Tensor:
 
 def adapt_onnx(path: str | Path, example: Tensor, calibration: Tensor | None = None) -> BnaModel:
     """f from its ONNX file, as a differentiable module with a :class:`BnaNorm` at every site of
-    :func:`~bna_export.graph.to_torch.bn_sites`. A BatchNormalization node keeps its own
+    :func:`~bna_export.interp.bn_sites`. A BatchNormalization node keeps its own
     statistics; a Conv/Gemm output is measured on ``calibration`` (clean images; ``example``
     when None)."""
-    from .graph.load import load_proto
-    from .graph.to_torch import OnnxModule, bn_sites
-
     model = ir.from_proto(load_proto(path))
     ops = {node.op_type for node in model.graph}
     if ops & _OTHER_NORM_ONNX and "BatchNormalization" not in ops:

@@ -1,15 +1,15 @@
 """ONNX Runtime sessions with an explicit execution provider, and batched inference of a built
-graph (its outputs ``label``, ``triggered``, ``logits``)."""
+graph (its outputs ``label``, ``triggered``, ``logits``). The serving side: it needs only
+onnxruntime and numpy (``import bna_export.runtime`` does not import torch or onnx)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from .errors import BadInputError, ModelError
@@ -56,31 +56,32 @@ def session(
     return sess
 
 
-def is_built(path: str | Path) -> bool:
-    """Whether an ONNX file is a graph made by ``build`` (its outputs and metadata)."""
-    from .graph.load import load_proto  # graph imports this module
+OUTPUTS = ("label", "triggered", "logits")
+"""The outputs of a graph made by ``build``, in order."""
+F_LOGITS = "bna.f_logits"
+"""The metadata key naming f's own logits inside a built graph."""
 
-    proto = load_proto(path)
-    meta = {p.key for p in proto.metadata_props}
-    outputs = [o.name for o in proto.graph.output]
-    return outputs == ["label", "triggered", "logits"] and "bna.f_logits" in meta
+
+def looks_built(outputs: Sequence[str], metadata: Mapping[str, str]) -> bool:
+    """Whether a graph with these output names and metadata was made by ``build`` (f's logits
+    may follow as a fourth output: :func:`bna_export.onnxfile.load_built`)."""
+    names = tuple(outputs)
+    if F_LOGITS in metadata and names[3:] == (metadata[F_LOGITS],):
+        names = names[:3]
+    return names == OUTPUTS and F_LOGITS in metadata
 
 
 def open_built(
-    path: str | Path, provider: Provider = "cpu", with_f_logits: bool = False
+    model: bytes | str | Path, provider: Provider = "cpu"
 ) -> tuple[ort.InferenceSession, dict[str, str]]:
-    """A session on a graph made by ``build`` and its metadata; ``with_f_logits`` also
-    exposes f's own logits (named by the ``bna.f_logits`` metadata) as a fourth output."""
-    from .graph.load import load_proto  # graph imports this module
-
-    proto = load_proto(path)
-    meta = {p.key: p.value for p in proto.metadata_props}
-    outputs = [o.name for o in proto.graph.output]
-    if outputs != ["label", "triggered", "logits"] or "bna.f_logits" not in meta:
-        raise BadInputError(f"{path}: not a graph made by `bna-export build`")
-    if with_f_logits:
-        proto.graph.output.append(onnx.ValueInfoProto(name=meta["bna.f_logits"]))
-    return session(proto.SerializeToString(), provider), meta
+    """A session on a graph made by ``build`` (its bytes or its path; from a path, ONNX Runtime
+    reads external data only inside the model's folder) and its metadata."""
+    sess = session(model if isinstance(model, bytes) else str(model), provider)
+    meta = dict(sess.get_modelmeta().custom_metadata_map)
+    if not looks_built([o.name for o in sess.get_outputs()], meta):
+        where = "the graph" if isinstance(model, bytes) else str(model)
+        raise BadInputError(f"{where}: not a graph made by `bna-export build`")
+    return sess, meta
 
 
 def check_inputs(sess: ort.InferenceSession, x: np.ndarray, source: str) -> None:

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from .errors import BadInputError
+
 Divergence = Literal["tv", "js", "kl"]
 TriggerType = Literal["patch", "perturbation", "blend", "warp", "both"]
 
@@ -322,8 +324,6 @@ class Settings:
 
 def _parse(raw: str, owner: Any, name: str, key: str) -> Any:
     """``raw`` read as the type of the setting ``owner.name``."""
-    from .errors import BadInputError
-
     like, text = getattr(owner, name), raw.strip()
     hint = get_type_hints(type(owner))[name]
     try:
@@ -353,8 +353,6 @@ def _parse(raw: str, owner: Any, name: str, key: str) -> Any:
 def with_overrides(settings: Settings, items: Sequence[str]) -> Settings:
     """Settings with ``section.field=value`` (or ``field=value`` for a top-level field)
     overrides applied, each value read as the type of the field it replaces."""
-    from .errors import BadInputError
-
     for item in items:
         key, sep, raw = item.partition("=")
         path = key.strip().split(".")

@@ -15,14 +15,17 @@ from typing import Any, ClassVar
 
 import click
 import numpy as np
+import torch
 
-from bna_export import __version__, artifact, distributed, fitfile, report
+from bna_export import __version__, artifact, distributed, fitfile, onnxfile, report
 from bna_export.data import Dataset, load_data, load_inputs, load_npz
 from bna_export.defend import fit_defence
 from bna_export.errors import BadInputError, BnaError
 from bna_export.evaluation import evaluate_built, evaluate_reference
+from bna_export.export import build_graph
 from bna_export.fitfile import Mitigation
 from bna_export.model import BnaModel, load_model
+from bna_export.runtime import check_inputs, open_built, ran_on, run_built
 from bna_export.settings import (
     DetectSettings,
     FitSettings,
@@ -30,6 +33,7 @@ from bna_export.settings import (
     Settings,
     with_overrides,
 )
+from bna_export.triton import write_triton_repo
 
 
 class BnaGroup(click.Group):
@@ -156,8 +160,6 @@ def _range(value: str | None) -> tuple[float, float] | None:
 
 
 def _load(model: str, weights: str | None, data: Dataset, device: Any = "cpu") -> BnaModel:
-    import torch
-
     x = torch.from_numpy(data.x)
     return load_model(model, weights, x[:2], x, device)
 
@@ -428,9 +430,7 @@ def evaluate(
     FPR is the share of clean images of the attack's target classes (the attack labels of
     --triggered; without it the fit's targets) that get flagged.
     """
-    from bna_export.runtime import is_built
-
-    built = model_spec.endswith(".onnx") and is_built(model_spec)
+    built = model_spec.endswith(".onnx") and onnxfile.is_built(model_spec)
     if built and (fit_path is not None or weights is not None):
         raise BadInputError("a built .onnx graph holds its fit: drop --fit and --weights")
     clean = load_data(clean_path)
@@ -517,15 +517,11 @@ def build(
     """
     fit = artifact.load(fit_path)
     artifact.check_folder(out_path)
-    from bna_export.graph import build_graph
-
     t0 = time.perf_counter()
     built = build_graph(onnx_path, fit)
     artifact.write_atomic(out_path, built.data)
     triton = None
     if triton_repo is not None:
-        from bna_export.triton import write_triton_repo
-
         name = triton_name or Path(out_path).stem
         triton = str(write_triton_repo(triton_repo, name, built.data, max_batch_size))
     info = {
@@ -585,12 +581,10 @@ def run(
     quiet: bool,
 ) -> None:
     """Batch inference of a built graph with ONNX Runtime; says which provider ran."""
-    from bna_export.runtime import check_inputs, open_built, ran_on, run_built
-
     x = load_inputs(data_path)
     if out_path is not None:
         artifact.check_folder(out_path)
-    sess, _ = open_built(onnx_path, provider)
+    sess, _ = open_built(onnxfile.load_built(onnx_path), provider)
     check_inputs(sess, x, data_path)
     bar = Progress(not quiet and sys.stderr.isatty())
     t0 = time.perf_counter()

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from bna_export import fitfile
+from bna_export.onnxfile import load_built
 from bna_export.report import draw_scores, pyplot, save_png, score_histograms
 from bna_export.runtime import open_built
 from bna_export.scenario import build_scenario, digits, export_onnx, write_scenario
@@ -128,7 +129,7 @@ def main() -> None:
     # one triggered digit of each of the first 8 classes, with f's own answer (the graph's
     # fourth output: f's logits) and the routed one
     pick = [int(np.flatnonzero(trig["y"] == c)[0]) for c in np.unique(trig["y"])][:8]
-    sess, _ = open_built(built, "cpu", with_f_logits=True)
+    sess, _ = open_built(load_built(built, with_f_logits=True), "cpu")
     f_label = sess.run(None, {sess.get_inputs()[0].name: trig["x"][pick]})[3].argmax(1)
     shown = {k: v[pick] for k, v in pred.items()}
     figure(fit, trig["x"][pick], trig["y"][pick], f_label, shown, out / "demo.png")

@@ -16,9 +16,9 @@ from bna_export.data import Dataset
 from bna_export.defend import fit_defence
 from bna_export.errors import ModelError
 from bna_export.evaluation import evaluate_built
+from bna_export.export import build_graph
 from bna_export.fit import predict_mitigated
 from bna_export.fitfile import Mitigation
-from bna_export.graph import build_graph
 from bna_export.metrics import compute_metrics
 from bna_export.model import OTHER_NORMS, load_model
 from bna_export.scenario import Scenario, build_scenario, export_model

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tiny_models import EXPORT_FORMS, ResidualNet, export_onnx, make_cnn
 
 from bna_export.errors import ModelError
-from bna_export.graph.to_torch import OnnxModule, bn_sites
+from bna_export.interp import OnnxModule, bn_sites
 from bna_export.model import load_model
 
 

@@ -1,5 +1,6 @@
 """Reading an untrusted ONNX file: the protobuf only, and external data only from files inside
-the model's own folder (no absolute paths, no ``..``, no symlinks out, sizes checked)."""
+the model's own folder (no absolute paths, no ``..``, no symlinks out, sizes checked); and a
+graph made by ``build``, as bytes for :func:`bna_export.runtime.open_built`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from ..errors import ModelError
+from .errors import BadInputError, ModelError
+from .runtime import F_LOGITS, looks_built
 
 
 def _external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
@@ -87,3 +89,23 @@ def load_proto(path: str | Path) -> onnx.ModelProto:
     except (OSError, ValueError) as exc:
         raise ModelError(f"{source}: cannot read its external data ({exc})") from exc
     return model
+
+
+def is_built(path: str | Path) -> bool:
+    """Whether an ONNX file is a graph made by ``build`` (its outputs and metadata)."""
+    proto = load_proto(path)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    return looks_built([o.name for o in proto.graph.output], meta)
+
+
+def load_built(path: str | Path, with_f_logits: bool = False) -> bytes:
+    """A graph made by ``build``, read with the checks of :func:`load_proto`, as bytes;
+    ``with_f_logits`` also exposes f's own logits (named by the ``bna.f_logits`` metadata)
+    as a fourth output."""
+    proto = load_proto(path)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if not looks_built([o.name for o in proto.graph.output], meta):
+        raise BadInputError(f"{path}: not a graph made by `bna-export build`")
+    if with_f_logits:
+        proto.graph.output.append(onnx.ValueInfoProto(name=meta[F_LOGITS]))
+    return proto.SerializeToString()

@@ -14,8 +14,8 @@ from .. import __version__
 from ..artifact import FitFile, encode
 from ..errors import FitFileError, ModelError
 from ..fitfile import FitRecord, read
+from ..onnxfile import load_proto
 from ..runtime import run_built, session
-from .load import load_proto
 from .locate import Located, locate_by_name, locate_layers
 from .rewrite import LayerStats, metadata_for, rewrite, to_bytes
 

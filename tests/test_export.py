@@ -14,9 +14,9 @@ from tiny_models import EXPORT_FORMS, ResidualNet, export_onnx
 from bna_export import artifact
 from bna_export.defend import fit_defence
 from bna_export.errors import ModelError
+from bna_export.export import build_graph
 from bna_export.fit import predict_mitigated
 from bna_export.fitfile import Mitigation
-from bna_export.graph import build_graph
 from bna_export.model import adapt_module
 from bna_export.settings import FitSettings, ReverseSettings, Settings
 from bna_export.zoo import SmallCNN, train_classifier
