@@ -10,6 +10,7 @@ import pytest
 import torch
 from bna_export.cli.main import cli
 from click.testing import CliRunner
+from tiny_models import export_onnx
 
 from bna_export.scenario import Scenario, build_scenario, synthetic_scenario_data, write_scenario
 
@@ -133,3 +134,18 @@ def fitted(patch_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
     )
     assert res.exit_code == 0, res.output
     return out, json.loads(res.stdout)
+
+
+@pytest.fixture(scope="session")
+def built_files(patch_scenario: Scenario, fitted, tmp_path_factory: pytest.TempPathFactory):
+    """f of the patch scenario as ONNX and `build` of its `fit --targets 0` through the CLI:
+    (model.onnx, the built graph, what build printed)."""
+    folder = tmp_path_factory.mktemp("built")
+    example = torch.from_numpy(patch_scenario.test.x[:2])
+    onnx_path = export_onnx(patch_scenario.net, example, folder / "f.onnx", "dynamo")
+    out = folder / "out.onnx"
+    res = CliRunner().invoke(
+        cli, ["build", str(onnx_path), "--fit", str(fitted[0]), "-o", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    return onnx_path, out, res.stdout

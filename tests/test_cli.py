@@ -237,14 +237,8 @@ def test_no_backdoor_detected_serves_the_model_unchanged(
 
 
 @pytest.fixture(scope="module")
-def built(patch_scenario, fitted, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("built")
-    example = torch.from_numpy(patch_scenario.test.x[:2])
-    onnx_path = export_onnx(patch_scenario.net, example, folder / "f.onnx", "dynamo")
-    out = folder / "out.onnx"
-    res = invoke("build", onnx_path, "--fit", fitted[0], "-o", out)
-    assert res.exit_code == 0, res.output
-    return onnx_path, out, res.stdout
+def built(built_files):
+    return built_files
 
 
 def test_build_then_run_and_evaluate_the_graph(patch_files, fitted, built, tmp_path):

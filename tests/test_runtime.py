@@ -3,12 +3,8 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-from tiny_models import export_onnx
 
-from bna_export import artifact
 from bna_export.errors import BadInputError
-from bna_export.export import build_graph
 from bna_export.onnxfile import load_built
 from bna_export.runtime import open_built, run_built
 
@@ -25,13 +21,8 @@ print(",".join(heavy) or "none")
 
 
 @pytest.fixture(scope="module")
-def graph(patch_scenario, fitted, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("runtime")
-    example = torch.from_numpy(patch_scenario.test.x[:2])
-    onnx_path = export_onnx(patch_scenario.net, example, folder / "f.onnx", "dynamo")
-    out = folder / "repaired.onnx"
-    out.write_bytes(build_graph(onnx_path, artifact.load(fitted[0])).data)
-    return onnx_path, out
+def graph(built_files):
+    return built_files[:2]
 
 
 def test_serving_needs_neither_torch_nor_onnx(graph, patch_scenario, tmp_path):
