@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from bna_export.data import Dataset
+from bna_export.lab.zoo import SmallCNN, synthetic_classes, train_classifier
 from bna_export.model import adapt_module
 from bna_export.reverse import reverse_engineer
 from bna_export.settings import ReverseSettings
 from bna_export.sweep import pair_problems
-from bna_export.zoo import SmallCNN, synthetic_classes, train_classifier
 
 MODELS = {  # name: (image side, width): the synthetic test CNN and the digits CNN
     "16x16 w8": (16, 8),

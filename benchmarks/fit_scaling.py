@@ -1,6 +1,6 @@
 """How the fit with no hint scales with the number of classes K: seeded synthetic 16×16 classes
 (K = 10, 20, 50, 100; each class random 0/1 cells of an 8×8 grid, so no two classes are
-naturally a few pixels apart at any K: :func:`bna_export.zoo.synthetic_classes`), a small CNN
+naturally a few pixels apart at any K: :func:`bna_export.lab.zoo.synthetic_classes`), a small CNN
 (width 8) poisoned with a 3×3 patch, all-to-one to class 0 (``--setting a2o``, default) or
 all-to-all c → c + 1 (``a2a``: 20 % poisoned, 16 epochs), 20 clean images per class for the
 defender, default settings.
@@ -29,12 +29,13 @@ import numpy as np
 import torch
 
 from bna_export.defend import fit_defence
-from bna_export.fit import predict_mitigated
+from bna_export.fitfile import Mitigation
+from bna_export.lab.scenario import build_scenario
+from bna_export.lab.zoo import synthetic_classes
 from bna_export.metrics import compute_metrics
+from bna_export.mitigated import predict_mitigated
 from bna_export.model import adapt_module
-from bna_export.scenario import build_scenario
 from bna_export.settings import Settings, with_overrides
-from bna_export.zoo import synthetic_classes
 
 TRAINING = {  # an all-to-all backdoor takes more poison and epochs (ASR 21 % at 10 %, 8 epochs)
     "a2o": {"poison_rate": 0.1, "epochs": 8},
@@ -56,12 +57,11 @@ def one(k: int, setting: str, overrides: list[str]) -> dict:
     t0 = time.perf_counter()
     out = fit_defence(model, sc.defender, settings=settings)
     fit_s = time.perf_counter() - t0
-    h = out.fit.header
-    sweep = h["detection"]["sweep"]
-    m = out.fit.tensors
-    thetas = [torch.from_numpy(m[f"theta.{i}"]) for i in range(len(model.layers))]
-    clean = predict_mitigated(model, h["targets"], thetas, sc.test.x)
-    trig = predict_mitigated(model, h["targets"], thetas, sc.triggered["x"])
+    rec = out.record
+    sweep = rec.detection.sweep
+    thetas = Mitigation.from_record(rec).thetas
+    clean = predict_mitigated(model, rec.targets, thetas, sc.test.x)
+    trig = predict_mitigated(model, rec.targets, thetas, sc.triggered["x"])
     base = predict_mitigated(model, [], None, sc.triggered["x"])
     t = sc.triggered
     after = compute_metrics(
@@ -71,8 +71,8 @@ def one(k: int, setting: str, overrides: list[str]) -> dict:
     truth = (
         {(s, 0) for s in range(1, k)} if setting == "a2o" else {(s, (s + 1) % k) for s in range(k)}
     )
-    found = {tuple(p) for p in h["pairs"]}
-    scores = [v for f in h["detection"]["target_scores"].values() for v in [f[0]] if v is not None]
+    found = set(rec.pairs)
+    scores = [v for f in rec.detection.target_scores.values() for v in [f[0]] if v is not None]
     return {
         "k": k,
         "exhaustive": sweep["exhaustive"],
@@ -80,7 +80,7 @@ def one(k: int, setting: str, overrides: list[str]) -> dict:
         "problem_steps": sweep["problem_steps"],
         "fit_s": fit_s,
         "train_s": train_s,
-        "targets": h["targets"],
+        "targets": rec.targets,
         "right": len(found & truth),
         "wrong": len(found - truth),
         "truth": len(truth),

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bna_export.scenario import build_scenario, coloured_digits, digits, write_scenario
+from bna_export.lab.scenario import build_scenario, coloured_digits, digits, write_scenario
 
 MODELS = {  # name: (data, architecture, width, training epochs)
     "cnn": ("digits", "cnn", 16, 4),

@@ -29,7 +29,7 @@ FITS = {
 
 def make_inputs(folder: Path) -> None:
     """Train and write the model (.pt2 and .onnx) and the defender's images, once."""
-    from bna_export.scenario import (
+    from bna_export.lab.scenario import (
         build_scenario,
         export_model,
         export_onnx,

@@ -37,10 +37,10 @@ import torch
 from bna_export.data import Dataset
 from bna_export.defend import fit_defence
 from bna_export.export import build_graph
+from bna_export.lab.scenario import Scenario, build_scenario, coloured_digits, export_onnx
+from bna_export.lab.zoo import synthetic_classes
 from bna_export.model import adapt_module
-from bna_export.scenario import Scenario, build_scenario, coloured_digits, export_onnx
 from bna_export.settings import FitSettings, ReverseSettings, Settings
-from bna_export.zoo import synthetic_classes
 
 TARGET = 7
 

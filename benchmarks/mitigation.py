@@ -18,13 +18,15 @@ import time
 import numpy as np
 import torch
 
-from bna_export.attacks import Trigger
 from bna_export.defend import fit_defence
-from bna_export.fit import fit_thetas, predict_mitigated
+from bna_export.fit import fit_thetas
+from bna_export.fitfile import Mitigation
+from bna_export.lab.attacks import Trigger
+from bna_export.lab.scenario import build_scenario, digits
 from bna_export.metrics import compute_metrics
+from bna_export.mitigated import predict_mitigated
 from bna_export.model import adapt_module
 from bna_export.reverse import Problem, TriggerEstimate
-from bna_export.scenario import build_scenario, digits
 from bna_export.settings import Settings, with_overrides
 
 TRIGGER_OPTIONS = {
@@ -102,8 +104,8 @@ def evaluate_one(
         th, fam = res.thetas, f"oracle {est.family}"
     else:
         out = fit_defence(model, sc.defender, targets=[target], settings=settings)
-        th = [torch.from_numpy(out.fit.tensors[f"theta.{i}"]) for i in range(len(model.layers))]
-        fam = out.fit.header["families"][str(target)]
+        th = Mitigation.from_record(out.record).thetas
+        fam = out.record.families[target]
     seconds = time.perf_counter() - t0
     pc = predict_mitigated(model, [target], th, sc.test.x)
     pt = predict_mitigated(model, [target], th, sc.triggered["x"])

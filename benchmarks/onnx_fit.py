@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from bna_export.defend import fit_defence
-from bna_export.fit import predict_mitigated
 from bna_export.fitfile import Mitigation
+from bna_export.lab.scenario import build_scenario, digits, export_onnx, synthetic_scenario_data
+from bna_export.mitigated import predict_mitigated
 from bna_export.model import adapt_module, load_model
-from bna_export.scenario import build_scenario, digits, export_onnx, synthetic_scenario_data
 
 
 def repaired(model, fit, triggered) -> tuple[float, float]:
@@ -43,13 +43,14 @@ def compare(name: str, sc) -> None:
         }
         for kind, model in models.items():
             t0 = time.perf_counter()
-            fit = fit_defence(model, sc.defender).fit
-            h = fit.header
-            asr, sia = repaired(model, fit, sc.triggered)
+            out = fit_defence(model, sc.defender)
+            rec = out.record
+            asr, sia = repaired(model, out.fit, sc.triggered)
             measured = sum(la.measured for la in model.layers)
             print(
                 f"| {name} | {kind} | {len(model.layers)} ({measured} measured) | "
-                f"{h['targets']} | {h['sources']} | {asr:.3f} | {sia:.3f} | "
+                f"{rec.targets} | { {t: list(v) for t, v in rec.sources.items()} } | "
+                f"{asr:.3f} | {sia:.3f} | "
                 f"{time.perf_counter() - t0:.0f} s |",
                 flush=True,
             )

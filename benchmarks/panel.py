@@ -35,11 +35,11 @@ from mitigation import TRIGGER_OPTIONS  # the attacks' settings, as in the known
 
 from bna_export.defend import fit_defence
 from bna_export.detect import large_side_scores
-from bna_export.fit import predict_mitigated
 from bna_export.fitfile import Mitigation
+from bna_export.lab.scenario import Scenario, build_scenario, digits
 from bna_export.metrics import compute_metrics
+from bna_export.mitigated import predict_mitigated
 from bna_export.model import adapt_module
-from bna_export.scenario import Scenario, build_scenario, digits
 from bna_export.settings import Settings, with_overrides
 
 ATTACKS = ("patch", "blend", "chessboard", "pixel", "warp", "sig", "patch-a2a", "clean")
@@ -87,30 +87,30 @@ def run_row(arch: str, attack: str, seed: int, settings: Settings) -> dict:
     t0 = time.perf_counter()
     out = fit_defence(model, sc.defender, settings=settings)
     seconds = time.perf_counter() - t0
-    h = out.fit.header
-    found = {(s, t) for s, t in h["pairs"]}
+    rec = out.record
+    found = set(rec.pairs)
     # best score (large side, any family) of true / other pairs, and the family that gave it
     top, top_family = {True: 0.0, False: 0.0}, {True: None, False: None}
-    for family, entries in h["scores"].items():
+    for family, entries in rec.scores.items():
         if not entries:
             continue
-        median = float(np.median([e["statistic"] for e in entries]))
+        median = float(np.median([e.statistic for e in entries]))
         for e in entries:
-            score = np.inf if e["score"] is None else e["score"]
-            key = (e["source"], e["target"]) in truth
-            if e["statistic"] > median and score > top[key]:
+            score = np.inf if e.score is None else e.score
+            key = (e.source, e.target) in truth
+            if e.statistic > median and score > top[key]:
                 top[key], top_family[key] = score, family
     # best pooled-rule score (smaller trigger than the targets' median, any family) of a true
     # all-to-one target and of any other target
     pooled = {True: 0.0, False: 0.0}
-    det = h["detection"]
-    for family, scores in det.get("pooled_scores", {}).items():
-        sizes = np.array(det["pooled_sizes"][family], dtype=np.float64)  # None -> NaN
+    det = rec.detection
+    for family, scores in det.pooled_scores.items():
+        sizes = np.array(det.pooled_sizes[family], dtype=np.float64)  # None -> NaN
         side = large_side_scores(1 / sizes, np.array(scores, dtype=np.float64))
         for t, score in enumerate(side.tolist()):
             key = t in true_targets and not attack.endswith("-a2a")
             pooled[key] = max(pooled[key], score)
-    m = Mitigation.from_fit(out.fit)
+    m = Mitigation.from_record(rec)
     pc = predict_mitigated(model, m.targets, m.thetas, sc.test.x)
     pt = predict_mitigated(model, m.targets, m.thetas, trig["x"])
     after = compute_metrics(
@@ -127,7 +127,7 @@ def run_row(arch: str, attack: str, seed: int, settings: Settings) -> dict:
         "arch": arch,
         "attack": attack,
         "seed": seed,
-        "targets": h["targets"],
+        "targets": rec.targets,
         "true_targets": true_targets,
         "right_pairs": len(found & truth),
         "wrong_pairs": len(found - truth),
@@ -139,7 +139,7 @@ def run_row(arch: str, attack: str, seed: int, settings: Settings) -> dict:
         "pooled_other": pooled[False],
         "acc_before": before["acc"],
         "asr_before": before["asr"],
-        "families": h["families"],
+        "families": {str(t): f for t, f in rec.families.items()},
         "seconds": seconds,
         "load": os.getloadavg()[0],
         **after,

@@ -26,12 +26,12 @@ import torch
 from panel import panel_scenario
 
 from bna_export.detect import detect_pairs
+from bna_export.lab.scenario import Scenario, build_scenario
+from bna_export.lab.zoo import synthetic_classes
 from bna_export.model import adapt_module
 from bna_export.reverse import reverse_engineer
-from bna_export.scenario import Scenario, build_scenario
 from bna_export.settings import Settings, with_overrides
 from bna_export.sweep import pair_problems, size_matrices
-from bna_export.zoo import synthetic_classes
 
 FAMILIES = ("patch", "perturbation")  # the original two: the README's table was measured so
 

@@ -14,11 +14,9 @@ __version__ = "0.1.0"
 _API = {
     # name: (module, attribute)
     "adapt_onnx": ("model", "adapt_onnx"),
-    "all_to_all": ("attacks", "all_to_all"),
-    "all_to_one": ("attacks", "all_to_one"),
     "BadInputError": ("errors", "BadInputError"),
     "BnaError": ("errors", "BnaError"),
-    "BnaModel": ("model", "BnaModel"),
+    "BnaModel": ("norm", "BnaModel"),
     "BnaNorm": ("norm", "BnaNorm"),
     "compute_metrics": ("metrics", "compute_metrics"),
     "Dataset": ("data", "Dataset"),
@@ -45,9 +43,8 @@ _API = {
     "outliers": ("detect", "outliers"),
     "pair_problems": ("sweep", "pair_problems"),
     "pair_statistics": ("detect", "pair_statistics"),
-    "poison": ("attacks", "poison"),
-    "predict_mitigated": ("fit", "predict_mitigated"),
-    "Prediction": ("fit", "Prediction"),
+    "predict_mitigated": ("mitigated", "predict_mitigated"),
+    "Prediction": ("mitigated", "Prediction"),
     "Problem": ("reverse", "Problem"),
     "reverse_engineer": ("reverse", "reverse_engineer"),
     "ReverseSettings": ("settings", "ReverseSettings"),
@@ -60,8 +57,6 @@ _API = {
     "solve": ("distributed", "solve"),
     "SweepResult": ("sweep", "SweepResult"),
     "target_scores": ("detect", "target_scores"),
-    "Trigger": ("attacks", "Trigger"),
-    "triggered_set": ("attacks", "triggered_set"),
     "TriggerEstimate": ("reverse", "TriggerEstimate"),
     "with_overrides": ("settings", "with_overrides"),
 }

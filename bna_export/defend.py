@@ -12,40 +12,26 @@ Nothing detected: the fit file says so and holds no Θ; everything downstream se
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from . import __version__, fitfile
+from . import fitfile
 from .artifact import FitFile
 from .data import Dataset
 from .detect import Detection, intrinsic_check
-from .distributed import Shard, solve
+from .distributed import Shard
 from .errors import BadInputError, ModelError
 from .families import FAMILIES
-from .fit import Refresh, fit_thetas, g_logits, predict_mitigated
-from .model import BnaModel
-from .reverse import (
-    Problem,
-    TriggerEstimate,
-    choose_family,
-    relative_size,
-    reverse_engineer,
-    succeeds,
-)
+from .fit import fit_thetas
+from .norm import BnaModel
+from .record import make_record
+from .reverse import TriggerEstimate, choose_family, succeeds
 from .settings import Settings
-from .sweep import SweepResult, run_sweep
-
-StageProgress = Callable[[str, int, int, str], None]
-"""progress(stage, done, total, note); stages: 'screen' (one untargeted problem per source, many
-classes only), 'sweep' (class pairs), 'reverse' (per target), 'fit' (Θ); ``note`` says what is
-done in words (e.g. '37/90 pairs')."""
-
-PROBES_PER_CLASS = 2
-PROBES_PER_TARGET = 4
+from .estimates import ROUND, Job, StageProgress, find_backdoors, refresher
+from .sweep import SweepResult
 
 
 def model_output_classes(model: BnaModel, x: np.ndarray) -> int:
@@ -100,33 +86,6 @@ class FitOutcome:
     detection: Detection | None = None
 
 
-def _pairs_progress(
-    problems: Sequence[Problem], progress: StageProgress | None, shard: Shard, stage: str
-) -> Callable[[int, int, torch.Tensor], None] | None:
-    """Turn the solver's per-problem progress into 'pairs done' (of this rank's problems'
-    source-target pairs; in the sweep, pooled targets counted apart) for the stage's bar."""
-    if progress is None:
-        return None
-    mine = shard.mine(len(problems))
-    keys = sorted({(problems[i].sources, problems[i].target) for i in mine})
-    slot = {k: j for j, k in enumerate(keys)}
-    pair_of = torch.tensor([slot[(problems[i].sources, problems[i].target)] for i in mine])
-    index = torch.tensor(mine, dtype=torch.int64)
-    what = "pairs" if stage == "sweep" else "problems"
-    pooled = torch.tensor([stage == "sweep" and len(k[0]) > 1 for k in keys], dtype=torch.bool)
-    n_pooled = int(pooled.sum())
-
-    def report(done: int, total: int, finished: torch.Tensor) -> None:
-        left = torch.zeros(len(keys)).index_add_(0, pair_of, (~finished[index]).float())
-        ready = left == 0
-        text = f"{int((ready & ~pooled).sum())}/{len(keys) - n_pooled} {what}"
-        if n_pooled:
-            text += f", {int((ready & pooled).sum())}/{n_pooled} pooled targets"
-        progress(stage, done, total, text)
-
-    return report
-
-
 def fit_defence(
     model: BnaModel,
     data: Dataset,
@@ -153,11 +112,11 @@ def fit_defence(
     )
     lo, hi = _check_data(data, n_classes, sorted(needed), input_range)
     families, swept = _families(settings)
-    job = _Job(model, data, families, (lo, hi), settings, shard, progress)
+    job = Job(model, data, families, (lo, hi), settings, shard, progress)
 
     sweep = None
     if detecting:
-        sweep = _find_backdoors(job, n_classes, swept)
+        sweep = find_backdoors(job, n_classes, swept)
         sources = sweep.detection.sources
     # a pair's sweep estimate stands for a one-source target; the pooled ones, solved with the
     # sweep's solver, do not stand for the per-target estimates Θ is fitted on
@@ -195,16 +154,16 @@ def fit_defence(
             settings.histogram,
             seed=settings.seed,
             progress=None if progress is None else (lambda d, n: progress("fit", d, n, "")),
-            refresh=_refresher(job, sources),
+            refresh=refresher(job, sources),
         )
         thetas, history = result.thetas, result.history
-        fresh = [e for t in tlist for e in result.triggers[t] if e.problem.restart >= _ROUND]
+        fresh = [e for t in tlist for e in result.triggers[t] if e.problem.restart >= ROUND]
         estimates, chosen = estimates + fresh, result.triggers
     else:  # nothing detected: no Θ, f is served unchanged
         thetas = [torch.zeros((0, 4, la.channels)) for la in model.layers]
         history = []
     mode = "detect" if detecting else ("targets" if pairs is None else "pairs")
-    record = _record(
+    record = make_record(
         model,
         data,
         settings,
@@ -252,106 +211,6 @@ def _check_data(
     return lo, hi
 
 
-@dataclass
-class _Job:
-    """What every reverse-engineering call of one fit shares."""
-
-    model: BnaModel
-    data: Dataset
-    families: list[str]
-    input_range: tuple[float, float]
-    settings: Settings
-    shard: Shard
-    progress: StageProgress | None
-
-    def solve(
-        self,
-        problems: Sequence[Problem],
-        progress: Callable[[int, int, torch.Tensor], None] | None,
-        sweep: bool = False,
-    ) -> list[TriggerEstimate]:
-        """Estimates of ``problems`` with the sweep's solver settings (``sweep``) or the
-        per-target ones."""
-        s = self.settings
-        return solve(
-            self.model,
-            self.data,
-            problems,
-            self.input_range,
-            s.sweep if sweep else s.reverse,
-            s.seed,
-            self.shard,
-            progress,
-        )
-
-    def per_target(
-        self, sources: dict[int, list[int]], known: dict[Problem, TriggerEstimate]
-    ) -> list[TriggerEstimate]:
-        """Every family and restart of each target on its pooled sources; a problem that the
-        sweep already solved (a target with one source) is not solved again."""
-        problems = [
-            Problem(f, t, tuple(v), r)
-            for t, v in sources.items()
-            for f in self.families
-            for r in range(self.settings.reverse.restarts)
-        ]
-        todo = [p for p in problems if p not in known]
-        report = self.progress
-        fresh = self.solve(
-            todo, None if report is None else (lambda d, n, _f: report("reverse", d, n, ""))
-        )
-        found = {**known, **dict(zip(todo, fresh, strict=True))}
-        return [found[p] for p in problems]
-
-
-_ROUND = 1000
-"""A refreshed problem's restart number: its round times this plus the restart it came from,
-so every round draws its own minibatches."""
-
-
-def _refresher(job: _Job, sources: dict[int, list[int]]) -> Refresh:
-    """The Θ fit's refresh (``fit.refresh_every``): each target's latest triggers, re-solved
-    against g_t (the current Θ) from where they are, with the ``refresh`` solver; those that
-    still send ``fit.refresh_success`` of the pooled sources to t, and moved, are returned."""
-    s = job.settings
-    latest: dict[int, list[TriggerEstimate]] = {}
-
-    def refresh(targets, thetas, triggers, round_):
-        base = {t: latest.get(t, list(triggers[t])) for t in targets}
-        problems, start, route = [], [], []
-        for i, t in enumerate(targets):
-            for e in base[t]:
-                r = round_ * _ROUND + e.problem.restart % _ROUND
-                problems.append(Problem(e.family, t, tuple(sources[t]), r))
-                start.append(e)
-                route.append(i)
-        index = torch.tensor(route, device=job.model.device)
-
-        def g(x: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
-            with job.model.mitigated(thetas, index[which]):
-                return job.model(x)
-
-        found = reverse_engineer(
-            job.model, job.data, problems, job.input_range, s.refresh, s.seed, forward=g,
-            start=start,
-        )  # fmt: skip
-        out: dict[int, list[TriggerEstimate]] = {}
-        growth = s.fit.refresh_growth or float("inf")
-        for t in targets:
-            pairs = [(e, b) for e, b in zip(found, start, strict=True) if e.problem.target == t]
-            latest[t] = [e for e, _ in pairs]
-            out[t] = [
-                e
-                for e, b in pairs
-                if e.success >= s.fit.refresh_success - 1e-9
-                and e.size <= growth * b.size
-                and not all(np.array_equal(e.params[k], b.params[k]) for k in e.params)
-            ]
-        return out
-
-    return refresh
-
-
 def _families(settings: Settings) -> tuple[list[str], list[str]]:
     """The families of the per-target estimates and of the sweep (``trigger_type`` one family:
     that one for both)."""
@@ -363,16 +222,6 @@ def _families(settings: Settings) -> tuple[list[str], list[str]]:
     if not settings.families or not settings.detect_families:
         raise BadInputError("families and detect_families need at least one trigger family")
     return list(settings.families), list(settings.detect_families)
-
-
-def _find_backdoors(job: _Job, n_classes: int, families: list[str]) -> SweepResult:
-    """The pair sweep (or its screen) and the detection, before the intrinsic check."""
-
-    def solve(problems: Sequence[Problem], stage: str) -> list[TriggerEstimate]:
-        report = _pairs_progress(problems, job.progress, job.shard, stage)
-        return job.solve(problems, report, sweep=True)
-
-    return run_sweep(job.model, job.data, n_classes, families, job.input_range, job.settings, solve)
 
 
 def _intrinsic_check(
@@ -423,171 +272,3 @@ def _intrinsic_check(
             dropped=tuple(s for s in srcs if s not in out[t]),
         )
     return out
-
-
-def _probe_inputs(
-    data: Dataset,
-    sources: dict[int, list[int]],
-    chosen: dict[int, list[TriggerEstimate]],
-    input_range: tuple[float, float],
-    n_classes: int,
-) -> np.ndarray:
-    idx = np.concatenate([np.flatnonzero(data.y == c)[:PROBES_PER_CLASS] for c in range(n_classes)])
-    parts = [data.x[idx]]
-    for t, ests in chosen.items():
-        src = data.of_classes(sources[t])[:PROBES_PER_TARGET]
-        with torch.no_grad():
-            parts.append(ests[0].apply(torch.from_numpy(data.x[src]), *input_range).numpy())
-    return np.concatenate(parts).astype(np.float32)
-
-
-def _scores(
-    sweep: SweepResult | None, triggers: Sequence[fitfile.Trigger]
-) -> dict[str, tuple[fitfile.PairScore, ...]]:
-    """Per family, per pair: size, statistic, anomaly score and whether it was detected. With
-    no sweep (targets or pairs given), the per-target triggers, unscored."""
-    if sweep is None:
-        return {
-            f: tuple(
-                fitfile.PairScore(
-                    None if len(t.sources) != 1 else t.sources[0],
-                    t.target,
-                    t.size,
-                    1.0 / max(t.size, 1e-12),
-                    None,
-                    None,
-                )
-                for t in triggers
-                if t.family == f
-            )
-            for f in dict.fromkeys(t.family for t in triggers)
-        }
-    det = sweep.detection
-    out = {}
-    for f, z in sweep.sizes.items():
-        st, sc = det.statistics[f], det.scores[f]
-        out[f] = tuple(
-            fitfile.PairScore(
-                s,
-                t,
-                float(z[s, t]),
-                float(st[s, t]),
-                float(sc[s, t]) if np.isfinite(sc[s, t]) else None,
-                det.family.get((s, t)) == f,
-                None if sweep.weights is None else float(sweep.weights[f][s, t]),
-            )
-            for s, t in np.argwhere(~np.isnan(z)).tolist()
-        )
-    return out
-
-
-def _detection(settings: Settings, sweep: SweepResult | None) -> fitfile.Detection:
-    d = settings.detect
-    det = None if sweep is None else sweep.detection
-    return fitfile.Detection(
-        rule="union",
-        normalise=d.normalise,
-        consistency=d.consistency,
-        threshold=d.mad_threshold,
-        side="large",
-        scores_computed=sweep is not None,
-        pair_families={} if det is None else dict(det.family),
-        detected_pairs=() if det is None else tuple(tuple(p) for p in det.pairs),
-        all_to_one={} if det is None else dict(det.all_to_one),
-        target_scores={} if det is None else {f: tuple(v) for f, v in det.target_scores.items()},
-        pooled_scores={} if det is None else {f: tuple(v) for f, v in det.pooled_scores.items()},
-        pooled_sizes={} if sweep is None else {f: tuple(z) for f, z in sweep.pooled.items()},
-        intrinsic={} if sweep is None else dict(sweep.intrinsic),
-        sweep={}
-        if sweep is None
-        else {
-            "exhaustive": sweep.weights is None,
-            "problems": sweep.problems,
-            "problem_steps": sweep.problem_steps,
-            "screen": sweep.screen,
-        },
-    )
-
-
-def _record(
-    model: BnaModel,
-    data: Dataset,
-    settings: Settings,
-    n_classes: int,
-    input_range: tuple[float, float],
-    sources: dict[int, list[int]],
-    estimates: list[TriggerEstimate],
-    chosen: dict[int, list[TriggerEstimate]],
-    thetas: list[torch.Tensor],
-    history: list[float],
-    mode: str,
-    sweep: SweepResult | None = None,
-) -> fitfile.FitRecord:
-    targets = list(sources)
-    triggers = tuple(
-        fitfile.Trigger(
-            index=j,
-            family=e.family,
-            target=e.problem.target,
-            sources=tuple(e.problem.sources),
-            restart=e.problem.restart % _ROUND,
-            refresh_round=e.problem.restart // _ROUND,
-            size=e.size,
-            relative_size=relative_size(e, input_range),
-            success=e.success,
-            steps=e.steps,
-            used=any(e is u for u in chosen[e.problem.target]),
-            params=dict(e.params),
-        )
-        for j, e in enumerate(estimates)
-    )
-    probes = _probe_inputs(data, sources, chosen, input_range, n_classes)
-    with torch.no_grad(), model.capturing() as outputs:
-        f_logits = model(torch.from_numpy(probes).to(model.device)).cpu().numpy()
-    means = []  # each BN output's per-sample channel means: finds the layer again in an ONNX
-    for out in outputs:  # graph, whatever the exporter folded
-        z = torch.cat(out)
-        means.append(z.reshape(len(z), z.shape[1], -1).mean(2).cpu().numpy())
-    layers = tuple(
-        fitfile.Layer(
-            i,
-            la.name,
-            la.channels,
-            la.eps,
-            la.measured,
-            *(
-                getattr(la, k).cpu().numpy()
-                for k in ("running_mean", "running_var", "weight", "bias")
-            ),
-            thetas[i].numpy(),
-            means[i],
-        )
-        for i, la in enumerate(model.layers)
-    )
-    pred = predict_mitigated(model, targets, thetas, probes)
-    return fitfile.FitRecord(
-        tool_version=__version__,
-        mode=mode,
-        n_classes=n_classes,
-        model_format=model.source,
-        input_shape=tuple(data.x.shape[1:]),
-        input_range=(float(input_range[0]), float(input_range[1])),
-        sources={t: tuple(sources[t]) for t in targets},
-        families={t: "+".join(sorted({e.family for e in chosen[t]})) for t in targets},
-        scores=_scores(sweep, triggers),
-        detection=_detection(settings, sweep),
-        triggers=triggers,
-        layers=layers,
-        settings=settings.to_dict(),
-        history=tuple(history),
-        data_images=len(data),
-        data_sha256=hashlib.sha256(data.x.tobytes() + data.y.tobytes()).hexdigest(),
-        probes=fitfile.Probes(
-            probes,
-            f_logits,
-            g_logits(model, thetas, len(targets), probes),
-            pred.label,
-            pred.triggered,
-            pred.logits,
-        ),
-    )

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from .data import Dataset
 from .errors import BadInputError
 from .families import FAMILIES
-from .model import BnaModel
+from .norm import BnaModel
 from .reverse import Problem, Progress, TriggerEstimate, reverse_engineer
 from .settings import ReverseSettings
 

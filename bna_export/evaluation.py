@@ -10,14 +10,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import Dataset, check_against_model
+from . import fitfile
+from .data import Dataset, check_against_model, load_data, load_npz
 from .defend import model_output_classes
 from .errors import BadInputError
-from .fit import predict_mitigated
 from .fitfile import Mitigation
 from .metrics import compute_metrics
-from .model import BnaModel
-from .onnxfile import load_built
+from .mitigated import predict_mitigated
+from .model import load_model_for
+from .norm import BnaModel
+from .onnxfile import is_built, load_built
 from .runtime import Provider, open_built, ran_on
 
 
@@ -30,10 +32,45 @@ class Evaluation:
     clean_images: int
     triggered_images: int
     extra: dict[str, object] = field(default_factory=dict)
+    evaluated: str = "model"
+    """'mitigated' (a fit was given, or a built graph) or 'model' (f alone)."""
 
     @property
     def main(self) -> dict[str, float | None]:
         return self.results.get("mitigated", self.results["model"])
+
+
+def evaluate(
+    model_spec: str,
+    weights: str | None,
+    clean_path: str | Path,
+    triggered_path: str | Path | None = None,
+    fit_path: str | Path | None = None,
+    provider: Provider = "auto",
+    batch: int = 256,
+) -> Evaluation:
+    """``evaluate`` as the command line runs it: a built graph (an .onnx made by ``build``) in
+    ONNX Runtime, or any other model as the PyTorch reference, mitigated with ``fit_path``."""
+    built = str(model_spec).endswith(".onnx") and is_built(model_spec)
+    if built and (fit_path is not None or weights is not None):
+        raise BadInputError("a built .onnx graph holds its fit: drop --fit and --weights")
+    clean = load_data(clean_path)
+    trig, attack = None, None
+    if triggered_path is not None:
+        trig, more = load_npz(triggered_path, extra=("attack_label",))
+        attack = more["attack_label"]
+    if built:
+        ev = evaluate_built(model_spec, clean, trig, attack, provider, batch=batch)
+        ev.evaluated = "mitigated"
+        return ev
+    model = load_model_for(model_spec, weights, clean)
+    mitigation = None
+    if fit_path is not None:
+        mitigation = Mitigation.from_record(fitfile.load(fit_path))
+        mitigation.check_model(model)
+    ev = evaluate_reference(model, clean, trig, attack, mitigation, batch=batch)
+    ev.evaluated = "mitigated" if mitigation else "model"
+    return ev
 
 
 def evaluate_built(

@@ -1,5 +1,5 @@
-"""Fitting Θ_t = {µ, σ, υ, ω} for every BN channel and every target t, and the PyTorch reference
-of the mitigated classifier.
+"""Fitting Θ_t = {µ, σ, υ, ω} for every BN channel and every target t (the mitigated classifier
+that runs them is :mod:`bna_export.mitigated`).
 
 For target t, p is the soft histogram of f's BN output on the clean images of S(t), q that of g_t's
 BN output on the same images with t's estimated trigger(s) embedded; Θ_t minimises Σ D(p || q)
@@ -11,9 +11,10 @@ histograms in one call, each from a bounded subsample (:mod:`bna_export.statisti
 Parametrisation (for Adam's step size to mean the same in every channel): µ = µ₀ + σ₀·a,
 σ = σ₀·exp(s), with µ₀, σ₀ = f's running mean and √(var + ε); υ, ω in normalised units.
 
-One fit is: the clean statistics (:func:`~bna_export.statistics.clean_statistics`), the start
-of the parameters (:class:`_Parameters`), the image sets each step draws from
-(:class:`_Variants`, :func:`_draws`), and the loss of a step (:func:`_step_loss`).
+One fit is named steps: the clean statistics p (:func:`~bna_export.statistics.clean_statistics`),
+the start of the parameters (:class:`_Parameters`), the images each step draws
+(:class:`~bna_export.variants.Variants`, :func:`~bna_export.variants.draws`), and the loss of a
+step (:func:`_step_loss`), all layers' histograms in one call (:func:`_q_divergence`).
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ import torch
 from torch import Tensor
 
 from .data import Dataset
-from .families import FAMILIES
 from .histogram import divergence, normalise, soft_histogram
-from .model import BnaModel
+from .norm import BnaModel
 from .reverse import TriggerEstimate
 from .settings import FitSettings, HistogramSettings
 from .statistics import CleanStatistics, Table, clean_statistics, sample_blocks
+from .variants import Variants, draws, jitter
 
 Progress = Callable[[int, int], None]
 Refresh = Callable[
@@ -53,105 +54,6 @@ class FitResult:
     history: list[float] = field(default_factory=list)
     triggers: dict[int, list[TriggerEstimate]] = field(default_factory=dict)
     """Every target's triggers the fit used at the end (the given ones and any refreshed)."""
-
-
-def _jitter(x: Tensor, pixels: int, rng: np.random.Generator) -> Tensor:
-    """Shift each image by up to ``pixels`` in each direction (edge-replicated): augmentation
-    so the few clean target images generalise. x: (N, C, H, W)."""
-    if pixels <= 0:
-        return x
-    n, _, h, w = x.shape
-    pad = torch.nn.functional.pad(x, (pixels,) * 4, mode="replicate")
-    dy = torch.from_numpy(rng.integers(0, 2 * pixels + 1, n)).to(x.device)
-    dx = torch.from_numpy(rng.integers(0, 2 * pixels + 1, n)).to(x.device)
-    ar_h, ar_w = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
-    rows = (dy[:, None] + ar_h[None]).view(n, 1, h, 1).expand(n, x.shape[1], h, w + 2 * pixels)
-    out = pad.gather(2, rows)
-    cols = (dx[:, None] + ar_w[None]).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
-    return out.gather(3, cols)
-
-
-class _Variants:
-    """Every way an image is shown to the fit, stacked per trigger family so that a batch
-    embeds each family's variants in one op. Variant 0 is the clean image; then each estimate
-    of each target at each scale (:meth:`~bna_export.families.Family.scaled`)."""
-
-    def __init__(
-        self,
-        targets: Sequence[int],
-        triggers: dict[int, Sequence[TriggerEstimate]],
-        settings: FitSettings,
-        input_range: tuple[float, float],
-    ) -> None:
-        self.lo, self.hi = input_range
-        self.family: list[str | None] = [None]  # per variant
-        self.row: list[int] = [0]  # per variant: its row in its family's stacked tensors
-        stacks: dict[str, dict[str, list[Tensor]]] = {}
-        index: dict[tuple[int, float], int] = {}
-
-        def variant(est: TriggerEstimate, scale: float) -> int:
-            key = (id(est), scale)
-            if key not in index:
-                index[key] = len(self.family)
-                trig = est.kind.scaled(est.tensors(), scale)
-                rows = stacks.setdefault(est.family, {k: [] for k in trig})
-                self.family.append(est.family)
-                self.row.append(len(next(iter(rows.values()))))
-                for k, v in trig.items():
-                    rows[k].append(v[0].float())
-            return index[key]
-
-        self.triggered = [
-            [variant(e, s) for e in triggers[t] for s in settings.trigger_scales] for t in targets
-        ]
-        self.keep = [
-            [0] + ([variant(e, 1.0) for e in triggers[t]] if settings.target_triggered else [])
-            for t in targets
-        ]
-        self.names = sorted(stacks)
-        self.params = {f: {k: torch.stack(v) for k, v in r.items()} for f, r in stacks.items()}
-        self.code = torch.tensor([-1 if f is None else self.names.index(f) for f in self.family])
-        self.rows = torch.tensor(self.row)
-
-    def to(self, device: torch.device) -> _Variants:
-        self.params = {f: {k: t.to(device) for k, t in r.items()} for f, r in self.params.items()}
-        self.code, self.rows = self.code.to(device), self.rows.to(device)
-        return self
-
-    def apply(self, x: Tensor, which: Tensor) -> Tensor:
-        """x: (N, C, H, W) with variant ``which`` [N] embedded."""
-        out = x.clone()
-        code = self.code[which]
-        for fi, name in enumerate(self.names):
-            at = torch.nonzero(code == fi).flatten()
-            if not at.numel():
-                continue
-            r = self.rows[which[at]]
-            trig = {k: t[r] for k, t in self.params[name].items()}
-            out[at] = FAMILIES[name].embed(trig, x[at][:, None], self.lo, self.hi)[:, 0]
-        return out
-
-
-def _draws(
-    pools: Sequence[np.ndarray],
-    choices: Sequence[Sequence[int]],
-    length: int,
-    rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray]:
-    """One pass: per target (row), its pool of images in a fresh random order, each with a
-    random one of its ``choices``, cycled to ``length``. Returns images and variants (T, L)."""
-    sizes = np.array([len(p) for p in pools])
-    keys = rng.random((len(pools), int(sizes.max())))
-    keys[np.arange(keys.shape[1])[None, :] >= sizes[:, None]] = np.inf
-    order = np.argsort(keys, axis=1, kind="stable")
-    pos = order[np.arange(len(pools))[:, None], np.arange(length)[None, :] % sizes[:, None]]
-    width = max(len(c) for c in choices)
-    table = np.array([list(c) + [c[0]] * (width - len(c)) for c in choices])
-    n_choice = np.array([len(c) for c in choices])
-    pick = np.floor(rng.random((len(pools), length)) * n_choice[:, None]).astype(np.int64)
-    padded = np.array([np.pad(p, (0, int(sizes.max()) - len(p))) for p in pools])
-    rows = np.arange(len(pools))[:, None]
-    return padded[rows, pos], table[rows, pick]
 
 
 class _Parameters:
@@ -223,7 +125,7 @@ def _keep_target(
     model: BnaModel,
     thetas: list[Tensor],
     x_all: Tensor,
-    variants: _Variants,
+    variants: Variants,
     tgt: Sequence[np.ndarray],
     which: Tensor,
     per_target: int,
@@ -244,7 +146,7 @@ def _keep_target(
     dev = x_all.device
     x = variants.apply(x_all[pools[route, image].to(dev)], var.to(dev))
     with model.mitigated(thetas, route.to(dev)):
-        return model(_jitter(x, settings.jitter, rng))
+        return model(jitter(x, settings.jitter, rng))
 
 
 def _refreshing(settings: FitSettings, epoch: int) -> bool:
@@ -320,35 +222,98 @@ def fit_thetas(
     ``refresh``, every ``settings.refresh_every`` epochs the triggers that still work on the
     current g_t join each target's triggers."""
     group = settings.targets_per_pass
-    if len(targets) > group:
-        parts = [list(targets[i : i + group]) for i in range(0, len(targets), group)]
-        out = []
-        for j, part in enumerate(parts):
-            report = None
-            if progress is not None:
+    parts = [list(targets[i : i + group]) for i in range(0, len(targets), group)]
+    args = (model, data, sources, triggers, input_range, settings, hist)
+    if len(parts) <= 1:
+        return _fit_group(*args, list(targets), seed, progress, refresh)
+    out = []
+    for j, part in enumerate(parts):
+        report = None
+        if progress is not None:
 
-                def report(done: int, total: int, j: int = j) -> None:
-                    progress(j * total + done, total * len(parts))
+            def report(done: int, total: int, j: int = j) -> None:
+                progress(j * total + done, total * len(parts))
 
-            out.append(
-                fit_thetas(
-                    model,
-                    data,
-                    part,
-                    sources,
-                    triggers,
-                    input_range,
-                    settings,
-                    hist,
-                    seed + j,
-                    report,
-                    refresh,
-                )
-            )
-        thetas = [torch.cat([r.thetas[i] for r in out]) for i in range(len(out[0].thetas))]
-        history = [float(sum(h)) for h in zip(*(r.history for r in out), strict=True)]
-        used = {t: e for r in out for t, e in r.triggers.items()}
-        return FitResult(list(targets), thetas, history, used)
+        out.append(_fit_group(*args, part, seed + j, report, refresh))
+    thetas = [torch.cat([r.thetas[i] for r in out]) for i in range(len(out[0].thetas))]
+    history = [float(sum(h)) for h in zip(*(r.history for r in out), strict=True)]
+    used = {t: e for r in out for t, e in r.triggers.items()}
+    return FitResult(list(targets), thetas, history, used)
+
+
+@dataclass
+class _Step:
+    """What every step of one group's fit reads: the model, the defender's images on the
+    device, each target's clean images, the clean histograms p and the random sources."""
+
+    model: BnaModel
+    settings: FitSettings
+    hist: HistogramSettings
+    table: Table
+    x_all: Tensor
+    y_all: Tensor
+    tgt: list[np.ndarray]
+    """Per target: the indices of its clean images (the keep-t term's pool)."""
+    target_label: Tensor
+    """[T] the targets' class numbers."""
+    keep: _KeepWeight
+    rng: np.random.Generator
+    gen: torch.Generator
+
+
+def _step_loss(
+    st: _Step,
+    thetas: list[Tensor],
+    variants: Variants,
+    images: np.ndarray,
+    shown: np.ndarray,
+    keep_pairs: np.ndarray,
+) -> Tensor:
+    """The loss of one step: Σ D(p || q) over every layer, target and channel on the source
+    images ``images`` (T, B) each shown as its variant ``shown`` (T, B) under its target's Θ,
+    plus the cross-entropy terms of the settings (``keep_pairs`` (T, B'): each target's (clean
+    image, keep variant) pairs for the keep-t term)."""
+    s, model, dev = st.settings, st.model, st.x_all.device
+    n_t, b = images.shape
+    sel = torch.from_numpy(images.reshape(-1)).to(dev)
+    xb = variants.apply(st.x_all[sel], torch.from_numpy(shown.reshape(-1)).to(dev))
+    route = torch.arange(n_t, device=dev).repeat_interleave(b)
+    with model.mitigated(thetas, route), model.capturing() as cap:
+        logits = model(xb)
+    loss = _q_divergence(cap, st.table, n_t, s, st.hist, st.gen)
+    if s.source_ce_weight > 0:
+        ce = torch.nn.functional.cross_entropy(logits, st.y_all[sel])
+        loss = loss + s.source_ce_weight * ce
+    if s.target_ce_weight > 0:
+        tb = keep_pairs.shape[1]
+        which = torch.from_numpy(keep_pairs.reshape(-1))
+        logits_t = _keep_target(model, thetas, st.x_all, variants, st.tgt, which, tb, st.rng, s)
+        ce = torch.nn.functional.cross_entropy(
+            logits_t, st.target_label.repeat_interleave(tb), reduction="none"
+        )
+        loss = loss + (st.keep.weight.repeat_interleave(tb) * ce).mean()
+    if s.clean_ce_weight > 0:
+        with model.mitigated(thetas, route):
+            ce = torch.nn.functional.cross_entropy(model(st.x_all[sel]), st.y_all[sel])
+        loss = loss + s.clean_ce_weight * ce
+    return loss
+
+
+def _fit_group(
+    model: BnaModel,
+    data: Dataset,
+    sources: dict[int, Sequence[int]],
+    triggers: dict[int, Sequence[TriggerEstimate]],
+    input_range: tuple[float, float],
+    settings: FitSettings,
+    hist: HistogramSettings,
+    targets: list[int],
+    seed: int,
+    progress: Progress | None,
+    refresh: Refresh | None,
+) -> FitResult:
+    """One group of targets fitted in one batch: the clean statistics, the start of the
+    parameters, then per epoch the draws of every step and Adam on :func:`_step_loss`."""
     n_t, dev = len(targets), model.device
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -356,14 +321,24 @@ def fit_thetas(
     params = _Parameters(model, clean, n_t, settings)
     opt = torch.optim.Adam(params.learned, lr=settings.lr)
     mine = {t: list(triggers[t]) for t in targets}
-    variants = _Variants(targets, mine, settings, input_range).to(dev)
-    keep = _KeepWeight(model, data, targets, settings)
-    x_all, y_all = torch.from_numpy(data.x).to(dev), torch.from_numpy(data.y).to(dev)
-    src = [data.of_classes(list(sources[t])) for t in targets]
+    variants = Variants(targets, mine, settings, input_range).to(dev)
     tgt = [data.of_classes([t]) for t in targets]
+    st = _Step(
+        model,
+        settings,
+        hist,
+        clean.table,
+        torch.from_numpy(data.x).to(dev),
+        torch.from_numpy(data.y).to(dev),
+        tgt,
+        torch.tensor(list(targets), device=dev),
+        _KeepWeight(model, data, targets, settings),
+        rng,
+        gen,
+    )
+    src = [data.of_classes(list(sources[t])) for t in targets]
     b = settings.batch_size
     steps_per_epoch = max(1, -(-max(len(s) for s in src) // b))
-    target_label = torch.tensor(list(targets), device=dev)
     total = settings.epochs * steps_per_epoch
     history: list[float] = []
     step = 0
@@ -373,44 +348,26 @@ def fit_thetas(
                 now = [t.detach().clone() for t in params.thetas()]
             fresh = refresh(list(targets), now, mine, epoch // settings.refresh_every)
             mine = {t: mine[t] + list(fresh.get(t, [])) for t in targets}
-            variants = _Variants(targets, mine, settings, input_range).to(dev)
+            variants = Variants(targets, mine, settings, input_range).to(dev)
         keep_pairs = [  # every (clean image of t, keep variant) pair, as a flat pool per target
             np.arange(len(i) * len(k)) for i, k in zip(tgt, variants.keep, strict=True)
         ]
         tb = settings.target_batch or max(len(p) for p in keep_pairs)
-        img, var = _draws(src, variants.triggered, steps_per_epoch * b, rng)
-        pair, _ = _draws(keep_pairs, [[0]] * n_t, steps_per_epoch * tb, rng)
+        img, var = draws(src, variants.triggered, steps_per_epoch * b, rng)
+        pair, _ = draws(keep_pairs, [[0]] * n_t, steps_per_epoch * tb, rng)
         epoch_loss = 0.0
         for k in range(steps_per_epoch):
-            cut = slice(k * b, (k + 1) * b)
-            sel = torch.from_numpy(img[:, cut].reshape(-1)).to(dev)
-            xb = variants.apply(x_all[sel], torch.from_numpy(var[:, cut].reshape(-1)).to(dev))
-            route = torch.arange(n_t, device=dev).repeat_interleave(b)
-            th = params.thetas()
-            with model.mitigated(th, route), model.capturing() as cap:
-                logits = model(xb)
-            loss = _q_divergence(cap, clean.table, n_t, settings, hist, gen)
-            if settings.source_ce_weight > 0:
-                ce = torch.nn.functional.cross_entropy(logits, y_all[sel])
-                loss = loss + settings.source_ce_weight * ce
-            if settings.target_ce_weight > 0:
-                which = torch.from_numpy(pair[:, k * tb : (k + 1) * tb].reshape(-1))
-                logits_t = _keep_target(model, th, x_all, variants, tgt, which, tb, rng, settings)
-                ce = torch.nn.functional.cross_entropy(
-                    logits_t, target_label.repeat_interleave(tb), reduction="none"
-                )
-                loss = loss + (keep.weight.repeat_interleave(tb) * ce).mean()
-            if settings.clean_ce_weight > 0:
-                with model.mitigated(th, route):
-                    ce = torch.nn.functional.cross_entropy(model(x_all[sel]), y_all[sel])
-                loss = loss + settings.clean_ce_weight * ce
+            cut, cut_t = slice(k * b, (k + 1) * b), slice(k * tb, (k + 1) * tb)
+            loss = _step_loss(
+                st, params.thetas(), variants, img[:, cut], var[:, cut], pair[:, cut_t]
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()
             params.keep_ordered()
-            if keep.adaptive:
+            if st.keep.adaptive:
                 with torch.no_grad():
-                    keep.update(model, params.thetas())
+                    st.keep.update(model, params.thetas())
             epoch_loss += float(loss.detach())
             step += 1
             if progress is not None:
@@ -419,70 +376,3 @@ def fit_thetas(
     with torch.no_grad():
         final = [t.detach().cpu().clone() for t in params.thetas()]
     return FitResult(list(targets), final, history, mine)
-
-
-@dataclass
-class Prediction:
-    """Routed answers: ``label`` [N], ``triggered`` [N] bool, ``logits`` [N, K]."""
-
-    label: np.ndarray
-    triggered: np.ndarray
-    logits: np.ndarray
-
-
-def predict_mitigated(
-    model: BnaModel,
-    targets: Sequence[int],
-    thetas: Sequence[Tensor] | None,
-    x: np.ndarray,
-    batch: int = 256,
-) -> Prediction:
-    """The mitigated classifier (design step 3), in PyTorch: f first; samples that f sends to a
-    target t run g_t; a sample whose g_t answer differs from t is flagged and answered by g_t."""
-    labels, flags, logits = [], [], []
-    dev = model.device
-    lut = torch.full((max([*targets, 0]) + 1,), -1, dtype=torch.int64, device=dev)
-    for ti, t in enumerate(targets):
-        lut[t] = ti
-    thetas = None if thetas is None else [t.to(dev) for t in thetas]
-    with torch.no_grad():
-        for xb in torch.split(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), batch):
-            xb = xb.to(dev)
-            lf = model(xb)
-            y = lf.argmax(1)
-            route = torch.where(y < lut.numel(), lut[y.clamp_max(lut.numel() - 1)], -1)
-            routed = torch.nonzero(route >= 0).flatten()
-            out, flag = lf.clone(), torch.zeros(len(y), dtype=torch.bool, device=dev)
-            if targets and thetas is not None and routed.numel():
-                with model.mitigated(thetas, route[routed]):
-                    lg = model(xb[routed])
-                changed = lg.argmax(1) != y[routed]
-                flag[routed] = changed
-                out[routed[changed]] = lg[changed]
-            labels.append(out.argmax(1).cpu())
-            flags.append(flag.cpu())
-            logits.append(out.cpu())
-    return Prediction(
-        torch.cat(labels).numpy(), torch.cat(flags).numpy(), torch.cat(logits).numpy()
-    )
-
-
-def g_logits(
-    model: BnaModel, thetas: Sequence[Tensor], n_targets: int, x: np.ndarray, batch: int = 256
-) -> np.ndarray:
-    """Every g_t's logits on x: [T, N, K] (for the fit file's probes)."""
-    dev = model.device
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    thetas = [t.to(dev) for t in thetas]
-    out = []
-    with torch.no_grad():
-        for ti in range(n_targets):
-            parts = []
-            for xb in torch.split(xt, batch):
-                with model.mitigated(thetas, torch.full((len(xb),), ti, device=dev)):
-                    parts.append(model(xb.to(dev)).cpu())
-            out.append(torch.cat(parts))
-    if not out:  # no target: an empty [0, N, K]
-        with torch.no_grad():
-            return np.zeros((0, len(xt), model(xt[:1].to(dev)).shape[1]), dtype=np.float32)
-    return torch.stack(out).numpy()

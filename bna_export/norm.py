@@ -1,6 +1,7 @@
 """The per-channel transform h(z | θ) = max(min((z − µ)/σ, ω), υ) that replaces a BatchNorm's
 normalisation, and :class:`BnaNorm`, the module that applies f's own normalisation or h per
-sample.
+sample, and :class:`BnaModel`, f with every BatchNorm as a :class:`BnaNorm`: it runs f, or g
+with Θ per sample (:meth:`BnaModel.mitigated`), and captures the BN outputs.
 
 h runs once per BN channel of every image in every step of the Θ fit, so it is one autograd
 node (:class:`_ClipNormalise`) with a hand-written backward: a chain of PyTorch ops
@@ -10,10 +11,15 @@ ran about twenty passes over them in backward.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .errors import ModelError
 
 
 class _ClipNormalise(torch.autograd.Function):
@@ -148,3 +154,105 @@ class BnaNorm(nn.Module):
             self.capture_out.append(out)
             self.versions_out.append(out._version)
         return out
+
+
+class BnaModel(nn.Module):
+    """f with every BatchNorm as a :class:`BnaNorm`, in execution order."""
+
+    def __init__(self, net: nn.Module, layers: Sequence[BnaNorm], source: str = "torch") -> None:
+        super().__init__()
+        self.net = net
+        self.layers = list(layers)
+        self.source = source  # "torch" (.pt2, module) or "onnx": how the layers were found
+        self.channels_last = False  # see use_channels_last
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self.train(False)
+
+    @property
+    def device(self) -> torch.device:
+        """Where f's tensors live (the device its first buffer or parameter is on)."""
+        for t in itertools.chain(self.net.buffers(), self.net.parameters()):
+            return t.device
+        return torch.device("cpu")
+
+    def train(self, mode: bool = True) -> BnaModel:
+        """Always eval: BNA never trains f (exported programs refuse .train()/.eval())."""
+        self.training = False
+        with contextlib.suppress(NotImplementedError):
+            self.net.train(False)
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        # f gets its own copy: a model that normalises its input in place (x.sub_(mean), as
+        # torchvision's Normalize(inplace=True) does) would otherwise rewrite our images, and
+        # every later pass would see them normalised again
+        last = self.channels_last and x.dim() == 4
+        fmt = torch.channels_last if last else torch.contiguous_format
+        out = self.net(x.clone(memory_format=fmt))
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return out
+
+    def use_channels_last(self, example: Tensor, enable: bool = True) -> bool:
+        """Run f in channels-last memory layout (oneDNN's and cuDNN's fast path for
+        convolutions) when ``enable`` and f gives the same logits on ``example`` that way (to
+        1e-4 of the largest); else keep the default layout. Returns whether it is on."""
+        self.channels_last = False
+        if not enable or example.dim() != 4:
+            return False
+        example = example.to(self.device)
+        with torch.no_grad():
+            plain = self(example)
+            self.net.to(memory_format=torch.channels_last)
+            self.channels_last = True
+            try:
+                fast = self(example)
+                same = fast.shape == plain.shape and bool(
+                    (fast - plain).abs().max() <= 1e-4 * plain.abs().max().clamp_min(1.0)
+                )
+            except (RuntimeError, ModelError):  # e.g. a .view() that needs the default layout
+                same = False
+        if not same:
+            self.net.to(memory_format=torch.contiguous_format)
+            self.channels_last = False
+        return self.channels_last
+
+    @contextlib.contextmanager
+    def mitigated(self, thetas: Sequence[Tensor], route: Tensor) -> Iterator[None]:
+        """Run g: per layer θ [T, 4, C], per sample ``route`` [N] (-1 = f's own BN)."""
+        if len(thetas) != len(self.layers):
+            raise ModelError(f"{len(thetas)} θ tensors for {len(self.layers)} BatchNorm layers")
+        try:
+            for layer, th in zip(self.layers, thetas, strict=True):
+                layer.theta, layer.route = th, route
+            yield
+        finally:
+            for layer in self.layers:
+                layer.theta, layer.route = None, None
+
+    @contextlib.contextmanager
+    def capturing(self, inputs: bool = False) -> Iterator[list[list[Tensor]]]:
+        """Collect every layer's output (or input, pre-normalisation) during the block."""
+        lists: list[list[Tensor]] = [[] for _ in self.layers]
+        versions: list[list[int]] = [[] for _ in self.layers]
+        try:
+            for layer, buf, ver in zip(self.layers, lists, versions, strict=True):
+                if inputs:
+                    layer.capture_in, layer.versions_in = buf, ver
+                else:
+                    layer.capture_out, layer.versions_out = buf, ver
+            yield lists
+        finally:
+            for layer in self.layers:
+                if inputs:
+                    layer.capture_in = None
+                else:
+                    layer.capture_out = None
+        for layer, buf, ver in zip(self.layers, lists, versions, strict=True):
+            if [t._version for t in buf] != ver:
+                raise ModelError(
+                    f"the model changes the output of BatchNorm {layer.name} in place (an "
+                    "in-place operation such as F.relu(x, inplace=True) in its forward): BNA "
+                    "needs it unchanged; use the out-of-place form"
+                )

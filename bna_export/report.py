@@ -1,7 +1,7 @@
-"""What a fit file says, ready to show: the text of ``fit`` and ``inspect``, the summary of
-``inspect --json``, signed anomaly-score histograms per trigger family (text, or a PNG when
-matplotlib is installed) and the detected pairs with their scores. Reads fit-file records
-(:mod:`bna_export.fitfile`), which are validated when read."""
+"""What the commands show, ready to print: the text and the ``--json`` objects of ``fit``,
+``inspect``, ``evaluate`` and ``build``, signed anomaly-score histograms per trigger family
+(text, or a PNG when matplotlib is installed) and the detected pairs with their scores. Reads
+fit-file records (:mod:`bna_export.fitfile`), which are validated when read."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +18,10 @@ from .artifact import write_atomic
 from .detect import large_side_scores
 from .errors import BadInputError
 from .fitfile import Detection, FitRecord, PairScore, header_of
+
+if TYPE_CHECKING:
+    from .evaluation import Evaluation
+    from .export import Built
 
 OVERFLOW = 20.0
 """Scores beyond ±OVERFLOW share the last bin (an infinite score, MAD = 0, lands there too)."""
@@ -148,6 +152,66 @@ def summary(rec: FitRecord, path: str) -> dict[str, Any]:
         **{k: h[k] for k in keys},
         "detected_pairs": detected_pairs(rec.scores, rec.detection),
     }
+
+
+def evaluation_summary(ev: Evaluation) -> dict[str, Any]:
+    """``evaluate --json``: the main column's ACC, ASR, SIA, TPR, FPR, then the rest."""
+    return {
+        **ev.main,
+        "model": ev.results["model"],
+        **ev.extra,
+        "evaluated": ev.evaluated,
+        "targets": ev.targets,
+        "clean_images": ev.clean_images,
+        "triggered_images": ev.triggered_images,
+    }
+
+
+def evaluation_lines(ev: Evaluation) -> list[str]:
+    """``evaluate``'s table: one row per metric, one column per variant."""
+    cols = list(ev.results)
+    out = [f"{'metric':<8}" + "".join(f"{c:>12}" for c in cols)]
+    for key in ("acc", "asr", "sia", "tpr", "fpr"):
+        cells = [ev.results[c][key] for c in cols]
+        out.append(
+            f"{key.upper():<8}" + "".join(f"{'-' if v is None else f'{v:.4f}':>12}" for v in cells)
+        )
+    return out
+
+
+def build_summary(built: Built, output: str, triton: str | None, seconds: float) -> dict[str, Any]:
+    """``build --json``."""
+    return {
+        "output": output,
+        "triton": triton,
+        "bytes": len(built.data),
+        "attacked": bool(built.targets),
+        "targets": built.targets,
+        "layers": built.layers,
+        "found_by": built.found_by,
+        "self_check": {"probes": built.probes, "max_logit_error": built.max_logit_error},
+        "seconds": seconds,
+    }
+
+
+def build_lines(built: Built, output: str, triton: str | None) -> list[str]:
+    """What ``build`` prints: where each layer was found, the self-check, what was written."""
+    out = []
+    if not built.targets:
+        out.append("no backdoor in the fit file: the graph is f plus label/triggered/logits")
+    else:
+        by_name = built.found_by == "name"
+        how = "by name (the fit was made from this .onnx)" if by_name else "by value"
+        out.append(f"targets {built.targets}; BatchNorm layers found in the graph {how}:")
+        out += [f"  {la['name']:<24} -> {la['node']} {la['tensor']!r}" for la in built.layers]
+    out.append(
+        f"self-check: {built.probes} probes agree with the PyTorch reference "
+        f"(logits within {built.max_logit_error:.1e})"
+    )
+    out.append(f"wrote {output} ({len(built.data) / 1e6:.2f} MB)")
+    if triton is not None:
+        out.append(f"wrote the Triton model {triton}/ (1/model.onnx, config.pbtxt)")
+    return out
 
 
 def inspect_lines(rec: FitRecord, path: str) -> list[str]:

@@ -4,6 +4,7 @@ onnxruntime and numpy (``import bna_export.runtime`` does not import torch or on
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,12 @@ class Outputs:
     label: np.ndarray
     triggered: np.ndarray
     logits: np.ndarray
+
+    def to_npz(self) -> bytes:
+        """The ``.npz`` that ``run -o`` writes: ``label``, ``triggered``, ``logits``."""
+        buf = io.BytesIO()
+        np.savez(buf, label=self.label, triggered=self.triggered, logits=self.logits)
+        return buf.getvalue()
 
 
 def run_built(

@@ -322,6 +322,30 @@ class Settings:
         return cls(**kwargs)
 
 
+def for_fit(
+    *,
+    trigger_type: TriggerType = "both",
+    seed: int = 0,
+    divergence: Divergence = "tv",
+    epochs: int = FitSettings.epochs,
+    restarts: int = ReverseSettings.restarts,
+    mad_threshold: float = DetectSettings.mad_threshold,
+    overrides: Sequence[str] = (),
+) -> Settings:
+    """The settings of a ``fit`` run: the defaults with the command line's options, then its
+    ``--set SECTION.FIELD=VALUE`` overrides."""
+    base = Settings()
+    settings = replace(
+        base,
+        trigger_type=trigger_type,
+        seed=seed,
+        fit=replace(base.fit, divergence=divergence, epochs=epochs),
+        reverse=replace(base.reverse, restarts=restarts),
+        detect=replace(base.detect, mad_threshold=mad_threshold),
+    )
+    return with_overrides(settings, overrides)
+
+
 def _parse(raw: str, owner: Any, name: str, key: str) -> Any:
     """``raw`` read as the type of the setting ``owner.name``."""
     like, text = getattr(owner, name), raw.strip()

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .data import Dataset
 from .histogram import bin_layout, normalise, soft_histogram
-from .model import BnaModel
+from .norm import BnaModel
 from .settings import FitSettings, HistogramSettings
 
 

@@ -46,7 +46,7 @@ import torch
 from .data import Dataset
 from .detect import Detection, detect_pairs
 from .fitfile import Intrinsic
-from .model import BnaModel
+from .norm import BnaModel
 from .reverse import ANY, Problem, TriggerEstimate, succeeds
 from .settings import DetectSettings, Settings
 

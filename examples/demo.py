@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from bna_export import fitfile
+from bna_export.lab.scenario import build_scenario, digits, export_onnx, write_scenario
 from bna_export.onnxfile import load_built
 from bna_export.report import draw_scores, pyplot, save_png, score_histograms
 from bna_export.runtime import open_built
-from bna_export.scenario import build_scenario, digits, export_onnx, write_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,7 +12,12 @@ from bna_export.cli.main import cli
 from click.testing import CliRunner
 from tiny_models import export_onnx
 
-from bna_export.scenario import Scenario, build_scenario, synthetic_scenario_data, write_scenario
+from bna_export.lab.scenario import (
+    Scenario,
+    build_scenario,
+    synthetic_scenario_data,
+    write_scenario,
+)
 
 torch.set_num_threads(2)
 

@@ -11,18 +11,18 @@ import pytest
 import torch
 from tiny_models import EXPORT_FORMS, export_onnx
 
-from bna_export.architectures import make_classifier
 from bna_export.data import Dataset
 from bna_export.defend import fit_defence
 from bna_export.errors import ModelError
 from bna_export.evaluation import evaluate_built
 from bna_export.export import build_graph
-from bna_export.fit import predict_mitigated
 from bna_export.fitfile import Mitigation
+from bna_export.lab.architectures import make_classifier
+from bna_export.lab.scenario import Scenario, build_scenario, export_model
+from bna_export.lab.zoo import synthetic_classes
 from bna_export.metrics import compute_metrics
+from bna_export.mitigated import predict_mitigated
 from bna_export.model import OTHER_NORMS, load_model
-from bna_export.scenario import Scenario, build_scenario, export_model
-from bna_export.zoo import synthetic_classes
 
 ZOO = {  # architecture: (width, training epochs) at which it trains in seconds
     "vgg11-bn": (4, 8),

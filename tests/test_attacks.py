@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from bna_export.attacks import ATTACKS, Trigger, all_to_all, all_to_one, poison, triggered_set
+from bna_export.lab.attacks import ATTACKS, Trigger, all_to_all, all_to_one, poison, triggered_set
 
 
 @pytest.mark.parametrize("kind", ATTACKS)

@@ -9,10 +9,10 @@ from bna_export import artifact
 from bna_export.data import Dataset, load_npz
 from bna_export.defend import fit_defence, resolve_sources
 from bna_export.errors import BadInputError, FitFileError
-from bna_export.fit import predict_mitigated
 from bna_export.fitfile import Mitigation
+from bna_export.lab.scenario import export_onnx
+from bna_export.mitigated import predict_mitigated
 from bna_export.model import adapt_module, load_model
-from bna_export.scenario import export_onnx
 from bna_export.settings import FitSettings, ReverseSettings, Settings
 
 FAST = Settings(

@@ -15,11 +15,11 @@ from bna_export import artifact
 from bna_export.defend import fit_defence
 from bna_export.errors import ModelError
 from bna_export.export import build_graph
-from bna_export.fit import predict_mitigated
 from bna_export.fitfile import Mitigation
+from bna_export.lab.zoo import SmallCNN, train_classifier
+from bna_export.mitigated import predict_mitigated
 from bna_export.model import adapt_module
 from bna_export.settings import FitSettings, ReverseSettings, Settings
-from bna_export.zoo import SmallCNN, train_classifier
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from bna_export.attacks import Trigger
 from bna_export.families import FAMILIES
+from bna_export.lab.attacks import Trigger
 from bna_export.model import adapt_module
 from bna_export.reverse import Problem, TriggerEstimate, attack_success, reverse_engineer
 from bna_export.settings import ReverseSettings

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from bna_export.fit import _jitter, fit_thetas, g_logits, predict_mitigated
+from bna_export.fit import fit_thetas
+from bna_export.mitigated import g_logits, predict_mitigated
 from bna_export.model import adapt_module
 from bna_export.reverse import Problem, reverse_engineer
 from bna_export.settings import FitSettings
@@ -64,21 +65,6 @@ def test_routing_rule(setup, patch_scenario):
     plain = predict_mitigated(model, [], None, x)
     assert not plain.triggered.any()
     np.testing.assert_array_equal(plain.label, f.argmax(1))
-
-
-def test_jitter_shifts_within_bounds():
-    x = torch.arange(2 * 1 * 5 * 5, dtype=torch.float32).view(2, 1, 5, 5)
-    out = _jitter(x, 1, np.random.default_rng(0))
-    assert out.shape == x.shape
-    assert torch.equal(_jitter(x, 0, np.random.default_rng(0)), x)
-    # every output row is some input row shifted by at most one pixel
-    for n in range(2):
-        diffs = [
-            (out[n, 0] - torch.roll(x[n, 0], (dy, dx), (0, 1))).abs()[1:-1, 1:-1].max()
-            for dy in (-1, 0, 1)
-            for dx in (-1, 0, 1)
-        ]
-        assert min(diffs) == 0
 
 
 def test_refresh_adds_the_triggers_that_still_work_on_g_t(setup, patch_scenario):

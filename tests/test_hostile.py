@@ -21,7 +21,7 @@ from bna_export.cli.main import cli
 from click.testing import CliRunner
 
 from bna_export import artifact
-from bna_export.scenario import export_onnx
+from bna_export.lab.scenario import export_onnx
 
 
 def invoke(*args):

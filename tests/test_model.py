@@ -3,11 +3,11 @@ import pytest
 import torch
 from torch import nn
 
-from bna_export.architectures import NormalizedInput
 from bna_export.errors import ModelError
+from bna_export.lab.architectures import NormalizedInput
+from bna_export.lab.scenario import export_model
+from bna_export.lab.zoo import SmallCNN
 from bna_export.model import adapt_graph_module, adapt_module, load_model
-from bna_export.scenario import export_model
-from bna_export.zoo import SmallCNN
 
 
 def trained_like(seed: int = 0) -> nn.Module:

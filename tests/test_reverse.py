@@ -83,27 +83,6 @@ def test_family_rule():
     )
 
 
-def test_pools_whole_or_sampled_from_the_problem_own_schedule(patch_scenario):
-    from bna_export.reverse import _Pools
-
-    data = patch_scenario.defender
-    problems = [Problem("patch", 0, (1,)), Problem("patch", 0, (1, 2, 3))]
-    gens = [torch.Generator().manual_seed(p.seed(0)) for p in problems]
-    pools = _Pools(data, problems, 32, 5, gens)
-    index, weight = pools.step(torch.tensor([0, 1]), 2)
-    assert index.shape == weight.shape == (2, 32)
-    ones = set(np.flatnonzero(data.y == 1).tolist())
-    assert set(index[0][weight[0] > 0].tolist()) == ones and weight[0].sum() == len(ones)
-    sampled = index[1].tolist()
-    assert len(set(sampled)) == 32 and set(sampled) <= set(data.of_classes([1, 2, 3]).tolist())
-    assert weight[1].all()
-    flipped = problems[::-1]
-    again = _Pools(
-        data, flipped, 32, 5, [torch.Generator().manual_seed(p.seed(0)) for p in flipped]
-    )
-    assert torch.equal(again.step(torch.tensor([0]), 2)[0][0], index[1])
-
-
 def test_problems_of_much_larger_pools_are_solved_apart(model, patch_scenario):
     """A batch pads every problem to its largest pool: one-class pairs are not solved beside
     a pooled problem of every other class (which would cost them its batch and full-pool

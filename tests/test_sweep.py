@@ -18,9 +18,9 @@ from bna_export.detect import (
     target_scores,
     weighted_median,
 )
+from bna_export.lab.scenario import build_scenario, synthetic_scenario_data
 from bna_export.model import adapt_module
 from bna_export.reverse import ANY, Problem, TriggerEstimate, reverse_engineer
-from bna_export.scenario import build_scenario, synthetic_scenario_data
 from bna_export.settings import Settings
 from bna_export.sweep import _weights, pair_problems, pooled_problems, pooled_sizes, size_matrices
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bna_export.zoo import SmallCNN
+from bna_export.lab.zoo import SmallCNN
 
 EXPORT_FORMS = {
     # torch.onnx.export's default (dynamo, optimised): BN folded into Conv/Gemm, external data

@@ -1,9 +1,15 @@
 """``build``: from the ONNX file of f and a fit file to the one graph users deploy, checked in
-ONNX Runtime against the fit file's PyTorch reference before anything is written."""
+ONNX Runtime against the fit file's PyTorch reference before anything is written.
+
+The pipeline: find the fit's layers in f (:mod:`.locate`, on one :class:`~.probe.ProbeRunner`),
+find where g_t starts (:mod:`.cut`), then the passes :class:`~.routing.ReserveOutputNames`,
+:class:`~.routing.RouteToRepairs` (or :class:`~.whole_batch.RouteWholeBatch`) and
+:class:`~.outputs.ContractOutputs`, and serialise."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,12 +18,21 @@ import onnx_ir as ir
 
 from .. import __version__
 from ..artifact import FitFile, encode
-from ..errors import FitFileError, ModelError
+from ..errors import BnaError, FitFileError, ModelError
 from ..fitfile import FitRecord, read
 from ..onnxfile import load_proto
 from ..runtime import run_built, session
+from .builder import Builder
+from .clone import Applied
+from .cut import find_cut
+from .fold import LayerStats
 from .locate import Located, locate_by_name, locate_layers
-from .rewrite import LayerStats, metadata_for, rewrite, to_bytes
+from .outputs import ContractOutputs, metadata_for, to_bytes
+from .probe import ProbeRunner
+from .routing import Repairs, ReserveOutputNames, RouteToRepairs
+from .whole_batch import RouteWholeBatch
+
+MIN_OPSET = 13
 
 LOGIT_TOLERANCE = 1e-3
 """Largest |logit difference| (relative to the largest logit, at least 1) between the built
@@ -42,6 +57,44 @@ def _stats(rec: FitRecord) -> list[LayerStats]:
         LayerStats(la.weight, la.bias, la.running_mean, la.running_var, float(la.eps))
         for la in rec.layers
     ]
+
+
+def rewrite(
+    model: ir.Model,
+    probe: ProbeRunner,
+    located: Sequence[Located],
+    repairs: tuple[Sequence[LayerStats], Sequence[np.ndarray], Sequence[int]],
+    metadata: dict[str, str],
+    whole_batch: bool = False,
+) -> list[Applied]:
+    """Turn ``model`` (f) into the built graph, in place; ``repairs``: each layer's statistics,
+    its Θ ([T, 4, C]) and the targets. Returns which rule rewrote each layer in each g_t.
+
+    ``whole_batch`` runs every g_t on every sample and keeps the answers of the samples f
+    sent to t: the same outputs at a higher cost (the naive graph, for benchmarks)."""
+    graph = model.graph
+    opset = model.opset_imports.get("", 0)
+    if opset < MIN_OPSET:
+        raise ModelError(f"the model uses ONNX opset {opset}; the build needs {MIN_OPSET} or newer")
+    if len(graph.inputs) != 1 or not graph.outputs:
+        raise ModelError(
+            "the model must have one input (the images) and its logits as first output"
+        )
+    graph.sort()
+    b = Builder(graph)
+    stats, thetas, targets = repairs
+    plan = Repairs(find_cut(graph, located, probe), stats, thetas, targets)
+    route = (RouteWholeBatch if whole_batch else RouteToRepairs)(b, plan)
+    passes = ir.passes.Sequential(
+        ReserveOutputNames(b), route, ContractOutputs(route.routed, metadata)
+    )
+    try:
+        passes(model)
+    except ir.passes.PassError as exc:  # a pass's own error is the user's answer
+        if isinstance(exc.__cause__, BnaError):
+            raise exc.__cause__ from None
+        raise
+    return route.routed.applied
 
 
 def build_graph(model_path: str | Path, fit: FitFile, whole_batch: bool = False) -> Built:
@@ -79,26 +132,24 @@ def build_graph(model_path: str | Path, fit: FitFile, whole_batch: bool = False)
     names = [la.name for la in rec.layers]
     located: list[Located] = []
     found_by = "value"
+    probe = ProbeRunner(proto, probe_x)  # the one session that runs f on the probes
     if targets and rec.model_format == "onnx":
-        by_name = locate_by_name(model.graph, proto, fingerprints, names, probe_x)
+        by_name = locate_by_name(model.graph, probe, fingerprints, names)
         if by_name is not None:
             located, found_by = by_name, "name"
     if targets and found_by == "value":
-        located = locate_layers(model.graph, proto, fingerprints, names, probe_x)
+        located = locate_layers(model.graph, probe, fingerprints, names)
     thetas = [np.asarray(la.theta) for la in rec.layers]
     digest = hashlib.sha256(encode(fit)).hexdigest()
-    built = rewrite(
+    applied = rewrite(
         model,
-        proto,
+        probe,
         located,
-        _stats(rec),
-        thetas,
-        targets,
-        probe_x,
+        (_stats(rec), thetas, targets),
         metadata_for(__version__, targets, digest),
         whole_batch,
     )
-    data = to_bytes(built)
+    data = to_bytes(model)
     out = run_built(session(data, "cpu"), probe_x)
     scale = max(1.0, float(np.abs(expected[2]).max()))
     err = float(np.abs(out.logits - expected[2]).max()) / scale if len(probe_x) else 0.0
@@ -116,6 +167,11 @@ def build_graph(model_path: str | Path, fit: FitFile, whole_batch: bool = False)
             "tensor": loc.value.name,
             "node": loc.value.producer().op_type if loc.value.producer() else "input",
             "match_error": loc.error,
+            "rules": {
+                str(a.target): {"rule": a.rule, "declined": a.declined}
+                for a in applied
+                if a.layer == loc.layer
+            },
         }
         for loc in located
     ]

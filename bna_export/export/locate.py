@@ -3,10 +3,11 @@
 Exporters fold BatchNorm into the preceding Conv/Gemm, rename tensors and merge initializers,
 so names and even node types lie. What does not change is the layer's output: the fit file
 records, for every BN layer, the per-sample channel means of its output on the probe inputs.
-Running the graph on the same probes with every intermediate tensor exposed, the tensor whose
-channel means match is the layer's output, whichever node (BatchNormalization, a folded Conv
-or Gemm, ...) produced it. A fit made from this very ONNX file (``fit --model model.onnx``)
-names its layers by tensor name; those are taken by name and only checked by value.
+Running the graph on the same probes with every intermediate tensor exposed (a
+:class:`~.probe.ProbeRunner`), the tensor whose channel means match is the layer's output,
+whichever node (BatchNormalization, a folded Conv or Gemm, ...) produced it. A fit made from
+this very ONNX file (``fit --model model.onnx``) names its layers by tensor name; those are
+taken by name and only checked by value.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 
 from ..errors import ModelError
+from .probe import ProbeRunner
 
 MATCH_TOLERANCE = 1e-3
 """Largest relative difference of channel means for a tensor to be a BN layer's output: float32
@@ -37,26 +37,6 @@ class Located:
     rank: int
 
 
-def run_exposing(proto: onnx.ModelProto, names: Sequence[str], x: np.ndarray) -> list[np.ndarray]:
-    """Run the graph on x in ONNX Runtime (CPU, no graph optimisation) and return the tensors
-    ``names`` (any intermediate tensor of the top-level graph)."""
-    model = onnx.ModelProto()
-    model.CopyFrom(proto)
-    del model.graph.output[:]
-    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    try:
-        sess = ort.InferenceSession(
-            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
-        feed = {sess.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.float32)}
-        return sess.run(list(names), feed)
-    except Exception as exc:  # ORT raises its own exception types
-        raise ModelError(f"ONNX Runtime cannot run the model: {exc}") from exc
-
-
 def candidate_values(graph: ir.Graph) -> list[ir.Value]:
     """Every named float tensor a node of the top-level graph computes, in graph order."""
     floats = {None, ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE}
@@ -71,16 +51,15 @@ def candidate_values(graph: ir.Graph) -> list[ir.Value]:
 
 def locate_layers(
     graph: ir.Graph,
-    proto: onnx.ModelProto,
+    probe: ProbeRunner,
     fingerprints: Sequence[np.ndarray],
     names: Sequence[str],
-    probe_x: np.ndarray,
 ) -> list[Located]:
     """The output tensor of every fit layer (``fingerprints[i]``: [N, C] channel means of layer
-    i's output on ``probe_x``); a layer that matches no tensor is an error naming it."""
+    i's output on the probes); a layer that matches no tensor is an error naming it."""
     values = candidate_values(graph)
-    arrays = run_exposing(proto, [v.name for v in values], probe_x)
-    n = len(probe_x)
+    arrays = probe.values([v.name for v in values])
+    n = len(probe.x)
     out: list[Located] = []
     taken: dict[str, int] = {}
     for i, fp in enumerate(fingerprints):
@@ -120,17 +99,16 @@ def locate_layers(
 
 def locate_by_name(
     graph: ir.Graph,
-    proto: onnx.ModelProto,
+    probe: ProbeRunner,
     fingerprints: Sequence[np.ndarray],
     names: Sequence[str],
-    probe_x: np.ndarray,
 ) -> list[Located] | None:
     """The fit layers' tensors by name (a fit made from this ONNX file), checked against their
     fingerprints; None when a name is not in the graph (another export: match by value)."""
     by_name = {v.name: v for v in candidate_values(graph)}
     if not all(n in by_name for n in names):
         return None
-    arrays = run_exposing(proto, list(names), probe_x) if names else []
+    arrays = probe.values(list(names)) if names else []
     out = []
     for i, (name, fp, a) in enumerate(zip(names, fingerprints, arrays, strict=True)):
         n, c = fp.shape

@@ -21,7 +21,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from bna_export.scenario import build_scenario, export_onnx, synthetic_scenario_data, write_scenario
+from bna_export.lab.scenario import (
+    build_scenario,
+    export_onnx,
+    synthetic_scenario_data,
+    write_scenario,
+)
 
 
 def bna_export(*args: str) -> str:

@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .zoo import SmallCNN
+
 
 def _conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> list[nn.Module]:
     return [
@@ -357,12 +359,10 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 def make_classifier(
     arch: str, in_channels: int, n_classes: int, image_size: int, width: int | None = None
 ) -> nn.Module:
-    """A classifier of ``arch`` ('cnn': :class:`~bna_export.zoo.SmallCNN`, or a key of
+    """A classifier of ``arch`` ('cnn': :class:`~bna_export.lab.zoo.SmallCNN`, or a key of
     :data:`ARCHITECTURES`; 'normalized-cnn': the CNN behind an input normalisation,
     'normalized-cnn-inplace' one that normalises the caller's tensor in place) at
     ``width`` (the architecture's own default when None)."""
-    from .zoo import SmallCNN
-
     kw = {} if width is None else {"width": width}
     if arch == "cnn":
         return SmallCNN(in_channels, n_classes, image_size, **kw)

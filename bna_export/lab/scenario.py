@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..artifact import write_atomic
+from ..data import Dataset
 from .architectures import make_classifier
-from .artifact import write_atomic
 from .attacks import Trigger, all_to_all, all_to_one, poison, triggered_set
-from .data import Dataset
 from .zoo import synthetic_classes, train_classifier
 
 
@@ -86,7 +86,7 @@ def build_scenario(
     progress: Callable[[int, int], None] | None = None,
 ) -> Scenario:
     """Split, poison (``attack=None``: a clean model), train a classifier of ``arch`` (see
-    :func:`~bna_export.architectures.make_classifier`; ``width`` None: its default); seeded."""
+    :func:`~bna_export.lab.architectures.make_classifier`; ``width`` None: its default); seeded."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(y))
     x, y = x[order], y[order]

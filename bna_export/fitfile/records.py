@@ -1,0 +1,148 @@
+"""The fit file's content as typed, frozen records: what every reader of a fit file uses (the
+header layout and tensor names that hold them are :mod:`bna_export.fitfile.layout`'s)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One BN layer (or measured Conv/Gemm output) of f, its Θ for every target, and its
+    fingerprint: the probes' per-channel means, which find the layer again in an ONNX graph."""
+
+    index: int
+    name: str
+    channels: int
+    eps: float
+    measured: bool
+    running_mean: np.ndarray
+    running_var: np.ndarray
+    weight: np.ndarray
+    bias: np.ndarray
+    theta: np.ndarray
+    """[targets, 4, channels]: µ, σ, υ, ω per channel."""
+    probe_mean: np.ndarray | None = None
+    """[probes, channels]; absent in fit files written before ``build`` existed."""
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """A reverse-engineered trigger of a target (per-target estimate or sweep pair)."""
+
+    index: int
+    family: str
+    target: int
+    sources: tuple[int, ...]
+    restart: int
+    refresh_round: int
+    size: float
+    relative_size: float
+    success: float
+    steps: int
+    used: bool
+    """Θ was fitted on it."""
+    params: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PairScore:
+    """One pair's (or, without a sweep, one trigger's) size, statistic and anomaly score."""
+
+    source: int | None
+    target: int
+    size: float
+    statistic: float
+    score: float | None
+    """None: not scored (no sweep), or an infinite score (MAD = 0)."""
+    detected: bool | None
+    weight: float | None = None
+    """A screened sweep's weight of the pair in the weighted medians."""
+
+
+@dataclass(frozen=True)
+class Intrinsic:
+    """The intrinsic-backdoor check of a target with several detected sources."""
+
+    family: str
+    pooled_size: float | None
+    pair_sizes: dict[int, float]
+    ratios: dict[str, float | None]
+    kept: tuple[int, ...]
+    dropped: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Detection:
+    """How the pairs were scored and what was found (empty when targets or pairs were given)."""
+
+    rule: str
+    normalise: str
+    consistency: float
+    threshold: float
+    side: str
+    scores_computed: bool
+    pair_families: dict[tuple[int, int], str]
+    detected_pairs: tuple[tuple[int, int], ...]
+    all_to_one: dict[int, str]
+    target_scores: dict[str, tuple[float | None, ...]]
+    pooled_scores: dict[str, tuple[float | None, ...]]
+    pooled_sizes: dict[str, tuple[float | None, ...]]
+    intrinsic: dict[int, Intrinsic]
+    sweep: dict[str, Any]
+    """``exhaustive``, ``problems``, ``problem_steps`` and ``screen`` (what the screen found)."""
+
+
+@dataclass(frozen=True)
+class Probes:
+    """Inputs with what f, every g_t and the routed classifier answered: ``build`` checks its
+    graph against them."""
+
+    x: np.ndarray
+    f_logits: np.ndarray
+    g_logits: np.ndarray
+    label: np.ndarray
+    triggered: np.ndarray
+    logits: np.ndarray
+
+
+@dataclass(frozen=True)
+class FitRecord:
+    """Everything one ``fit`` wrote."""
+
+    tool_version: str
+    mode: str
+    """'detect' (no hint), 'targets' or 'pairs'."""
+    n_classes: int
+    model_format: str
+    """'torch' (a .pt2 or a module) or 'onnx'."""
+    input_shape: tuple[int, ...]
+    input_range: tuple[float, float]
+    sources: dict[int, tuple[int, ...]]
+    """S(t) per target, in target order."""
+    families: dict[int, str]
+    scores: dict[str, tuple[PairScore, ...]]
+    detection: Detection
+    triggers: tuple[Trigger, ...]
+    layers: tuple[Layer, ...]
+    settings: dict[str, Any]
+    history: tuple[float, ...]
+    data_images: int
+    data_sha256: str
+    probes: Probes | None = None
+    """None in fit files written before ``build`` existed."""
+
+    @property
+    def targets(self) -> list[int]:
+        return list(self.sources)
+
+    @property
+    def attacked(self) -> bool:
+        return bool(self.sources)
+
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        return [(s, t) for t, v in self.sources.items() for s in v]

@@ -1,0 +1,81 @@
+"""The PyTorch reference of the mitigated classifier (design step 3): f first, g_t on the samples
+f sends to a target t, flagged where g_t disagrees; and every g_t's logits (the fit file's
+probes)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .norm import BnaModel
+
+
+@dataclass
+class Prediction:
+    """Routed answers: ``label`` [N], ``triggered`` [N] bool, ``logits`` [N, K]."""
+
+    label: np.ndarray
+    triggered: np.ndarray
+    logits: np.ndarray
+
+
+def predict_mitigated(
+    model: BnaModel,
+    targets: Sequence[int],
+    thetas: Sequence[Tensor] | None,
+    x: np.ndarray,
+    batch: int = 256,
+) -> Prediction:
+    """The mitigated classifier (design step 3), in PyTorch: f first; samples that f sends to a
+    target t run g_t; a sample whose g_t answer differs from t is flagged and answered by g_t."""
+    labels, flags, logits = [], [], []
+    dev = model.device
+    lut = torch.full((max([*targets, 0]) + 1,), -1, dtype=torch.int64, device=dev)
+    for ti, t in enumerate(targets):
+        lut[t] = ti
+    thetas = None if thetas is None else [t.to(dev) for t in thetas]
+    with torch.no_grad():
+        for xb in torch.split(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), batch):
+            xb = xb.to(dev)
+            lf = model(xb)
+            y = lf.argmax(1)
+            route = torch.where(y < lut.numel(), lut[y.clamp_max(lut.numel() - 1)], -1)
+            routed = torch.nonzero(route >= 0).flatten()
+            out, flag = lf.clone(), torch.zeros(len(y), dtype=torch.bool, device=dev)
+            if targets and thetas is not None and routed.numel():
+                with model.mitigated(thetas, route[routed]):
+                    lg = model(xb[routed])
+                changed = lg.argmax(1) != y[routed]
+                flag[routed] = changed
+                out[routed[changed]] = lg[changed]
+            labels.append(out.argmax(1).cpu())
+            flags.append(flag.cpu())
+            logits.append(out.cpu())
+    return Prediction(
+        torch.cat(labels).numpy(), torch.cat(flags).numpy(), torch.cat(logits).numpy()
+    )
+
+
+def g_logits(
+    model: BnaModel, thetas: Sequence[Tensor], n_targets: int, x: np.ndarray, batch: int = 256
+) -> np.ndarray:
+    """Every g_t's logits on x: [T, N, K] (for the fit file's probes)."""
+    dev = model.device
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    thetas = [t.to(dev) for t in thetas]
+    out = []
+    with torch.no_grad():
+        for ti in range(n_targets):
+            parts = []
+            for xb in torch.split(xt, batch):
+                with model.mitigated(thetas, torch.full((len(xb),), ti, device=dev)):
+                    parts.append(model(xb.to(dev)).cpu())
+            out.append(torch.cat(parts))
+    if not out:  # no target: an empty [0, N, K]
+        with torch.no_grad():
+            return np.zeros((0, len(xt), model(xt[:1].to(dev)).shape[1]), dtype=np.float32)
+    return torch.stack(out).numpy()

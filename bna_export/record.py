@@ -1,0 +1,191 @@
+"""From what a fit found and fitted to its fit-file record (:mod:`bna_export.fitfile`): probe
+inputs with f's, every g_t's and the routed answers, every pair's size and anomaly score, the
+detection, the triggers, and the layers with the fingerprints that find them in an ONNX graph."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from . import __version__, fitfile
+from .data import Dataset
+from .mitigated import g_logits, predict_mitigated
+from .norm import BnaModel
+from .reverse import TriggerEstimate, relative_size
+from .settings import Settings
+from .estimates import ROUND
+from .sweep import SweepResult
+
+PROBES_PER_CLASS = 2
+PROBES_PER_TARGET = 4
+
+
+def _probe_inputs(
+    data: Dataset,
+    sources: dict[int, list[int]],
+    chosen: dict[int, list[TriggerEstimate]],
+    input_range: tuple[float, float],
+    n_classes: int,
+) -> np.ndarray:
+    idx = np.concatenate([np.flatnonzero(data.y == c)[:PROBES_PER_CLASS] for c in range(n_classes)])
+    parts = [data.x[idx]]
+    for t, ests in chosen.items():
+        src = data.of_classes(sources[t])[:PROBES_PER_TARGET]
+        with torch.no_grad():
+            parts.append(ests[0].apply(torch.from_numpy(data.x[src]), *input_range).numpy())
+    return np.concatenate(parts).astype(np.float32)
+
+
+def _scores(
+    sweep: SweepResult | None, triggers: Sequence[fitfile.Trigger]
+) -> dict[str, tuple[fitfile.PairScore, ...]]:
+    """Per family, per pair: size, statistic, anomaly score and whether it was detected. With
+    no sweep (targets or pairs given), the per-target triggers, unscored."""
+    if sweep is None:
+        return {
+            f: tuple(
+                fitfile.PairScore(
+                    None if len(t.sources) != 1 else t.sources[0],
+                    t.target,
+                    t.size,
+                    1.0 / max(t.size, 1e-12),
+                    None,
+                    None,
+                )
+                for t in triggers
+                if t.family == f
+            )
+            for f in dict.fromkeys(t.family for t in triggers)
+        }
+    det = sweep.detection
+    out = {}
+    for f, z in sweep.sizes.items():
+        st, sc = det.statistics[f], det.scores[f]
+        out[f] = tuple(
+            fitfile.PairScore(
+                s,
+                t,
+                float(z[s, t]),
+                float(st[s, t]),
+                float(sc[s, t]) if np.isfinite(sc[s, t]) else None,
+                det.family.get((s, t)) == f,
+                None if sweep.weights is None else float(sweep.weights[f][s, t]),
+            )
+            for s, t in np.argwhere(~np.isnan(z)).tolist()
+        )
+    return out
+
+
+def _detection(settings: Settings, sweep: SweepResult | None) -> fitfile.Detection:
+    d = settings.detect
+    det = None if sweep is None else sweep.detection
+    return fitfile.Detection(
+        rule="union",
+        normalise=d.normalise,
+        consistency=d.consistency,
+        threshold=d.mad_threshold,
+        side="large",
+        scores_computed=sweep is not None,
+        pair_families={} if det is None else dict(det.family),
+        detected_pairs=() if det is None else tuple(tuple(p) for p in det.pairs),
+        all_to_one={} if det is None else dict(det.all_to_one),
+        target_scores={} if det is None else {f: tuple(v) for f, v in det.target_scores.items()},
+        pooled_scores={} if det is None else {f: tuple(v) for f, v in det.pooled_scores.items()},
+        pooled_sizes={} if sweep is None else {f: tuple(z) for f, z in sweep.pooled.items()},
+        intrinsic={} if sweep is None else dict(sweep.intrinsic),
+        sweep={}
+        if sweep is None
+        else {
+            "exhaustive": sweep.weights is None,
+            "problems": sweep.problems,
+            "problem_steps": sweep.problem_steps,
+            "screen": sweep.screen,
+        },
+    )
+
+
+def make_record(
+    model: BnaModel,
+    data: Dataset,
+    settings: Settings,
+    n_classes: int,
+    input_range: tuple[float, float],
+    sources: dict[int, list[int]],
+    estimates: list[TriggerEstimate],
+    chosen: dict[int, list[TriggerEstimate]],
+    thetas: list[torch.Tensor],
+    history: list[float],
+    mode: str,
+    sweep: SweepResult | None = None,
+) -> fitfile.FitRecord:
+    targets = list(sources)
+    triggers = tuple(
+        fitfile.Trigger(
+            index=j,
+            family=e.family,
+            target=e.problem.target,
+            sources=tuple(e.problem.sources),
+            restart=e.problem.restart % ROUND,
+            refresh_round=e.problem.restart // ROUND,
+            size=e.size,
+            relative_size=relative_size(e, input_range),
+            success=e.success,
+            steps=e.steps,
+            used=any(e is u for u in chosen[e.problem.target]),
+            params=dict(e.params),
+        )
+        for j, e in enumerate(estimates)
+    )
+    probes = _probe_inputs(data, sources, chosen, input_range, n_classes)
+    with torch.no_grad(), model.capturing() as outputs:
+        f_logits = model(torch.from_numpy(probes).to(model.device)).cpu().numpy()
+    means = []  # each BN output's per-sample channel means: finds the layer again in an ONNX
+    for out in outputs:  # graph, whatever the exporter folded
+        z = torch.cat(out)
+        means.append(z.reshape(len(z), z.shape[1], -1).mean(2).cpu().numpy())
+    layers = tuple(
+        fitfile.Layer(
+            i,
+            la.name,
+            la.channels,
+            la.eps,
+            la.measured,
+            *(
+                getattr(la, k).cpu().numpy()
+                for k in ("running_mean", "running_var", "weight", "bias")
+            ),
+            thetas[i].numpy(),
+            means[i],
+        )
+        for i, la in enumerate(model.layers)
+    )
+    pred = predict_mitigated(model, targets, thetas, probes)
+    return fitfile.FitRecord(
+        tool_version=__version__,
+        mode=mode,
+        n_classes=n_classes,
+        model_format=model.source,
+        input_shape=tuple(data.x.shape[1:]),
+        input_range=(float(input_range[0]), float(input_range[1])),
+        sources={t: tuple(sources[t]) for t in targets},
+        families={t: "+".join(sorted({e.family for e in chosen[t]})) for t in targets},
+        scores=_scores(sweep, triggers),
+        detection=_detection(settings, sweep),
+        triggers=triggers,
+        layers=layers,
+        settings=settings.to_dict(),
+        history=tuple(history),
+        data_images=len(data),
+        data_sha256=hashlib.sha256(data.x.tobytes() + data.y.tobytes()).hexdigest(),
+        probes=fitfile.Probes(
+            probes,
+            f_logits,
+            g_logits(model, thetas, len(targets), probes),
+            pred.label,
+            pred.triggered,
+            pred.logits,
+        ),
+    )
