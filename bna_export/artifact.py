@@ -63,6 +63,11 @@ def encode(fit: FitFile) -> bytes:
     return MAGIC + len(blob).to_bytes(8, "little") + blob + b"".join(chunks)
 
 
+def _no_constant(name: str) -> None:
+    """NaN and ±Infinity are not JSON, and :func:`encode` never writes them."""
+    raise json.JSONDecodeError(f"{name} is not a JSON number", name, 0)
+
+
 def decode(buf: bytes, source: str = "fit file") -> FitFile:
     """Parse and validate fit-file bytes; raises :class:`FitFileError` on anything malformed."""
     if len(buf) < 16 or buf[:8] != MAGIC:
@@ -74,7 +79,7 @@ def decode(buf: bytes, source: str = "fit file") -> FitFile:
             f"({len(buf)} bytes); the file is truncated or corrupt"
         )
     try:
-        header = json.loads(buf[16 : 16 + n].decode("utf-8"))
+        header = json.loads(buf[16 : 16 + n].decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise FitFileError(f"{source}: header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict):

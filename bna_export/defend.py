@@ -24,13 +24,13 @@ from .data import Dataset
 from .detect import Detection, intrinsic_check
 from .distributed import Shard
 from .errors import BadInputError, ModelError
+from .estimates import ROUND, Job, StageProgress, find_backdoors, refresher
 from .families import FAMILIES
 from .fit import fit_thetas
 from .norm import BnaModel
 from .record import make_record
 from .reverse import TriggerEstimate, choose_family, succeeds
 from .settings import Settings
-from .estimates import ROUND, Job, StageProgress, find_backdoors, refresher
 from .sweep import SweepResult
 
 

@@ -60,17 +60,13 @@ def evaluate(
         trig, more = load_npz(triggered_path, extra=("attack_label",))
         attack = more["attack_label"]
     if built:
-        ev = evaluate_built(model_spec, clean, trig, attack, provider, batch=batch)
-        ev.evaluated = "mitigated"
-        return ev
+        return evaluate_built(model_spec, clean, trig, attack, provider, batch=batch)
     model = load_model_for(model_spec, weights, clean)
     mitigation = None
     if fit_path is not None:
         mitigation = Mitigation.from_record(fitfile.load(fit_path))
         mitigation.check_model(model)
-    ev = evaluate_reference(model, clean, trig, attack, mitigation, batch=batch)
-    ev.evaluated = "mitigated" if mitigation else "model"
-    return ev
+    return evaluate_reference(model, clean, trig, attack, mitigation, batch=batch)
 
 
 def evaluate_built(
@@ -118,7 +114,8 @@ def evaluate_built(
             eval_targets,
         )
     extra = {"provider": ran_on(sess), "fit_targets": targets}
-    return Evaluation(results, eval_targets, len(clean), len(triggered) if triggered else 0, extra)
+    n_trig = len(triggered) if triggered else 0
+    return Evaluation(results, eval_targets, len(clean), n_trig, extra, "mitigated")
 
 
 def evaluate_reference(
@@ -170,4 +167,6 @@ def evaluate_reference(
             pt.triggered if (pt and mitigated) else None,
             targets,
         )
-    return Evaluation(results, targets, len(clean), len(triggered) if triggered else 0)
+    n_trig = len(triggered) if triggered else 0
+    evaluated = "mitigated" if mitigation is not None else "model"
+    return Evaluation(results, targets, len(clean), n_trig, evaluated=evaluated)

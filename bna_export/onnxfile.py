@@ -106,6 +106,6 @@ def load_built(path: str | Path, with_f_logits: bool = False) -> bytes:
     meta = {p.key: p.value for p in proto.metadata_props}
     if not looks_built([o.name for o in proto.graph.output], meta):
         raise BadInputError(f"{path}: not a graph made by `bna-export build`")
-    if with_f_logits:
+    if with_f_logits and meta[F_LOGITS] not in [o.name for o in proto.graph.output]:
         proto.graph.output.append(onnx.ValueInfoProto(name=meta[F_LOGITS]))
     return proto.SerializeToString()

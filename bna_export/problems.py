@@ -1,8 +1,8 @@
 """A batch of reverse-engineering problems as tensors: what a problem and its answer (a
-:class:`TriggerEstimate`) are, which images each
-sees at each step (:class:`Pools`), every problem's trigger parameters kept per family
-(:class:`Triggers`), its goal (reach t, or leave s) and its success on its whole pool
-(:func:`success`); mixed precision for f's passes where the hardware has native bfloat16."""
+:class:`TriggerEstimate`) are, which images each sees at each step (:class:`Pools`), every
+problem's trigger parameters kept per family (:class:`Triggers`), its goal (reach t, or leave
+s) and its success on its whole pool (:func:`success`); mixed precision for f's passes where
+the hardware has native bfloat16."""
 
 from __future__ import annotations
 

@@ -12,11 +12,11 @@ import torch
 
 from . import __version__, fitfile
 from .data import Dataset
+from .estimates import ROUND
 from .mitigated import g_logits, predict_mitigated
 from .norm import BnaModel
 from .reverse import TriggerEstimate, relative_size
 from .settings import Settings
-from .estimates import ROUND
 from .sweep import SweepResult
 
 PROBES_PER_CLASS = 2
@@ -79,6 +79,15 @@ def _scores(
     return out
 
 
+def _finite(per_family: dict[str, Sequence[float]]) -> dict[str, tuple[float | None, ...]]:
+    """Per family, each value as a float, or None where it is not finite (as the fit file
+    stores it)."""
+    return {
+        f: tuple(None if x is None or not np.isfinite(x) else float(x) for x in v)
+        for f, v in per_family.items()
+    }
+
+
 def _detection(settings: Settings, sweep: SweepResult | None) -> fitfile.Detection:
     d = settings.detect
     det = None if sweep is None else sweep.detection
@@ -92,9 +101,9 @@ def _detection(settings: Settings, sweep: SweepResult | None) -> fitfile.Detecti
         pair_families={} if det is None else dict(det.family),
         detected_pairs=() if det is None else tuple(tuple(p) for p in det.pairs),
         all_to_one={} if det is None else dict(det.all_to_one),
-        target_scores={} if det is None else {f: tuple(v) for f, v in det.target_scores.items()},
-        pooled_scores={} if det is None else {f: tuple(v) for f, v in det.pooled_scores.items()},
-        pooled_sizes={} if sweep is None else {f: tuple(z) for f, z in sweep.pooled.items()},
+        target_scores={} if det is None else _finite(det.target_scores),
+        pooled_scores={} if det is None else _finite(det.pooled_scores),
+        pooled_sizes={} if sweep is None else _finite(sweep.pooled),
         intrinsic={} if sweep is None else dict(sweep.intrinsic),
         sweep={}
         if sweep is None

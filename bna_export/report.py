@@ -61,7 +61,7 @@ def score_histograms(scores: Scores, detection: Detection) -> list[Histogram]:
             continue
         signed = np.clip(signed_scores(entries), -OVERFLOW, OVERFLOW)
         lo = math.floor(min(signed.min(), 0.0))
-        hi = max(math.ceil(signed.max()), math.ceil(threshold) + 1, lo + 1)
+        hi = max(math.ceil(signed.max()), math.ceil(min(threshold, OVERFLOW)) + 1, lo + 1)
         edges = np.arange(lo, hi + 1, dtype=np.float64)
         counts, _ = np.histogram(signed, edges)
         flags = np.array([bool(e.detected) for e in entries])

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .data import Dataset
 from .norm import BnaModel
-from .problems import ANY, TOLERANCE, Forward, Problem, TriggerEstimate, bf16_native
+from .problems import ANY, TOLERANCE, Forward, Problem, TriggerEstimate
 from .settings import ReverseSettings
 from .solver import Adam, Batch, CostSchedule
 
@@ -42,7 +42,6 @@ __all__ = [
     "Progress",
     "TriggerEstimate",
     "attack_success",
-    "bf16_native",
     "choose_family",
     "relative_size",
     "reverse_engineer",

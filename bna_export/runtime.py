@@ -75,12 +75,18 @@ def looks_built(outputs: Sequence[str], metadata: Mapping[str, str]) -> bool:
 def open_built(
     model: bytes | str | Path, provider: Provider = "cpu"
 ) -> tuple[ort.InferenceSession, dict[str, str]]:
-    """A session on a graph made by ``build`` (its bytes or its path; from a path, ONNX Runtime
-    reads external data only inside the model's folder) and its metadata."""
-    sess = session(model if isinstance(model, bytes) else str(model), provider)
+    """A session on a graph made by ``build`` (its bytes or its path) and its metadata. A built
+    graph holds its weights inline: a path is read as bytes, so no external-data reference in
+    a file is ever followed."""
+    where = "the graph" if isinstance(model, bytes) else str(model)
+    if not isinstance(model, bytes):
+        try:
+            model = Path(model).read_bytes()
+        except OSError as exc:
+            raise BadInputError(f"{where}: cannot read it ({exc.strerror or exc})") from exc
+    sess = session(model, provider)
     meta = dict(sess.get_modelmeta().custom_metadata_map)
     if not looks_built([o.name for o in sess.get_outputs()], meta):
-        where = "the graph" if isinstance(model, bytes) else str(model)
         raise BadInputError(f"{where}: not a graph made by `bna-export build`")
     return sess, meta
 

@@ -65,3 +65,11 @@ def test_overlapping_or_lying_ranges_are_refused():
 def test_missing_file_is_a_fit_file_error(tmp_path):
     with pytest.raises(FitFileError, match="no such file"):
         artifact.load(tmp_path / "missing.bna")
+
+
+@pytest.mark.parametrize("constant", [b"NaN", b"Infinity", b"-Infinity"])
+def test_a_header_with_a_non_json_number_is_refused(constant):
+    buf = artifact.encode(artifact.FitFile({"targets": [3], "threshold": 123456789}, {}))
+    bad = buf.replace(b"123456789", constant.ljust(9))  # JSON allows the trailing spaces
+    with pytest.raises(FitFileError, match="not valid JSON"):
+        artifact.decode(bad)

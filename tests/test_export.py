@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 from tiny_models import EXPORT_FORMS, ResidualNet, export_onnx
 
@@ -15,6 +17,10 @@ from bna_export import artifact
 from bna_export.defend import fit_defence
 from bna_export.errors import ModelError
 from bna_export.export import build_graph
+from bna_export.export.build import rewrite
+from bna_export.export.fold import LayerStats
+from bna_export.export.locate import Located
+from bna_export.export.probe import ProbeRunner
 from bna_export.fitfile import Mitigation
 from bna_export.lab.zoo import SmallCNN, train_classifier
 from bna_export.mitigated import predict_mitigated
@@ -259,3 +265,35 @@ def test_one_session_serves_many_threads(patch_reference, patch_scenario, tmp_pa
         np.testing.assert_array_equal(got[1], want[1])
         np.testing.assert_array_equal(got[2], want[2])
     assert any(w[1].any() for w in one)  # some batches route rows through g_t
+
+
+def test_an_error_inside_a_pass_is_the_libraries_own_one_line(tmp_path):
+    """The rewrite runs as onnx-ir passes, which wrap what a pass raises: the user still gets
+    the ModelError (here: logits computed beside the BN layer, not from it)."""
+    c = 2
+    init = [
+        helper.make_tensor(n, TensorProto.FLOAT, [c], v)
+        for n, v in (("g", [1.0] * c), ("b", [0.0] * c), ("m", [0.0] * c), ("v", [1.0] * c))
+    ]
+    graph = helper.make_graph(
+        [
+            helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["y"]),
+            helper.make_node("Flatten", ["x"], ["logits"]),
+        ],
+        "beside",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 1, 1])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", c]),
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 1, 1]),
+        ],
+        init,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = ir.from_proto(proto)
+    y = next(v for node in model.graph for v in node.outputs if v.name == "y")
+    probe = ProbeRunner(proto, np.ones((3, c, 1, 1), np.float32))
+    ones, zeros = np.ones(c, np.float32), np.zeros(c, np.float32)
+    stats = [LayerStats(ones, zeros, zeros, ones, 1e-5)]
+    theta = np.stack([zeros, ones, -ones, ones])[None]
+    with pytest.raises(ModelError, match="do not depend on any BatchNorm layer"):
+        rewrite(model, probe, [Located(0, y, 0.0, 4)], (stats, [theta], [0]), {})

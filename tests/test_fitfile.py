@@ -29,6 +29,9 @@ def test_a_record_writes_back_the_bytes_it_was_read_from(a2o_detected_file, fitt
         (lambda h, t: t.pop("layer.1.weight"), "lacks the tensor 'layer.1.weight'"),
         (lambda h, t: t.update({"theta.0": np.zeros((2, 4, 8), np.float32)}), "theta.0"),
         (lambda h, t: t.update({"probe.label": np.zeros(1, np.int64)}), "disagree in length"),
+        (lambda h, t: t.update({"probe.x": np.zeros((), np.float32)}), "wrong rank"),
+        (lambda h, t: h["targets"].append(h["targets"][0]), "a target is listed twice"),
+        (lambda h, t: h["detection"].update(threshold=0), "threshold is not positive"),
     ],
 )
 def test_a_malformed_fit_file_is_one_error_naming_the_field(fitted, change, message):
@@ -36,3 +39,10 @@ def test_a_malformed_fit_file_is_one_error_naming_the_field(fitted, change, mess
     change(fit.header, fit.tensors)
     with pytest.raises(FitFileError, match=message):
         fitfile.read(artifact.decode(artifact.encode(fit)))
+
+
+def test_a_fit_file_from_before_the_sweep_record_is_still_read(fitted):
+    fit = artifact.decode(fitted[0].read_bytes())
+    fit.header["detection"].pop("sweep")
+    rec = fitfile.read(artifact.decode(artifact.encode(fit)))
+    assert rec.detection.sweep == {} and rec.targets == fitfile.load(fitted[0]).targets

@@ -44,3 +44,8 @@ def test_a_plain_model_is_not_a_built_graph(graph):
         open_built(graph[0])
     with pytest.raises(BadInputError, match="not a graph made by"):
         load_built(graph[0])  # the checked reader the command line uses
+
+
+def test_a_graph_that_cannot_be_read_is_one_error(tmp_path):
+    with pytest.raises(BadInputError, match="cannot read it"):
+        open_built(tmp_path / "missing.onnx")

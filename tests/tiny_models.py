@@ -3,39 +3,14 @@ and the ONNX export forms users deploy (``export_onnx``)."""
 
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
-
 import torch
 from torch import nn
 
+from bna_export.lab.scenario import EXPORT_FORMS
+from bna_export.lab.scenario import export_onnx_as as export_onnx
 from bna_export.lab.zoo import SmallCNN
 
-EXPORT_FORMS = {
-    # torch.onnx.export's default (dynamo, optimised): BN folded into Conv/Gemm, external data
-    "dynamo": {},
-    "dynamo-unoptimized": {"optimize": False},  # BatchNormalization nodes kept
-    "legacy": {"dynamo": False},  # TorchScript exporter, constant folding folds BN
-    "legacy-unfolded": {"dynamo": False, "do_constant_folding": False},
-}
-
-
-def export_onnx(net: nn.Module, example: torch.Tensor, path: Path, form: str) -> Path:
-    """Export an eval-mode ``net`` with a dynamic batch in one of :data:`EXPORT_FORMS`."""
-    kw = dict(EXPORT_FORMS[form])
-    names = {"input_names": ["images"], "output_names": ["logits"]}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if kw.get("dynamo") is False:
-            torch.onnx.export(
-                net.eval(), (example,), path, dynamic_axes={"images": {0: "N"}}, **names, **kw
-            )
-        else:
-            batch = ({0: torch.export.Dim("N")},)
-            torch.onnx.export(
-                net.eval(), (example,), path, dynamic_shapes=batch, verbose=False, **names, **kw
-            )
-    return path
+__all__ = ["EXPORT_FORMS", "ResidualNet", "export_onnx", "make_cnn"]
 
 
 class ResidualNet(nn.Module):

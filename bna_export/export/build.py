@@ -90,10 +90,13 @@ def rewrite(
     )
     try:
         passes(model)
-    except ir.passes.PassError as exc:  # a pass's own error is the user's answer
-        if isinstance(exc.__cause__, BnaError):
-            raise exc.__cause__ from None
-        raise
+    except ir.passes.PassError as exc:  # onnx-ir wraps what a pass raised: ours is the answer
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, BnaError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause  # noqa: B904 (the error is the pass's own, with its own cause)
     return route.routed.applied
 
 

@@ -75,11 +75,17 @@ class Clone:
         return list(clone.outputs)
 
     def layer(
-        self, node: ir.Node, out: ir.Value, st: LayerStats, theta: np.ndarray, rank: int, ids=()
+        self,
+        node: ir.Node,
+        out: ir.Value,
+        st: LayerStats,
+        theta: np.ndarray,
+        rank: int,
+        ids: tuple[int, int],
     ) -> Applied:
         """Clone the node producing a fit layer's output with θ folded in and clipped, by the
         first rule that takes it; ``ids``: (layer index, target) for the record."""
-        site = Site(node, out, st, theta, affine(st, theta), rank)
+        site = Site(node, out, theta, affine(st, theta), rank)
         declined = {}
         for rule in RULES:
             match = rule.match(site)
@@ -90,8 +96,7 @@ class Clone:
                 declined[rule.name] = why
                 continue
             rule.rewrite(self, site, match)
-            layer, target = ids or (-1, -1)
-            return Applied(layer, target, rule.name, declined)
+            return Applied(*ids, rule.name, declined)
         raise AssertionError("the last rule takes every layer")
 
     # --- rewrite primitives -------------------------------------------------------------
@@ -103,7 +108,7 @@ class Clone:
         b = self.b.const(f"{base}/bias", bias.astype(np.float32))
         return self.b.one("Conv", [y, w, b], base, group=ch, kernel_shape=[1, 1])
 
-    def fold(self, node: ir.Node, aff: Affine, theta: np.ndarray, st: LayerStats) -> ir.Value:
+    def fold(self, node: ir.Node, aff: Affine, theta: np.ndarray) -> ir.Value:
         """y·A + c computed by a copy of ``node`` (foldable: see :func:`.fold.why_not_foldable`)."""
         if node.op_type == "BatchNormalization":
             return self.fold_bn(node, theta)

@@ -66,10 +66,17 @@ class Repairs:
 
 
 def clone_g(
-    bb: Builder, tag: str, repairs: Repairs, j: int, rows: ir.Value, routed: Routed
-) -> ir.Value:
-    """g_t (target index ``j``) in ``bb``'s graph on the batch rows ``rows`` (an [M] index) of
-    the boundary tensors; returns g_t's logits."""
+    bb: Builder,
+    tag: str,
+    repairs: Repairs,
+    j: int,
+    rows: ir.Value,
+    routed: Routed,
+    t_const: ir.Value,
+) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """g_t (target index ``j``, class ``t_const``) in ``bb``'s graph on the batch rows ``rows``
+    (an [M] index) of the boundary tensors; returns g_t's logits, its label, and the flag
+    (label ≠ t)."""
     cut = repairs.cut
     clone = Clone(bb, tag)
     for v in cut.boundary:
@@ -90,7 +97,10 @@ def clone_g(
         for o in node.outputs:
             if o is not outs[0] and o.uses():
                 raise ModelError(f"node {node.name!r} has several used outputs; cannot rewrite it")
-    return clone.mapped(routed.logits_f)
+    g = clone.mapped(routed.logits_f)
+    y_g = bb.one("ArgMax", [g], f"bna/{tag}/label", axis=1, keepdims=0)
+    kept = bb.one("Equal", [y_g, t_const], f"bna/{tag}/kept")
+    return g, y_g, bb.one("Not", [kept], f"bna/{tag}/flag")
 
 
 def start_routing(b: Builder, model: ir.Model, repairs: Repairs, r: Routed) -> dict:
@@ -140,10 +150,7 @@ class RouteToRepairs(RoutingPass):
             bb = Builder(branch, b.names)
             col = bb.one("Reshape", [rows, shared["column"]], f"bna/{tag}/rows_col")  # [M, 1]
             idx = bb.one("Reshape", [rows, shared["flat"]], f"bna/{tag}/rows")
-            g = clone_g(bb, tag, self.repairs, j, idx, r)
-            y_g = bb.one("ArgMax", [g], f"bna/{tag}/label", axis=1, keepdims=0)
-            kept = bb.one("Equal", [y_g, t_const], f"bna/{tag}/kept")
-            flag = bb.one("Not", [kept], f"bna/{tag}/flag")
+            g, y_g, flag = clone_g(bb, tag, self.repairs, j, idx, r, t_const)
             f_rows = bb.one("Gather", [r.logits_f, idx], f"bna/{tag}/f_logits", axis=0)
             flag_col = bb.one("Reshape", [flag, shared["column"]], f"bna/{tag}/flag_col")
             answer = bb.one("Where", [flag_col, g, f_rows], f"bna/{tag}/logits")

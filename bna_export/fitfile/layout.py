@@ -204,6 +204,13 @@ def _per_family(v: Any, what: str) -> dict[str, tuple[float | None, ...]]:
     return {f: read_list(x, f"{what}.{f}", opt_float) for f, x in read_dict(v, what).items()}
 
 
+def _threshold(v: Any) -> float:
+    t = read_float(v, "detection.threshold")
+    if not t > 0:
+        raise fail("detection.threshold is not positive")
+    return t
+
+
 def _detection(v: Any) -> Detection:
     w = "detection"
     d = read_dict(v, w)
@@ -212,7 +219,7 @@ def _detection(v: Any) -> Detection:
         read_str(get(d, "rule", w), "detection.rule"),
         read_str(get(d, "normalise", w), "detection.normalise"),
         read_float(get(d, "consistency", w), "detection.consistency"),
-        read_float(get(d, "threshold", w), "detection.threshold"),
+        _threshold(get(d, "threshold", w)),
         read_str(get(d, "side", w), "detection.side"),
         read_bool(get(d, "scores_computed", w), "detection.scores_computed"),
         {pair_key(k, w): read_str(f, "detection.pair_families") for k, f in families.items()},
@@ -228,7 +235,7 @@ def _detection(v: Any) -> Detection:
             class_key(t, w): _intrinsic(i, f"detection.intrinsic.{t}")
             for t, i in read_dict(get(d, "intrinsic", w), "detection.intrinsic").items()
         },
-        read_dict(get(d, "sweep", w), "detection.sweep"),
+        read_dict(d.get("sweep", {}), "detection.sweep"),
     )
 
 
@@ -280,6 +287,10 @@ def _probes(tensors: Mapping[str, np.ndarray], n_targets: int) -> Probes | None:
     if not all(n in tensors for n in names):
         return None
     p = Probes(*(tensors[n] for n in names))
+    if p.x.ndim < 2 or any(a.ndim < 1 for a in (p.f_logits, p.label, p.triggered, p.logits)):
+        raise FitFileError("fit file: the probe tensors have the wrong rank")
+    if p.g_logits.ndim < 2:
+        raise FitFileError("fit file: the probe tensors have the wrong rank")
     n = len(p.x)
     per_probe = [p.f_logits, p.label, p.triggered, p.logits]
     if any(len(a) != n for a in per_probe) or p.g_logits.shape[:2] != (n_targets, n):
@@ -289,10 +300,13 @@ def _probes(tensors: Mapping[str, np.ndarray], n_targets: int) -> Probes | None:
 
 def read(fit: FitFile) -> FitRecord:
     """The record of a decoded fit file; raises :class:`FitFileError` on anything missing or
-    of the wrong type or shape (a fit file is untrusted input)."""
+    of the wrong type or shape that the commands read (a fit file is untrusted input; fields
+    added after format version 1 take their defaults when absent)."""
     h, t = fit.header, fit.tensors
     try:
         targets = read_list(get(h, "targets", "header"), "targets", read_int)
+        if len(set(targets)) != len(targets):
+            raise fail("a target is listed twice")
         raw_sources = read_dict(get(h, "sources", "header"), "sources")
         sources = {
             c: read_list(get(raw_sources, str(c), "sources"), f"sources.{c}", read_int)
@@ -303,6 +317,7 @@ def read(fit: FitFile) -> FitRecord:
         lo, hi = read_list(get(h, "input_range", "header"), "input_range", read_float)
         probes = _probes(t, len(targets))
         layers = read_list(get(h, "layers", "header"), "layers", lambda v, _w: v)
+        data = read_dict(h.get("data", {}), "data")
         rec = FitRecord(
             read_str(h.get("tool_version", "unknown"), "tool_version"),
             read_str(get(h, "mode", "header"), "mode"),
@@ -324,8 +339,8 @@ def read(fit: FitFile) -> FitRecord:
             ),
             read_dict(get(h, "settings", "header"), "settings"),
             read_list(h.get("history", []), "history", read_float),
-            read_int(read_dict(h.get("data", {}), "data").get("images", 0), "data.images"),
-            read_str(read_dict(h.get("data", {}), "data").get("sha256", ""), "data.sha256"),
+            read_int(data.get("images", 0), "data.images"),
+            read_str(data.get("sha256", ""), "data.sha256"),
             probes,
         )
     except ValueError as exc:  # e.g. input_range of the wrong length

@@ -152,6 +152,36 @@ def export_onnx(net: nn.Module, example: np.ndarray, path: str | Path) -> None:
         )
 
 
+EXPORT_FORMS: dict[str, dict[str, Any]] = {
+    # torch.onnx.export's default (dynamo, optimised): BN folded into Conv/Gemm, external data
+    "dynamo": {},
+    "dynamo-unoptimized": {"optimize": False},  # BatchNormalization nodes kept
+    "legacy": {"dynamo": False},  # TorchScript exporter, constant folding folds BN
+    "legacy-unfolded": {"dynamo": False, "do_constant_folding": False},
+}
+"""The ONNX export forms users deploy, as ``torch.onnx.export`` options."""
+
+
+def export_onnx_as(net: nn.Module, example: torch.Tensor, path: str | Path, form: str) -> Path:
+    """Export an eval-mode ``net`` with a dynamic batch in one of :data:`EXPORT_FORMS` (input
+    ``images``, output ``logits``)."""
+    kw = dict(EXPORT_FORMS[form])
+    names = {"input_names": ["images"], "output_names": ["logits"]}
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kw.get("dynamo") is False:
+            torch.onnx.export(
+                net.eval(), (example,), path, dynamic_axes={"images": {0: "N"}}, **names, **kw
+            )
+        else:
+            batch = ({0: torch.export.Dim("N")},)
+            torch.onnx.export(
+                net.eval(), (example,), path, dynamic_shapes=batch, verbose=False, **names, **kw
+            )
+    return Path(path)
+
+
 def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
     """Write an ``.npz`` atomically."""
 

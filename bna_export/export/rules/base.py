@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..builder import channel_shape
-from ..fold import Affine, LayerStats
+from ..fold import Affine
 
 if TYPE_CHECKING:
     from ..clone import Clone
@@ -23,7 +23,6 @@ class Site:
 
     node: ir.Node
     out: ir.Value
-    stats: LayerStats
     theta: np.ndarray
     """[4, C]: µ', σ', υ, ω of this layer for this target."""
     affine: Affine

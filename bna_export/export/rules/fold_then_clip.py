@@ -26,5 +26,5 @@ class FoldThenClip:
         return why_not_foldable(site.node, site.channels)
 
     def rewrite(self, clone: Clone, site: Site, match: bool) -> None:
-        y = clone.fold(site.node, site.affine, site.theta, site.stats)
+        y = clone.fold(site.node, site.affine, site.theta)
         clone.map[id(site.out)] = clip_per_channel(clone, site, y)
