@@ -78,13 +78,18 @@ def open_built(
     """A session on a graph made by ``build`` (its bytes or its path) and its metadata. A built
     graph holds its weights inline: a path is read as bytes, so no external-data reference in
     a file is ever followed."""
-    where = "the graph" if isinstance(model, bytes) else str(model)
-    if not isinstance(model, bytes):
+    if isinstance(model, bytes):
+        where, sess = "the graph", session(model, provider)
+    else:
+        where = str(model)
         try:
-            model = Path(model).read_bytes()
+            data = Path(model).read_bytes()
         except OSError as exc:
             raise BadInputError(f"{where}: cannot read it ({exc.strerror or exc})") from exc
-    sess = session(model, provider)
+        try:
+            sess = session(data, provider)
+        except ModelError as exc:  # e.g. weights in external data, which a built graph never has
+            raise BadInputError(f"{where}: not a graph made by `bna-export build` ({exc})") from exc
     meta = dict(sess.get_modelmeta().custom_metadata_map)
     if not looks_built([o.name for o in sess.get_outputs()], meta):
         raise BadInputError(f"{where}: not a graph made by `bna-export build`")
