@@ -86,7 +86,11 @@ def read_arrays(path: str | Path, keys: tuple[str, ...], optional: tuple[str, ..
                     f"{source}: missing array(s) {', '.join(missing)}; "
                     f"found {', '.join(f.files[:10]) or 'none'}"
                 )
-            return {k: f[k] for k in (*keys, *optional) if k in f.files}
+            arrays = {k: f[k] for k in (*keys, *optional) if k in f.files}
+        for k, v in arrays.items():
+            if not isinstance(v, np.ndarray):  # a member that is not a .npy comes as bytes
+                raise BadInputError(f"{source}: {k} is not a .npy array")
+        return arrays
     except BadInputError:
         raise
     except FileNotFoundError as exc:

@@ -1,3 +1,6 @@
+import io
+import zipfile
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -37,6 +40,21 @@ def test_pickled_npz_is_refused(tmp_path):
     np.savez(p, x=np.array([object()], dtype=object), y=np.zeros(1, np.int64))
     with pytest.raises(BadInputError):
         load_npz(p)
+
+
+@pytest.mark.parametrize("member", ["y", "attack_label"])
+def test_npz_member_that_is_not_an_array_is_refused(tmp_path, member):
+    # numpy hands back the raw bytes of a member without the .npy magic (found by the fuzzer)
+    p = tmp_path / "d.npz"
+    arrays = {"x": np.zeros((2, 1, 4, 4), np.float32), "y": np.zeros(2, np.int64)}
+    arrays["attack_label"] = np.zeros(2, np.int64)
+    with zipfile.ZipFile(p, "w") as z:
+        for k, v in arrays.items():
+            buf = io.BytesIO()
+            np.save(buf, v)
+            z.writestr(k + ".npy", b"not an array" if k == member else buf.getvalue())
+    with pytest.raises(BadInputError, match=f"{member} is not a .npy array"):
+        load_npz(p, extra=("attack_label",))
 
 
 def test_image_folder(tmp_path):
