@@ -33,7 +33,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from .settings import ReverseSettings
+from .settings import FitSettings, ReverseSettings
 
 Rule = Literal["penalised", "grow"]
 Trigger = dict[str, Tensor]
@@ -90,8 +90,11 @@ class Family:
         size."""
         return self.size(trigger)
 
-    def scaled(self, trigger: Trigger, scale: float) -> Trigger:
-        """A stronger (scale > 1) or weaker version of the trigger, for the Θ fit."""
+    def scaled(
+        self, trigger: Trigger, scale: float, settings: FitSettings | None = None
+    ) -> Trigger:
+        """A stronger (scale > 1) or weaker version of the trigger, for the Θ fit; ``settings``
+        may bound how strong a copy gets (:attr:`FitSettings.blend_limit`)."""
         raise NotImplementedError
 
     def largest(self, shape: tuple[int, int, int], lo: float, hi: float) -> float:
@@ -152,7 +155,7 @@ class Patch(_Mixture):
     def size(self, trigger):
         return trigger["mask"].flatten(1).sum(1)
 
-    def scaled(self, trigger, scale):
+    def scaled(self, trigger, scale, settings=None):
         return {**trigger, "mask": torch.clamp(trigger["mask"] * scale, 0, 1)}
 
     def largest(self, shape, lo, hi):
@@ -177,7 +180,7 @@ class Perturbation(Family):
     def size(self, trigger):
         return trigger["pattern"].flatten(1).norm(dim=1)
 
-    def scaled(self, trigger, scale):
+    def scaled(self, trigger, scale, settings=None):
         return {"pattern": trigger["pattern"] * scale}
 
     def largest(self, shape, lo, hi):
@@ -212,8 +215,12 @@ class Blend(_Mixture):
         h, w = trigger["pattern"].shape[-2:]
         return trigger["alpha"][:, 0] * (h * w if settings.blend_pixels else 1)
 
-    def scaled(self, trigger, scale):
-        return {**trigger, "alpha": torch.clamp(trigger["alpha"] * scale, 0, 1)}
+    def scaled(self, trigger, scale, settings=None):
+        alpha = torch.clamp(trigger["alpha"] * scale, 0, 1)
+        if settings is not None and scale > 1:  # stronger, but not past the limit
+            own = trigger["alpha"]
+            alpha = torch.minimum(alpha, torch.clamp(own, min=settings.blend_limit))
+        return {**trigger, "alpha": alpha}
 
     def largest(self, shape, lo, hi):
         return 1.0
@@ -268,7 +275,7 @@ class Warp(Family):
         disp = self.field(flow, 4 * k, 4 * k)  # the upsampled field's RMS, at a fixed resolution
         return disp.pow(2).sum(1).mean((1, 2)).sqrt()
 
-    def scaled(self, trigger, scale):
+    def scaled(self, trigger, scale, settings=None):
         return {"flow": trigger["flow"] * scale}
 
     def largest(self, shape, lo, hi):

@@ -53,7 +53,7 @@ class Variants:
             key = (id(est), scale)
             if key not in index:
                 index[key] = len(self.family)
-                trig = est.kind.scaled(est.tensors(), scale)
+                trig = est.kind.scaled(est.tensors(), scale, settings)
                 rows = stacks.setdefault(est.family, {k: [] for k in trig})
                 self.family.append(est.family)
                 self.row.append(len(next(iter(rows.values()))))
