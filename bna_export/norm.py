@@ -140,7 +140,10 @@ class BnaNorm(nn.Module):
         else:
             full = torch.cat([self.theta, self.f_theta()[None]], 0)  # (T + 1, 4, C)
             idx = torch.where(self.route < 0, self.theta.shape[0], self.route)
-            th = full[idx]  # (N, 4, C)
+            # index_select, not full[idx]: the backward of advanced indexing on the CPU adds
+            # into the gradient from several threads in any order (the fit was not reproducible
+            # on MobileNetV2); index_select's backward (index_add) is deterministic there
+            th = full.index_select(0, idx)  # (N, 4, C)
             shape = (z.shape[0], z.shape[1]) + (1,) * (z.dim() - 2)
             mu, sigma, lo, hi = (th[:, i].reshape(shape) for i in range(4))
             cshape = (1, z.shape[1]) + (1,) * (z.dim() - 2)

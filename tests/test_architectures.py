@@ -29,8 +29,9 @@ ZOO = {  # architecture: (width, training epochs) at which it trains in seconds
     "resnet18": (4, 8),
     "preact-resnet18": (4, 8),
     # 7 blocks, one per stage (the full 17 take minutes here); width 4 like the others for CI's
-    # time: there it was repaired here (ASR 0 %, FPR 0 from .pt2 and ONNX), at width 8 its
-    # flags swing with the CPU and thread count (SHORT_OF_THE_GOAL)
+    # time: there it was repaired here (ASR 0 %, FPR 0 from .pt2 and ONNX); at width 8 its
+    # flags swung with the CPU and thread count until the Θ fit was made reproducible
+    # (README; benchmarks/architectures.py)
     "mobilenetv2-short": (4, 8),
     "se-silu": (4, 8),
     "densenet": (4, 8),
@@ -40,9 +41,10 @@ ZOO = {  # architecture: (width, training epochs) at which it trains in seconds
 }
 TARGET = 0
 REPAIRED = (0.10, 0.03)  # the goal: ASR at most 10 %, clean accuracy within 3 points
-SHORT_OF_THE_GOAL = {  # what these reach today (known target, default settings), not the goal
-    # at width 8: ASR 0-5 %, but 0-50 % of the clean target-class images flagged from one CPU
-    # (or thread count) to the next: ACC -0 to -10 points (CI: -10); ONNX: ASR 17 %
+SHORT_OF_THE_GOAL = {  # a looser bound, not the goal, until it has passed on CI's CPU
+    # before the Θ fit was reproducible, at width 8: ASR 0-5 %, 0-50 % of the clean target-class
+    # images flagged from one CPU (or thread count) to the next (CI: ACC -10 points); ONNX: ASR
+    # 17 %. Since: ASR 0-7 %, flags 3-18 %, ACC -0.5 to -3.5 points at 1, 2 and 4 threads here
     "mobilenetv2-short": (0.25, 0.15),
 }
 
