@@ -188,19 +188,12 @@ class FitSettings:
     and a real one is usually stronger, so stronger copies stand in for it (digits patch,
     known target, small ResNet: ASR 9-12% with (1,), 3-4% with (1, 2, 3); README)."""
     blend_limit: float = 0.3
-    """The stronger copies of a blend estimate (``trigger_scales``) stop at this α (a copy is
-    never weaker than the estimate itself). Above about 0.3 a blend shows more of its pattern
-    than of the image, and a blend estimate that large is what the solver finds when the
-    backdoor is not a blend (the target's own look: α 0.15-0.2 on digits patch attacks, against
-    0.03-0.08 on blend, SIG and chessboard attacks); copies of it at 2-3× taught g_t to send
-    images that mostly look like t back to their source and cost the patch repair (digits CNN,
-    patch seed 0: ASR 7.0 → 1.4 %, SIA 0.89 → 0.94 with the limit; README, Θ fit). 1 = no
-    limit."""
+    """Stronger copies of a blend estimate stop at this α (never below the estimate): a larger
+    blend is mostly the target's look (digits CNN patch: ASR 7.0 → 1.4 %; README). 1 = none."""
     learn: Literal["all", "clip"] = "all"
     """Learn µ, σ, υ, ω (paper, 'all') or only the clip bounds υ, ω with f's µ, σ ('clip')."""
     clip_init: Literal["clean", "wide"] = "clean"
-    """Start υ, ω at each channel's clean min/max of the normalised activation ('clean'), or
-    at ±wide_clip ('wide')."""
+    """Start υ, ω at each channel's clean min/max of the normalised activation, or ±wide_clip."""
     wide_clip: float = 10.0
     """Initial |υ|, |ω| for clip_init='wide'."""
     kl_eps: float = 1e-6
