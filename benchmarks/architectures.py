@@ -25,22 +25,14 @@ import torch
 from bna_export import artifact
 from bna_export.defend import fit_defence
 from bna_export.fitfile import Mitigation
+from bna_export.lab.architectures import ARCHITECTURES
 from bna_export.lab.scenario import build_scenario, export_model, export_onnx_as
 from bna_export.lab.zoo import synthetic_classes
 from bna_export.metrics import compute_metrics
 from bna_export.mitigated import predict_mitigated
 from bna_export.model import load_model
 
-ZOO = (
-    "vgg11-bn",
-    "resnet18",
-    "preact-resnet18",
-    "mobilenetv2-short",
-    "se-silu",
-    "densenet",
-    "cnn",
-    "normalized-cnn",
-)
+ZOO = ("cnn", "normalized-cnn", "normalized-cnn-inplace", *ARCHITECTURES)
 TARGET = 0
 
 
@@ -91,7 +83,8 @@ def one(arch: str, width: int, threads: int, repeat: bool) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arch", default="mobilenetv2-short", help=f"comma-separated of {ZOO}")
+    names = ", ".join(ZOO)
+    ap.add_argument("--arch", default="mobilenetv2-short", help=f"comma-separated of {names}")
     ap.add_argument("--width", type=int, default=8)
     ap.add_argument("--threads", default="2", help="torch thread counts, comma-separated")
     ap.add_argument("--repeat", action="store_true", help="fit twice: is the fit file the same?")
@@ -102,13 +95,18 @@ def main() -> None:
         arch, threads = args.child.split(":")
         print(json.dumps(one(arch, args.width, int(threads), args.repeat)))
         return
+    unknown = [a for a in args.arch.split(",") if a not in ZOO]
+    if unknown:
+        ap.error(f"unknown architecture(s) {', '.join(unknown)}; expected some of {names}")
     rows = []
     for arch in args.arch.split(","):
         for threads in args.threads.split(","):
             cmd = [sys.executable, __file__, "--child", f"{arch}:{threads}"]
             cmd += ["--width", str(args.width)] + (["--repeat"] if args.repeat else [])
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            rows += json.loads(out.strip().splitlines()[-1])
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode:
+                sys.exit(f"{arch} at {threads} threads failed:\n{run.stderr[-2000:]}")
+            rows += json.loads(run.stdout.strip().splitlines()[-1])
     if args.json:
         print(json.dumps(rows, indent=1))
         return
