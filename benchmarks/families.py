@@ -8,7 +8,8 @@ target and the best of the other targets; then the union rule over the family se
 
 Run: ``python benchmarks/families.py --case cnn:blend:0 [--families patch,perturbation,blend,warp]
 [--union patch+perturbation --union patch+perturbation+blend] [--set sweep.blend_steps=300]``
-(case ARCH:ATTACK:SEED, attack as in the panel, e.g. ``patch-a2a`` or ``clean``; ``--set`` as
+(case ARCH:ATTACK:SEED, attack as in the panel, e.g. ``patch-a2a`` or ``clean``, or
+``binary-a2o`` / ``binary-a2a``, the 10 synthetic classes of ``sweep_settings.py``; ``--set`` as
 in ``fit``, e.g. the sweep's solver settings).
 """
 
@@ -21,6 +22,7 @@ import time
 import numpy as np
 import torch
 from panel import TARGET, panel_scenario, truth_of
+from sweep_settings import scenario
 
 from bna_export.detect import detect_pairs, large_side_scores
 from bna_export.model import adapt_module
@@ -40,10 +42,17 @@ def main() -> None:
     )
     args = ap.parse_args()
     torch.set_num_threads(2)
-    arch, attack, seed = args.case.split(":")
-    sc = panel_scenario(arch, attack, int(seed))
-    k = int(sc.defender.y.max()) + 1
-    truth = truth_of(attack)
+    if args.case.startswith("binary-"):  # the 10 synthetic classes of fit_scaling.py
+        sc = scenario(args.case)
+        k, target = int(sc.defender.y.max()) + 1, sc.targets[0]
+        truth = {(s, target) for s in range(k) if s != target}
+        if sc.setting == "a2a":
+            truth = {(s, (s + 1) % k) for s in range(k)}
+    else:
+        arch, attack, seed = args.case.split(":")
+        sc = panel_scenario(arch, attack, int(seed))
+        k, target = int(sc.defender.y.max()) + 1, TARGET
+        truth = truth_of(attack)
     true_mask = np.zeros((k, k), dtype=bool)
     for s, t in truth:
         true_mask[s, t] = True
@@ -56,7 +65,7 @@ def main() -> None:
     )
     print(
         "| families | problem-steps | sweep s | pairs right / wrong (of true) | best score "
-        "true / other | all-to-one score of 7 | pooled score of 7 / best other target |"
+        f"true / other | all-to-one score of {target} | pooled score of {target} / best other |"
     )
     print("|---|---|---|---|---|---|---|")
     found, cost = [], {}
@@ -82,11 +91,11 @@ def main() -> None:
                 vals = det.scores[f][where & big & ~np.isnan(st)]
                 if vals.size:
                     best[key] = max(best[key], float(vals.max()))
-        a2o = max(float(det.target_scores[f][TARGET]) for f in group)
+        a2o = max(float(det.target_scores[f][target]) for f in group)
         # pooled rule, detecting side only (a smaller trigger than the targets' median)
         ps = np.stack([large_side_scores(1 / pooled[f], det.pooled_scores[f]) for f in group])
-        mine_7 = float(ps[:, TARGET].max())
-        other = float(np.delete(ps, TARGET, axis=1).max())
+        mine_7 = float(ps[:, target].max())
+        other = float(np.delete(ps, target, axis=1).max())
         steps = sum(cost[f][0] for f in group)
         secs = sum(cost[f][1] for f in group)
         print(
