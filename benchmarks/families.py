@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 from panel import TARGET, panel_scenario, truth_of
-from sweep_settings import scenario
+from sweep_settings import scenario, true_pairs
 
 from bna_export.detect import detect_pairs, large_side_scores
 from bna_export.model import adapt_module
@@ -45,9 +45,7 @@ def main() -> None:
     if args.case.startswith("binary-"):  # the 10 synthetic classes of fit_scaling.py
         sc = scenario(args.case)
         k, target = int(sc.defender.y.max()) + 1, sc.targets[0]
-        truth = {(s, target) for s in range(k) if s != target}
-        if sc.setting == "a2a":
-            truth = {(s, (s + 1) % k) for s in range(k)}
+        truth = true_pairs(sc, k)
     else:
         arch, attack, seed = args.case.split(":")
         sc = panel_scenario(arch, attack, int(seed))
@@ -94,14 +92,14 @@ def main() -> None:
         a2o = max(float(det.target_scores[f][target]) for f in group)
         # pooled rule, detecting side only (a smaller trigger than the targets' median)
         ps = np.stack([large_side_scores(1 / pooled[f], det.pooled_scores[f]) for f in group])
-        mine_7 = float(ps[:, target].max())
+        pooled_true = float(ps[:, target].max())
         other = float(np.delete(ps, target, axis=1).max())
         steps = sum(cost[f][0] for f in group)
         secs = sum(cost[f][1] for f in group)
         print(
             f"| {'+'.join(group)} | {steps} | {secs:.0f} | {len(pairs & truth)} / "
             f"{len(pairs - truth)} ({len(truth)}) | {best[True]:.1f} / {best[False]:.1f} | "
-            f"{a2o:.1f} | {mine_7:.1f} / {other:.1f} |",
+            f"{a2o:.1f} | {pooled_true:.1f} / {other:.1f} |",
             flush=True,
         )
 

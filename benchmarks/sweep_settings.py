@@ -50,6 +50,14 @@ def scenario(case: str) -> Scenario:
     return panel_scenario(arch, "patch-a2a" if setting == "a2a" else "patch", int(seed))
 
 
+def true_pairs(sc: Scenario, k: int) -> set[tuple[int, int]]:
+    """The poisoned (source, target) pairs of a scenario of ``k`` classes: every other class to
+    the target (all-to-one), or s → s + 1 (all-to-all)."""
+    if sc.setting == "a2o":
+        return {(s, sc.targets[0]) for s in range(k) if s != sc.targets[0]}
+    return {(s, (s + 1) % k) for s in range(k)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", default="digits-cnn-a2o-1")
@@ -58,10 +66,7 @@ def main() -> None:
     torch.set_num_threads(2)
     sc = scenario(args.case)
     k = int(sc.defender.y.max()) + 1
-    if sc.setting == "a2o":
-        truth = {(s, sc.targets[0]) for s in range(k) if s != sc.targets[0]}
-    else:
-        truth = {(s, (s + 1) % k) for s in range(k)}
+    truth = true_pairs(sc, k)
     model = adapt_module(sc.net, torch.from_numpy(sc.test.x[:2]))
     model.use_channels_last(torch.from_numpy(sc.defender.x[:8]))
     print(f"{args.case}, 2 torch threads, load average {os.getloadavg()[0]:.2f} at start")
