@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .data import Dataset
 from .errors import ModelError
+from .folded import folded_if_same
 from .interp import OnnxModule, bn_sites
 from .norm import BnaModel, BnaNorm
 from .onnxfile import load_proto
@@ -120,7 +121,10 @@ def _finish(
             f"the model failed on an input of shape {tuple(example.shape)}: "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         ) from exc
-    return BnaModel(net, ordered, source)
+    alone = None
+    if isinstance(net, torch.fx.GraphModule) and source == "torch":
+        alone = folded_if_same(net, example)
+    return BnaModel(net, ordered, source, alone)
 
 
 def _getattr_path(root: nn.Module, target: str) -> Tensor:

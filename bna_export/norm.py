@@ -160,11 +160,21 @@ class BnaNorm(nn.Module):
 
 
 class BnaModel(nn.Module):
-    """f with every BatchNorm as a :class:`BnaNorm`, in execution order."""
+    """f with every BatchNorm as a :class:`BnaNorm`, in execution order. ``alone`` (optional)
+    is the same f with BatchNorms folded into the layers before them
+    (:func:`bna_export.folded.fold_batchnorms`): the forward runs it whenever no layer has Θ
+    or captures, as in every step of the trigger sweep."""
 
-    def __init__(self, net: nn.Module, layers: Sequence[BnaNorm], source: str = "torch") -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        layers: Sequence[BnaNorm],
+        source: str = "torch",
+        alone: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.net = net
+        self.alone = alone
         self.layers = list(layers)
         self.source = source  # "torch" (.pt2, module) or "onnx": how the layers were found
         self.channels_last = False  # see use_channels_last
@@ -192,7 +202,11 @@ class BnaModel(nn.Module):
         # every later pass would see them normalised again
         last = self.channels_last and x.dim() == 4
         fmt = torch.channels_last if last else torch.contiguous_format
-        out = self.net(x.clone(memory_format=fmt))
+        busy = self.alone is None or any(
+            la.theta is not None or la.capture_in is not None or la.capture_out is not None
+            for la in self.layers
+        )
+        out = (self.net if busy else self.alone)(x.clone(memory_format=fmt))
         if isinstance(out, (tuple, list)):
             out = out[0]
         return out
@@ -207,7 +221,7 @@ class BnaModel(nn.Module):
         example = example.to(self.device)
         with torch.no_grad():
             plain = self(example)
-            self.net.to(memory_format=torch.channels_last)
+            self._layout(torch.channels_last)
             self.channels_last = True
             try:
                 fast = self(example)
@@ -217,9 +231,14 @@ class BnaModel(nn.Module):
             except (RuntimeError, ModelError):  # e.g. a .view() that needs the default layout
                 same = False
         if not same:
-            self.net.to(memory_format=torch.contiguous_format)
+            self._layout(torch.contiguous_format)
             self.channels_last = False
         return self.channels_last
+
+    def _layout(self, fmt: torch.memory_format) -> None:
+        self.net.to(memory_format=fmt)
+        if self.alone is not None:
+            self.alone.to(memory_format=fmt)
 
     @contextlib.contextmanager
     def mitigated(self, thetas: Sequence[Tensor], route: Tensor) -> Iterator[None]:
