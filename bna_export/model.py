@@ -12,13 +12,10 @@ through unchanged, and h works in units of the channel's mean and spread on clea
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib
 import logging
-import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +29,7 @@ from .folded import folded_if_same
 from .interp import OnnxModule, bn_sites
 from .norm import BnaModel, BnaNorm
 from .onnxfile import load_proto
+from .pt2file import load_module
 
 log = logging.getLogger(__name__)
 
@@ -239,28 +237,6 @@ class _Moments(nn.Module):
         return mean.float(), torch.where(dead, torch.ones_like(spread), spread).float()
 
 
-@contextlib.contextmanager
-def weights_only() -> Iterator[None]:
-    """Every ``torch.load`` inside the block loads plain tensors and containers only.
-
-    ``torch.export.load`` (torch 2.13) unpickles an archive's constants, pickled weights and
-    example inputs with ``weights_only=False`` (example inputs as a fallback when the safe load
-    fails): a crafted ``.pt2`` would run code. PyTorch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``
-    makes every call safe, whatever it asks for."""
-    keys = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ[keys[0]] = "1"
-    os.environ.pop(keys[1], None)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _constant(value: ir.Value | None, what: str) -> Tensor:
     if value is None or value.const_value is None:
         raise ModelError(f"{what} is not a constant; cannot adapt")
@@ -325,8 +301,9 @@ def load_model(
 
     ``example`` is one input batch used to order layers and check that the model runs;
     ``calibration`` (clean images) measures the channels of an ONNX model's Conv/Gemm outputs.
-    Nothing is unpickled: ``torch.export.load``, ONNX protobuf (external data only from the
-    model's folder) and ``torch.load(weights_only=True)`` only.
+    Nothing is unpickled: a ``.pt2`` is checked first (:mod:`bna_export.pt2file`), ONNX is
+    protobuf (external data only from the model's folder), weights load with
+    ``torch.load(weights_only=True)``.
     """
     return _load(spec, weights, example, calibration, torch.device(device)).to(device)
 
@@ -342,17 +319,7 @@ def _load(
     if spec.endswith(".pt2"):
         if not path.is_file():
             raise ModelError(f"model file {spec} does not exist")
-        try:
-            with weights_only():
-                ep = torch.export.load(str(path))
-                if device.type != "cpu":  # device arguments recorded in the graph move too
-                    ep = torch.export.passes.move_to_device_pass(ep, device)
-                gm = ep.module()
-        except Exception as exc:
-            raise ModelError(
-                f"{spec} is not a readable torch.export archive, or holds pickled objects "
-                f"that are not plain tensors ({type(exc).__name__})"
-            ) from exc
+        gm = load_module(path, spec, device)  # checked: nothing in it is unpickled unsafely
         return adapt_graph_module(gm, example.to(device))
     if spec.endswith(".onnx"):
         if weights is not None:
