@@ -14,6 +14,10 @@ __version__ = "0.1.0"
 _API = {
     # name: (module, attribute)
     "adapt_onnx": ("model", "adapt_onnx"),
+    "verify_built": ("export", "verify_built"),
+    "Audit": ("audit", "Audit"),
+    "audit_file": ("audit", "audit_file"),
+    "audit_model": ("audit", "audit_model"),
     "BadInputError": ("errors", "BadInputError"),
     "BnaError": ("errors", "BnaError"),
     "BnaModel": ("norm", "BnaModel"),

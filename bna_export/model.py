@@ -23,6 +23,7 @@ import onnx_ir as ir
 import torch
 from torch import Tensor, nn
 
+from .audit import audit_model, require_clean
 from .data import Dataset
 from .errors import ModelError
 from .folded import folded_if_same
@@ -243,12 +244,20 @@ def _constant(value: ir.Value | None, what: str) -> Tensor:
     return torch.from_numpy(np.array(value.const_value.numpy(), dtype=np.float32))
 
 
-def adapt_onnx(path: str | Path, example: Tensor, calibration: Tensor | None = None) -> BnaModel:
+def adapt_onnx(
+    path: str | Path,
+    example: Tensor,
+    calibration: Tensor | None = None,
+    allow_graph_logic: bool = False,
+) -> BnaModel:
     """f from its ONNX file, as a differentiable module with a :class:`BnaNorm` at every site of
     :func:`~bna_export.interp.bn_sites`. A BatchNormalization node keeps its own
     statistics; a Conv/Gemm output is measured on ``calibration`` (clean images; ``example``
-    when None)."""
+    when None). A graph the audit (:mod:`bna_export.audit`) does not find clean is refused
+    unless ``allow_graph_logic``; the result's ``audit`` holds what it found."""
     model = ir.from_proto(load_proto(path))
+    found = audit_model(model)
+    require_clean(found, path, allow_graph_logic)
     ops = {node.op_type for node in model.graph}
     if ops & _OTHER_NORM_ONNX and "BatchNormalization" not in ops:
         raise ModelError(OTHER_NORMS)  # a Conv/Gemm site would carry no BN statistic
@@ -277,16 +286,22 @@ def adapt_onnx(path: str | Path, example: Tensor, calibration: Tensor | None = N
             bn = BnaNorm(mean, var, scale, bias, 1e-5 if eps is None else eps.as_float(), v.name)
         layers[v.name] = bn
     net = OnnxModule(model, layers)
-    return _finish(net, list(layers.values()), example, source="onnx")
+    adapted = _finish(net, list(layers.values()), example, source="onnx")
+    adapted.audit = found
+    return adapted
 
 
 def load_model_for(
-    spec: str, weights: str | Path | None, data: Dataset, device: torch.device | str = "cpu"
+    spec: str,
+    weights: str | Path | None,
+    data: Dataset,
+    device: torch.device | str = "cpu",
+    allow_graph_logic: bool = False,
 ) -> BnaModel:
     """:func:`load_model` with the first images of ``data`` as the example and all of them
     to measure an ONNX model's Conv/Gemm outputs."""
     x = torch.from_numpy(data.x)
-    return load_model(spec, weights, x[:2], x, device)
+    return load_model(spec, weights, x[:2], x, device, allow_graph_logic)
 
 
 def load_model(
@@ -295,9 +310,11 @@ def load_model(
     example: Tensor,
     calibration: Tensor | None = None,
     device: torch.device | str = "cpu",
+    allow_graph_logic: bool = False,
 ) -> BnaModel:
     """Load a classifier from a ``.pt2`` file, an ``.onnx`` file, or ``package.module:callable``
-    (+ ``weights``), on ``device``.
+    (+ ``weights``), on ``device``. An ``.onnx`` with graph logic (:mod:`bna_export.audit`) is
+    refused unless ``allow_graph_logic``.
 
     ``example`` is one input batch used to order layers and check that the model runs;
     ``calibration`` (clean images) measures the channels of an ONNX model's Conv/Gemm outputs.
@@ -305,7 +322,8 @@ def load_model(
     protobuf (external data only from the model's folder), weights load with
     ``torch.load(weights_only=True)``.
     """
-    return _load(spec, weights, example, calibration, torch.device(device)).to(device)
+    dev = torch.device(device)
+    return _load(spec, weights, example, calibration, dev, allow_graph_logic).to(device)
 
 
 def _load(
@@ -314,6 +332,7 @@ def _load(
     example: Tensor,
     calibration: Tensor | None,
     device: torch.device,
+    allow_graph_logic: bool,
 ) -> BnaModel:
     path = Path(spec)
     if spec.endswith(".pt2"):
@@ -324,7 +343,7 @@ def _load(
     if spec.endswith(".onnx"):
         if weights is not None:
             raise ModelError("an .onnx model holds its weights: drop --weights")
-        return adapt_onnx(path, example, calibration)
+        return adapt_onnx(path, example, calibration, allow_graph_logic)
     if ":" not in spec:
         raise ModelError(f"model {spec!r}: expected a .pt2 file or package.module:callable")
     module_name, _, attr = spec.partition(":")

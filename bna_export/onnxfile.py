@@ -1,9 +1,11 @@
 """Reading an untrusted ONNX file: the protobuf only, and external data only from files inside
 the model's own folder (no absolute paths, no ``..``, no symlinks out, sizes checked); and a
-graph made by ``build``, as bytes for :func:`bna_export.runtime.open_built`."""
+graph made by ``build``, as bytes for :func:`bna_export.runtime.open_built`; and the hash of a
+model with its external data (:func:`model_sha256`, the built graph's provenance)."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import onnx
@@ -89,6 +91,25 @@ def load_proto(path: str | Path) -> onnx.ModelProto:
     except (OSError, ValueError) as exc:
         raise ModelError(f"{source}: cannot read its external data ({exc})") from exc
     return model
+
+
+def model_sha256(path: str | Path) -> str:
+    """SHA-256 of a model as deployed: its ``.onnx`` file's bytes, then for each external-data
+    file it names (sorted by location) a zero byte, the location, a zero byte and the file's
+    bytes. Read with the checks of :func:`load_proto`."""
+    path = Path(path)
+    load_proto(path)  # refuses what it refuses: a path out of the folder, a missing file
+    proto = onnx.load(str(path), load_external_data=False)
+    digest = hashlib.sha256(path.read_bytes())
+    locations = {
+        _external_entries(t).get("location", "")
+        for t in _all_tensors(proto)
+        if t.data_location == onnx.TensorProto.EXTERNAL
+    }
+    for location in sorted(locations):
+        digest.update(b"\0" + location.encode() + b"\0")
+        digest.update((path.parent / location).read_bytes())
+    return digest.hexdigest()
 
 
 def is_built(path: str | Path) -> bool:

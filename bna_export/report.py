@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .artifact import write_atomic
+from .audit import Audit
 from .detect import large_side_scores
 from .errors import BadInputError
 from .fitfile import Detection, FitRecord, PairScore, header_of
@@ -329,3 +330,15 @@ def draw_scores(axes: list[Any], hists: list[Histogram]) -> None:
         ax.set_xlabel("anomaly score (+: smaller trigger than the median)")
         ax.set_ylabel("class pairs")
         ax.legend(fontsize=8)
+
+
+def audit_lines(audit: Audit, path: str) -> list[str]:
+    """``audit``'s answer: the verdict, then a line per finding and per detached output."""
+    if audit.clean:
+        return [f"{path}: clean: {audit.summary()}"]
+    lines = [f"{path}: graph logic found ({len(audit.findings)} nodes)"]
+    for f in audit.findings:
+        against = f"; tested against {', '.join(f.constants)}" if f.constants else ""
+        lines.append(f"  {f.op} {f.node!r}: {f.reason}{against}")
+    lines += [f"  output {name!r}: not computed from the image" for name in audit.detached_outputs]
+    return lines

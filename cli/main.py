@@ -23,6 +23,7 @@ from bna_export.triton import write_triton_repo
 from .options import (
     BnaGroup,
     Progress,
+    allow_logic_option,
     batch_size_option,
     common,
     echo_lines,
@@ -32,9 +33,11 @@ from .options import (
     pair_list,
     path_option,
     provider_option,
+    warn_graph_logic,
     weights_option,
 )
 from .options import input_range as parse_range
+from .security import audit, verify
 
 
 @click.group(cls=BnaGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -134,6 +137,7 @@ def cli() -> None:
 @click.option(
     "--input-range", help="LO,HI of the model's input (default: 0,1 widened to the data's range)."
 )
+@allow_logic_option
 @common
 def fit(
     model_spec: str,
@@ -151,6 +155,7 @@ def fit(
     device: str,
     seed: int,
     input_range: str | None,
+    allow_graph_logic: bool,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -183,7 +188,8 @@ def fit(
     )
     where = distributed.resolve_device(device)
     data = load_data(data_path)
-    model = load_model_for(model_spec, weights, data, where)
+    model = load_model_for(model_spec, weights, data, where, allow_graph_logic)
+    warn_graph_logic(model.audit, model_spec)
     shard = distributed.start(where)
     progress = Progress(quiet or not shard.primary)
     start = time.perf_counter()
@@ -306,6 +312,7 @@ def evaluate(
     show_default=True,
     help="Triton's max_batch_size (dynamic batching).",
 )
+@allow_logic_option
 @common
 def build(
     onnx_path: str,
@@ -314,6 +321,7 @@ def build(
     triton_repo: str | None,
     triton_name: str | None,
     max_batch_size: int,
+    allow_graph_logic: bool,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -322,12 +330,14 @@ def build(
     The BN layers of the fit are found in the graph by value (folded into Conv/Gemm or kept as
     BatchNormalization). The result is run in ONNX Runtime on the fit file's probe inputs and
     written only when it agrees with the PyTorch reference (exit 2 and nothing written if not).
-    Outputs: label int64 [N], triggered bool [N], logits float [N, K].
+    Outputs: label int64 [N], triggered bool [N], logits float [N, K]. A graph that selects
+    or branches on the image's values is refused (see `audit`).
     """
     fit = artifact.load(fit_path)
     artifact.check_folder(out_path)
     t0 = time.perf_counter()
-    built = build_graph(onnx_path, fit)
+    built = build_graph(onnx_path, fit, allow_graph_logic=allow_graph_logic)
+    warn_graph_logic(built.audit, onnx_path)
     artifact.write_atomic(out_path, built.data)
     triton = None
     if triton_repo is not None:
@@ -384,6 +394,10 @@ def run(
     )
     if out_path is not None:
         click.echo(f"wrote {out_path}")
+
+
+cli.add_command(audit)
+cli.add_command(verify)
 
 
 def main() -> None:

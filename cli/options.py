@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 import click
 
+from bna_export.audit import Audit
 from bna_export.errors import BadInputError, BnaError
 
 
@@ -94,6 +95,21 @@ def emit(obj: dict[str, Any]) -> None:
 
 def echo_lines(lines: list[str]) -> None:
     click.echo("\n".join(lines))
+
+
+allow_logic_option = click.option(
+    "--allow-graph-logic",
+    is_flag=True,
+    help="Go on with an .onnx model whose graph selects or branches on the image's values "
+    "(see `bna-export audit`): a weight repair cannot remove such logic, and the built graph "
+    "keeps it (its metadata says so, in bna.audit).",
+)
+
+
+def warn_graph_logic(audit: Audit | None, path: str) -> None:
+    """One line on stderr when a graph with logic goes on (``--allow-graph-logic``)."""
+    if audit is not None and not audit.clean:
+        click.echo(f"warning: {path}: graph logic kept: {audit.summary()}", err=True)
 
 
 weights_option = click.option(

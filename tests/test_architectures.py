@@ -11,6 +11,7 @@ import pytest
 import torch
 from tiny_models import EXPORT_FORMS, export_onnx
 
+from bna_export.audit import audit_file
 from bna_export.data import Dataset
 from bna_export.defend import fit_defence
 from bna_export.errors import ModelError
@@ -93,7 +94,9 @@ def test_fit_build_evaluate_and_repair(poisoned):
     expect = predict_mitigated(model, m.targets, m.thetas, x)
     for form in EXPORT_FORMS:
         path = export_onnx(sc.net, example, folder / f"{form}.onnx", form)
+        assert audit_file(path).clean, (arch, form, audit_file(path).summary())
         built = build_graph(path, fit)  # refuses to write a graph that disagrees on the probes
+        assert built.audit is not None and built.audit.clean
         sess = ort.InferenceSession(built.data, providers=["CPUExecutionProvider"])
         label, flag = sess.run(["label", "triggered"], {"images": x})
         np.testing.assert_array_equal(label, expect.label, err_msg=f"{arch} {form}")

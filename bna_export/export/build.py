@@ -9,6 +9,7 @@ find where g_t starts (:mod:`.cut`), then the passes :class:`~.routing.ReserveOu
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,10 @@ import onnx_ir as ir
 
 from .. import __version__
 from ..artifact import FitFile, encode
+from ..audit import Audit, audit_model, require_clean
 from ..errors import BnaError, FitFileError, ModelError
 from ..fitfile import FitRecord, read
-from ..onnxfile import load_proto
+from ..onnxfile import load_proto, model_sha256
 from ..runtime import run_built, session
 from .builder import Builder
 from .clone import Applied
@@ -50,6 +52,8 @@ class Built:
     probes: int
     found_by: str = "value"
     """How the layers were found: "name" (the fit was made from this .onnx) or "value"."""
+    audit: Audit | None = None
+    """The input graph's audit; not clean only when built with ``allow_graph_logic``."""
 
 
 def _stats(rec: FitRecord) -> list[LayerStats]:
@@ -100,9 +104,13 @@ def rewrite(
     return route.routed.applied
 
 
-def build_graph(model_path: str | Path, fit: FitFile, whole_batch: bool = False) -> Built:
+def build_graph(
+    model_path: str | Path, fit: FitFile, whole_batch: bool = False, allow_graph_logic: bool = False
+) -> Built:
     """Rewrite f's ONNX graph with every g_t and the routing; raises :class:`ModelError` when
-    the graph in ONNX Runtime disagrees with the fit file's reference on its probes.
+    the graph in ONNX Runtime disagrees with the fit file's reference on its probes, or holds
+    graph logic (:mod:`bna_export.audit`) and not ``allow_graph_logic`` (then what the audit
+    found is in the built graph's metadata, ``bna.audit``).
     ``whole_batch``: the naive graph that runs every g_t on every sample (benchmarks)."""
     rec = read(fit)
     probes = rec.probes
@@ -115,6 +123,8 @@ def build_graph(model_path: str | Path, fit: FitFile, whole_batch: bool = False)
     expected = (probes.label, probes.triggered, probes.logits)
     proto = load_proto(model_path)
     model = ir.from_proto(proto)
+    found = audit_model(model)
+    require_clean(found, model_path, allow_graph_logic)
     inputs = model.graph.inputs
     if len(inputs) != 1 or inputs[0].shape is None:
         raise ModelError(f"{model_path}: the model must have one image input with a known shape")
@@ -149,9 +159,11 @@ def build_graph(model_path: str | Path, fit: FitFile, whole_batch: bool = False)
         probe,
         located,
         (_stats(rec), thetas, targets),
-        metadata_for(__version__, targets, digest),
+        metadata_for(__version__, targets, digest, model_sha256(model_path)),
         whole_batch,
     )
+    if not found.clean:  # carried into the built graph: said there too
+        model.metadata_props["bna.audit"] = json.dumps(found.to_json(), sort_keys=True)
     data = to_bytes(model)
     out = run_built(session(data, "cpu"), probe_x)
     scale = max(1.0, float(np.abs(expected[2]).max()))
@@ -178,4 +190,4 @@ def build_graph(model_path: str | Path, fit: FitFile, whole_batch: bool = False)
         }
         for loc in located
     ]
-    return Built(data, list(targets), layers, err, len(probe_x), found_by)
+    return Built(data, list(targets), layers, err, len(probe_x), found_by, found)

@@ -15,12 +15,16 @@ from .builder import Builder
 from .routing import Routed
 
 
-def metadata_for(version: str, targets: Sequence[int], fit_sha256: str) -> dict[str, str]:
-    """The built graph's metadata properties (design: tool version, targets, fit-file hash)."""
+def metadata_for(
+    version: str, targets: Sequence[int], fit_sha256: str, model_sha256: str
+) -> dict[str, str]:
+    """The built graph's metadata properties (design: tool version, targets, fit-file hash;
+    and the input model's hash, :func:`bna_export.onnxfile.model_sha256`)."""
     return {
         "bna.tool_version": version,
         "bna.targets": json.dumps([int(t) for t in targets]),
         "bna.fit_sha256": fit_sha256,
+        "bna.model_sha256": model_sha256,
     }
 
 
