@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from .errors import ModelError
@@ -112,7 +113,10 @@ def _describe(value: ir.Value) -> str:
         tensor = producer.attributes["value"].value
     if tensor is None:
         return value.name or "?"
-    array = tensor.numpy()
+    try:
+        array = np.asarray(tensor.numpy())
+    except Exception:  # a tensor onnx-ir cannot show as numbers (a string tensor…): its name
+        return value.name or "constant"
     if array.size <= 4:
         shown = [float(f"{v:.6g}") if isinstance(v, float) else v for v in array.ravel().tolist()]
         return f"{value.name or 'constant'}={shown[0] if array.ndim == 0 else shown}"

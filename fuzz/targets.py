@@ -1,23 +1,27 @@
-"""What the fuzzers feed: bytes to every reader of untrusted files (the ``.bna`` fit file and the
-``.npz``/``.npy`` data loaders). Whatever the bytes, only the tool's own input errors
-(:class:`bna_export.BnaError`) may come out; anything else is a bug the fuzzers report.
+"""What the fuzzers feed: bytes to every reader of untrusted files (the ``.bna`` fit file, the
+``.npz``/``.npy`` data loaders, and the check of a ``.pt2`` archive before PyTorch reads it).
+Whatever the bytes, only the tool's own input errors (:class:`bna_export.BnaError`) may come
+out; anything else is a bug the fuzzers report.
 
 Used by ``tests/test_fuzz.py`` (hypothesis) and ``fuzz/fuzz_inputs.py`` (atheris).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tempfile
 
 import numpy as np
+import torch
 
 from bna_export import artifact, fitfile, report
 from bna_export.data import load_inputs, load_npz
 from bna_export.errors import BnaError
+from bna_export.pt2file import check_archive
 
-READERS = ("fit", "npz", "npy")
+READERS = ("fit", "npz", "npy", "pt2")
 _DIR = tempfile.mkdtemp(prefix="bna-fuzz-")
 
 
@@ -54,6 +58,9 @@ def one_input(buf: bytes) -> None:
     reader, rest = READERS[buf[0] % len(READERS)], buf[1:]
     if reader == "fit":
         read_fit(rest)
+    elif reader == "pt2":
+        with contextlib.suppress(BnaError):
+            check_archive(rest, "model.pt2")
     else:
         read_data(rest, "." + reader)
 
@@ -82,8 +89,13 @@ def seeds() -> dict[str, bytes]:
     x = rng.random((3, 1, 4, 4), dtype=np.float32)
     np.savez(npz, x=x, y=np.array([0, 1, 2]), attack_label=np.array([1, 1, 1]))
     np.save(npy, (x * 255).astype(np.uint8))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)).eval()
+    pt2 = io.BytesIO()
+    torch.export.save(torch.export.export(net, (torch.from_numpy(x[:1]),)), pt2)
     return {
         "fit": bytes([0]) + artifact.encode(fit),
         "npz": bytes([1]) + npz.getvalue(),
         "npy": bytes([2]) + npy.getvalue(),
+        "pt2": bytes([3]) + pt2.getvalue(),
     }

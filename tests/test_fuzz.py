@@ -8,6 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from targets import READERS, one_input, seeds
 
+from bna_export.pt2file import check_archive
+
 SEEDS = seeds()
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -18,6 +20,7 @@ def test_the_seeds_are_read_without_error():
     read_fit(SEEDS["fit"][1:])
     read_data(SEEDS["npz"][1:], ".npz")
     read_data(SEEDS["npy"][1:], ".npy")
+    check_archive(SEEDS["pt2"][1:], "model.pt2")  # a valid archive passes the check
 
 
 @FAST
