@@ -5,6 +5,7 @@ run leaves nothing behind."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -100,7 +101,7 @@ FIT_CASES = [
     # (what, --model, --data, extra options, message)
     ("a missing model", "missing.pt2", "defender", [], "does not exist"),
     ("a folder as the data", "model", "folder-as-file", [], "no class sub-folders"),
-    ("a truncated .pt2", "cut.pt2", "defender", [], "not a readable torch.export archive"),
+    ("a truncated .pt2", "cut.pt2", "defender", [], "is not a torch.export archive"),
     ("a corrupted .onnx", "junk.onnx", "defender", [], "not a readable ONNX model"),
     ("a truncated .onnx", "cut.onnx", "defender", [], "not a readable ONNX model"),
     ("a truncated .npz", "model", "cut.npz", [], "not a readable .npz"),
@@ -126,6 +127,49 @@ def test_fit_refuses(bad, patch_files, out, what, model, data, extra, message):
     before = set(out.iterdir())
     res = invoke("fit", "--model", model_arg, "--data", paths[data], *extra, "-o", out / "f.bna")
     refused(res, message, out, before)
+
+
+_CHILD = """
+import json, sys
+from click.testing import CliRunner
+from bna_export.cli.main import cli
+answers = []
+for args in json.loads(sys.argv[1]):
+    res = CliRunner().invoke(cli, args)
+    answers.append([res.exit_code, res.stderr])
+print(json.dumps(answers))
+"""
+
+
+def test_fit_refusals_write_nothing_else_to_the_real_stderr(bad, patch_files, tmp_path):
+    """Every FIT_CASES refusal again, in a child process: besides the one line of each (which
+    the child's CliRunner catches) nothing reaches the process's own stderr, where PyTorch's
+    and ONNX Runtime's loggers write and an in-process capture does not look."""
+    paths = {**bad, **patch_files, "folder-as-file": bad["folder"]}
+    calls = [
+        [
+            "fit",
+            "--model",
+            str(paths.get(m, tmp_path / m)),
+            "--data",
+            str(paths[d]),
+            *extra,
+            "-o",
+            str(tmp_path / "f.bna"),
+        ]
+        for _, m, d, extra, _ in FIT_CASES
+    ]
+    res = subprocess.run(
+        [sys.executable, "-c", _CHILD, json.dumps(calls)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stderr == ""
+    for (code, err), case in zip(json.loads(res.stdout), FIT_CASES, strict=True):
+        assert code == 2 and len(err.strip().splitlines()) == 1 and case[4] in err, (case, err)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_evaluate_build_and_run_refuse(bad, patch_files, fitted, out):
