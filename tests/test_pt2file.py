@@ -212,3 +212,102 @@ def test_loads_from_four_threads_leave_the_environment_alone(patch_files, tmp_pa
     assert len(outputs) == 12 and all(torch.equal(o, reference) for o in outputs)
     assert not marker.exists()
     assert writes == []
+
+
+def _program_rewritten(model: Path, dst: Path, change: Callable[[dict], None]) -> Path:
+    def edit(name: str, data: bytes) -> bytes:
+        if name.endswith("models/model.json"):
+            program = json.loads(data)
+            change(program)
+            return json.dumps(program).encode()
+        return data
+
+    return _rewrite(model, dst, edit)
+
+
+def code_in_the_program(model: Path, folder: Path, marker: Path) -> dict[str, tuple[Path, str]]:
+    """Archives whose program JSON alone (no pickle) ran code in torch 2.13's loader, and
+    members PyTorch's zip reader would find where Python's does not (found by review)."""
+    run = f"open({str(marker)!r}, 'w')"
+
+    def sympy(program: dict) -> None:
+        size = program["graph_module"]["graph"]["tensor_values"]
+        first = next(iter(size.values()))["sizes"][0]
+        first["as_expr"] = {"expr_str": f"Symbol('s77', integer=True) if {run} else 0"}
+
+    def higher_order(program: dict) -> None:
+        node = program["graph_module"]["graph"]["nodes"][0]
+        node["target"] = "torch.ops.higher_order.wrap"
+
+    def argument_name(program: dict) -> None:
+        node = program["graph_module"]["graph"]["nodes"][0]
+        node["inputs"][-1]["name"] = f"other=1)\n{run}\n_z=dict(k"
+
+    buf = io.BytesIO()
+    torch.save((Payload(marker),), buf)
+    with zipfile.ZipFile(model) as z:
+        names = z.namelist()
+        samples = next(n for n in names if "sample_inputs/" in n)
+        clean = z.read(samples)
+    case = _rewrite(model, folder / "case.pt2", lambda n, b: buf.getvalue() if n == samples else b)
+    with zipfile.ZipFile(case, "a") as z:  # the clean copy under an upper-case name, last
+        z.writestr(samples.replace("sample_inputs", "Sample_Inputs"), clean)
+    return {
+        "sympy-expression": (
+            _program_rewritten(model, folder / "sympy.pt2", sympy),
+            "symbolic size",
+        ),
+        "higher-order-op": (
+            _program_rewritten(model, folder / "hop.pt2", higher_order),
+            "only ATen operators",
+        ),
+        "argument-name": (
+            _program_rewritten(model, folder / "argname.pt2", argument_name),
+            "is not an identifier",
+        ),
+        "non-json-program": (
+            _rewrite(model, folder / "models.pt2", extra={"models/evil_json": b"{}"}),
+            "unexpected member",
+        ),
+        "names-equal-but-for-case": (case, "a member name is repeated"),
+        "absolute-path-name": (
+            _rewrite(model, folder / "abs.pt2", extra={"data/weights//w": b"x"}),
+            "member name",
+        ),
+    }
+
+
+def test_code_in_the_program_or_hidden_members_is_refused(patch_files, tmp_path):
+    marker = tmp_path / "MARKER"
+    cases = code_in_the_program(patch_files["model"], tmp_path, marker)
+    x = torch.from_numpy(np.load(patch_files["defender"])["x"])
+    for path, says in cases.values():
+        with pytest.raises(ModelError, match=says):
+            load_model(str(path), None, x[:2], x)
+    assert not marker.exists()
+
+
+def test_guard_code_and_legacy_members_are_dropped_not_run(patch_files, tmp_path):
+    """What the loader does not need never reaches PyTorch: the program's guard code (which
+    ``ep.module()`` runs as Python) and a legacy one-file weights pickle beside the config."""
+    marker = tmp_path / "MARKER"
+    run = f"open({str(marker)!r}, 'w')"
+    guards = _program_rewritten(
+        patch_files["model"],
+        tmp_path / "guards.pt2",
+        lambda p: p.update(guards_code=[f"1 #\n)\n{run}\ndef f(*a):\n  (1"]),
+    )
+    buf = io.BytesIO()
+    torch.save((Payload(marker),), buf)
+    legacy = _rewrite(
+        patch_files["model"],
+        tmp_path / "legacy.pt2",
+        extra={"data/weights/model.pt": buf.getvalue()},
+    )
+    x = torch.from_numpy(np.load(patch_files["defender"])["x"])
+    reference = load_model(str(patch_files["model"]), None, x[:2], x)
+    for path in (guards, legacy):
+        model = load_model(str(path), None, x[:2], x)
+        with torch.no_grad():
+            assert torch.equal(model(x[:4]), reference(x[:4]))
+    assert not marker.exists()
