@@ -18,13 +18,29 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import InlinePass, TopologicalSortPass
 
 from .errors import ModelError
 from .onnxfile import load_proto
 
 _SHAPE_ONLY = {"Shape", "Size", "EyeLike"}  # outputs depend on the input's shape, not values
 _COMPARE = {"Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "IsNaN", "IsInf"}
-_PICK = {"ArgMax", "ArgMin", "TopK"}
+_PICK = {"ArgMax", "ArgMin", "TopK", "Hardmax"}
+_SHAPED = {  # op: the inputs that set a shape, a position or a count
+    "Slice": (1, 2, 3, 4),
+    "Reshape": (1,),
+    "Expand": (1,),
+    "Tile": (1,),
+    "ConstantOfShape": (0,),
+    "Range": (0, 1, 2),
+    "Pad": (1,),
+    "Resize": (1, 2, 3),
+    "Split": (1,),
+    "SequenceAt": (1,),
+    "SequenceInsert": (2,),
+    "SequenceErase": (1,),
+    "SplitToSequence": (1,),
+}
 _INDEXED = {  # op: the input that holds indices
     "Gather": 1,
     "GatherElements": 1,
@@ -143,20 +159,27 @@ class _Tracer:
         reads_image = any(v in self.tainted for v in _uses(node))
         if reads_image and op not in _SHAPE_ONLY:
             self.tainted.update(node.outputs)
-        if node not in live or node.domain not in ("", "ai.onnx"):
+        if node not in live:
             return
         name = node.name or (node.outputs[0].name if node.outputs else op)
         reason = None
         constants: tuple[str, ...] = ()
-        if op == "If" and hot[:1] == [True]:
+        if node.domain not in ("", "ai.onnx"):
+            if reads_image:
+                reason = f"an operator of domain {node.domain!r}, which the audit cannot see into"
+        elif op == "If" and hot[:1] == [True]:
             reason = "branches on a condition computed from the image"
-        elif op == "Loop" and any(hot[:2]):
-            reason = "loops a number of times computed from the image"
-        elif op == "Where" and hot[:1] == [True]:
+        elif op == "Loop" and reads_image:
+            reason = "loops over values computed from the image"
+        elif op == "Where" and hot[:1] == [True] and not _softplus_guard(node):
             reason = "selects values by a condition computed from the image"
-        elif op in _COMPARE and any(hot):
+        elif op in _COMPARE and any(hot) and not _only_softplus_guards(node):
             reason = "compares values computed from the image"
             constants = tuple(_describe(v) for v in ins if v is not None and _is_constant(v))
+        elif op == "Cast" and any(hot) and _casts_to_bool(node):
+            reason = "turns values computed from the image into booleans"
+        elif op in _SHAPED and any(hot[i] for i in _SHAPED[op] if i < len(hot)):
+            reason = "sizes or positions its result by values computed from the image"
         elif op in ("NonZero", "Compress") and any(hot):
             reason = "selects elements by the image's values"
         elif op in _INDEXED and len(hot) > _INDEXED[op] and hot[_INDEXED[op]]:
@@ -169,6 +192,34 @@ class _Tracer:
                 )
         if reason is not None:
             self.findings.append(Finding(name, op, reason, constants))
+
+
+def _casts_to_bool(node: ir.Node) -> bool:
+    to = node.attributes.get("to")
+    return to is not None and to.value == ir.DataType.BOOL.value
+
+
+def _softplus_guard(where: ir.Node) -> bool:
+    """Where(Greater(v, c), v, Softplus(v)): how PyTorch's exporter writes softplus with its
+    threshold (softplus(v) = v for large v), not a selection an attacker controls."""
+    cond, big, small = [*where.inputs, None, None, None][:3]
+    test = cond.producer() if cond is not None else None
+    soft = small.producer() if small is not None else None
+    return (
+        test is not None
+        and soft is not None
+        and test.op_type == "Greater"
+        and soft.op_type == "Softplus"
+        and test.inputs[0] is big
+        and soft.inputs[0] is big
+        and test.inputs[1] is not None
+        and _is_constant(test.inputs[1])
+    )
+
+
+def _only_softplus_guards(node: ir.Node) -> bool:
+    users = [u for v in node.outputs for u, _ in v.uses()]
+    return bool(users) and all(u.op_type == "Where" and _softplus_guard(u) for u in users)
 
 
 def _live(graph: ir.Graph) -> set[ir.Node]:
@@ -188,8 +239,12 @@ def _live(graph: ir.Graph) -> set[ir.Node]:
 
 
 def audit_model(model: ir.Model) -> Audit:
-    """Audit ``model``'s main graph (and the subgraphs of its If/Loop/Scan nodes)."""
-    graph = model.graph
+    """Audit ``model``'s main graph and the subgraphs of its If/Loop/Scan nodes, on a copy
+    with its model-local functions inlined and its nodes in topological order (ONNX Runtime
+    runs a graph listed out of order)."""
+    copy = ir.from_proto(ir.to_proto(model))
+    copy = TopologicalSortPass()(InlinePass()(copy).model).model
+    graph = copy.graph
     tracer = _Tracer(list(graph.outputs))
     tracer.tainted.update(v for v in graph.inputs if v.const_value is None)
     tracer.graph(graph, _live(graph))

@@ -175,3 +175,91 @@ def test_audit_json_and_unreadable_input(planted, tmp_path):
     bad.write_bytes(b"\x00not onnx")
     res = invoke("audit", bad)
     assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1
+
+
+def _gate_graph(tmp_path, name, gate_nodes, *, functions=(), opsets=(), order=None):
+    """x [N, 4] → y [N, 4]: y = Where(gate, 9, x) with ``gate_nodes`` computing ``gate`` from x."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    consts = [
+        helper.make_tensor("t", TensorProto.FLOAT, [], [0.9]),
+        helper.make_tensor("nine", TensorProto.FLOAT, [], [9.0]),
+        helper.make_tensor("zero", TensorProto.INT64, [1], [0]),
+        helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+    ]
+    nodes = [*gate_nodes, helper.make_node("Where", ["gate", "nine", "x"], ["y"], name="swap")]
+    if order is not None:
+        nodes = [nodes[i] for i in order]
+    graph = helper.make_graph(nodes, "g", [x], [y], consts)
+    imports = [helper.make_opsetid("", 18), *opsets]
+    model = helper.make_model(graph, opset_imports=imports, functions=list(functions))
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_gates_an_attacker_would_hide_are_found(tmp_path):
+    greater = helper.make_node("Greater", ["x", "t"], ["gate"], name="test")
+    hidden = helper.make_function(
+        "evil", "Gate", ["a", "b"], ["c"], [helper.make_node("Greater", ["a", "b"], ["c"])],
+        [helper.make_opsetid("", 18)],
+    )  # fmt: skip
+    cases = {
+        "in-a-function": (
+            [helper.make_node("Gate", ["x", "t"], ["gate"], domain="evil", name="call")],
+            {"functions": [hidden], "opsets": [helper.make_opsetid("evil", 1)]},
+            {"Greater"},
+        ),
+        "out-of-order": ([greater], {"order": [1, 0]}, {"Greater"}),
+        "cast-to-bool": (
+            [
+                helper.make_node("Sub", ["x", "t"], ["d"]),
+                helper.make_node("Relu", ["d"], ["r"]),
+                helper.make_node("Cast", ["r"], ["gate"], to=TensorProto.BOOL, name="cast"),
+            ],
+            {},
+            {"Cast"},
+        ),
+        "other-domain": (
+            [
+                helper.make_node("Binarizer", ["x"], ["b"], domain="ai.onnx.ml", threshold=0.9),
+                helper.make_node("Cast", ["b"], ["gate"], to=TensorProto.BOOL),
+            ],
+            {"opsets": [helper.make_opsetid("ai.onnx.ml", 3)]},
+            {"Binarizer", "Cast"},
+        ),
+    }
+    for name, (gate, options, expected) in cases.items():
+        found = audit_file(_gate_graph(tmp_path, name, gate, **options))
+        ops = {f.op for f in found.findings}
+        assert expected <= ops and "Where" in ops, (name, found.summary())
+
+
+def test_image_values_as_positions_and_hardmax_are_found(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", None])
+    nodes = [
+        helper.make_node("Hardmax", ["x"], ["h"], axis=1),
+        helper.make_node("Cast", ["h"], ["hi"], to=TensorProto.INT64),
+        helper.make_node("ReduceMax", ["hi"], ["start"], keepdims=0),
+        helper.make_node("Reshape", ["start", "one"], ["start1"]),
+        helper.make_node("Slice", ["x", "start1", "four", "one"], ["y"]),
+    ]
+    inits = [helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+             helper.make_tensor("four", TensorProto.INT64, [1], [4])]  # fmt: skip
+    onnx.save(_graph(nodes, [x], [y], inits), str(tmp_path / "slice.onnx"))
+    ops = {f.op for f in audit_file(tmp_path / "slice.onnx").findings}
+    assert {"Hardmax", "Slice"} <= ops
+
+
+def test_the_exporters_softplus_threshold_is_not_graph_logic(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    nodes = [  # softplus(x) with PyTorch's threshold 20, as torch.onnx's dynamo export writes it
+        helper.make_node("Greater", ["x", "twenty"], ["big"]),
+        helper.make_node("Softplus", ["x"], ["soft"]),
+        helper.make_node("Where", ["big", "x", "soft"], ["y"]),
+    ]
+    twenty = helper.make_tensor("twenty", TensorProto.FLOAT, [], [20.0])
+    onnx.save(_graph(nodes, [x], [y], [twenty]), str(tmp_path / "softplus.onnx"))
+    assert audit_file(tmp_path / "softplus.onnx").clean
