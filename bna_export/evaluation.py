@@ -48,9 +48,11 @@ def evaluate(
     fit_path: str | Path | None = None,
     provider: Provider = "auto",
     batch: int = 256,
+    allow_graph_logic: bool = False,
 ) -> Evaluation:
     """``evaluate`` as the command line runs it: a built graph (an .onnx made by ``build``) in
-    ONNX Runtime, or any other model as the PyTorch reference, mitigated with ``fit_path``."""
+    ONNX Runtime, or any other model as the PyTorch reference, mitigated with ``fit_path``
+    (an .onnx with graph logic only with ``allow_graph_logic``, as ``fit`` takes it)."""
     built = str(model_spec).endswith(".onnx") and is_built(model_spec)
     if built and (fit_path is not None or weights is not None):
         raise BadInputError("a built .onnx graph holds its fit: drop --fit and --weights")
@@ -61,7 +63,7 @@ def evaluate(
         attack = more["attack_label"]
     if built:
         return evaluate_built(model_spec, clean, trig, attack, provider, batch=batch)
-    model = load_model_for(model_spec, weights, clean)
+    model = load_model_for(model_spec, weights, clean, allow_graph_logic=allow_graph_logic)
     mitigation = None
     if fit_path is not None:
         mitigation = Mitigation.from_record(fitfile.load(fit_path))

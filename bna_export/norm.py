@@ -204,9 +204,13 @@ class BnaModel(nn.Module):
         last = self.channels_last and x.dim() == 4
         fmt = torch.channels_last if last else torch.contiguous_format
         busy = self.alone is None or any(
-            la.theta is not None or la.capture_in is not None or la.capture_out is not None
+            la.theta is not None
+            or la.capture_in is not None
+            or la.capture_out is not None
+            or la._forward_hooks
+            or la._forward_pre_hooks
             for la in self.layers
-        )
+        )  # a layer someone watches must run: the folded f has none
         out = (self.net if busy else self.alone)(x.clone(memory_format=fmt))
         if isinstance(out, (tuple, list)):
             out = out[0]

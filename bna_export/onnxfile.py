@@ -70,6 +70,16 @@ def _all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
                     graph(sub)
 
     graph(model.graph)
+    for function in model.functions:  # model-local functions carry tensors too
+        for n in function.node:
+            for a in n.attribute:
+                if a.HasField("t"):
+                    out.append(a.t)
+                out.extend(a.tensors)
+                if a.HasField("g"):
+                    graph(a.g)
+                for sub in a.graphs:
+                    graph(sub)
     return out
 
 
@@ -88,7 +98,7 @@ def load_proto(path: str | Path) -> onnx.ModelProto:
     _check_external(model, path.parent, source)
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
         raise ModelError(f"{source}: cannot read its external data ({exc})") from exc
     return model
 
@@ -98,9 +108,13 @@ def model_sha256(path: str | Path) -> str:
     file it names (sorted by location) a zero byte, the location, a zero byte and the file's
     bytes. Read with the checks of :func:`load_proto`."""
     path = Path(path)
-    load_proto(path)  # refuses what it refuses: a path out of the folder, a missing file
-    proto = onnx.load(str(path), load_external_data=False)
-    digest = hashlib.sha256(path.read_bytes())
+    data = path.read_bytes()
+    try:
+        proto = onnx.load_from_string(data)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"{path}: not a readable ONNX model ({exc})") from exc
+    _check_external(proto, path.parent, str(path))
+    digest = hashlib.sha256(data)
     locations = {
         _external_entries(t).get("location", "")
         for t in _all_tensors(proto)

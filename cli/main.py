@@ -261,6 +261,7 @@ def inspect(fit_path: str, plot_path: str | None, as_json: bool, quiet: bool) ->
 )
 @batch_size_option
 @provider_option
+@allow_logic_option
 @common
 def evaluate(
     model_spec: str,
@@ -270,6 +271,7 @@ def evaluate(
     fit_path: str | None,
     batch_size: int,
     provider: str,
+    allow_graph_logic: bool,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -283,8 +285,9 @@ def evaluate(
     --triggered; without it the fit's targets) that get flagged.
     """
     ev = evaluate_model(
-        model_spec, weights, clean_path, trig_path, fit_path, provider, batch=batch_size
-    )
+        model_spec, weights, clean_path, trig_path, fit_path, provider, batch_size,
+        allow_graph_logic,
+    )  # fmt: skip
     if as_json:
         emit(report.evaluation_summary(ev))
         return

@@ -263,3 +263,24 @@ def test_the_exporters_softplus_threshold_is_not_graph_logic(tmp_path):
     twenty = helper.make_tensor("twenty", TensorProto.FLOAT, [], [20.0])
     onnx.save(_graph(nodes, [x], [y], [twenty]), str(tmp_path / "softplus.onnx"))
     assert audit_file(tmp_path / "softplus.onnx").clean
+
+
+def test_evaluate_takes_what_fit_took(planted, patch_files):
+    _, models = planted
+    common = ["--clean", patch_files["test"]]
+    res = invoke("evaluate", models["where"], *common)
+    assert res.exit_code == 2 and "graph logic" in res.stderr
+    res = invoke("evaluate", models["where"], *common, "--allow-graph-logic", "--json")
+    assert res.exit_code == 0, res.output
+
+
+def test_the_inputs_own_bna_metadata_does_not_reach_the_build(planted, fitted, tmp_path):
+    clean, _ = planted
+    proto = onnx.load(str(clean))  # with its external data, saved inline below
+    proto.metadata_props.add(key="bna.audit", value='{"clean": true, "forged": 1}')
+    forged = tmp_path / "forged.onnx"
+    onnx.save(proto, str(forged))
+    out = tmp_path / "b.onnx"
+    assert invoke("build", forged, "--fit", fitted[0], "-o", out).exit_code == 0
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert "bna.audit" not in meta

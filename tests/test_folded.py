@@ -43,12 +43,15 @@ def _call_modules(gm) -> int:
 def test_folded_f_gives_f_logits_and_gradients(arch):
     model, x = _exported(arch)
     assert model.alone is not None
+    calls = []
+    model.alone.register_forward_hook(lambda *_: calls.append(1))
     x = x.requires_grad_(True)
     fast = model(x)
+    assert calls == [1]  # f alone ran the folded copy
     (g_fast,) = torch.autograd.grad(fast.logsumexp(1).sum(), x)
     with model.capturing() as captured:  # a capture needs the BatchNorms: the unfolded f
         plain = model(x)
-    assert all(len(c) == 1 for c in captured)
+    assert all(len(c) == 1 for c in captured) and calls == [1]
     (g_plain,) = torch.autograd.grad(plain.logsumexp(1).sum(), x)
     assert torch.allclose(fast, plain, rtol=1e-4, atol=1e-5)
     assert (g_fast - g_plain).norm() <= 1e-3 * g_plain.norm()
@@ -64,6 +67,17 @@ def test_only_a_batchnorm_right_after_its_layer_is_folded():
     left = _call_modules(pre.alone)
     assert left > 0
     assert _count_folded(pre) + left == len(pre.layers)
+
+
+def test_a_watched_layer_runs_the_full_f():
+    model, x = _exported("small-resnet")
+    seen = []
+    handle = model.layers[0].register_forward_hook(lambda *_: seen.append(1))
+    model(x)
+    assert seen == [1]  # a hook on a BN layer fires: the folded copy has no such layer
+    handle.remove()
+    model(x)
+    assert seen == [1]
 
 
 def test_nothing_to_fold_keeps_f_alone():

@@ -31,14 +31,14 @@ def test_the_built_graph_names_its_model_and_fit(built_files, fitted):
     assert meta["bna.fit_sha256"] == hashlib.sha256(fitted[0].read_bytes()).hexdigest()
     assert meta["bna.model_sha256"] == model_sha256(onnx_path)
     data = onnx_path.with_name(onnx_path.name + ".data")  # the dynamo export's external data
-    if data.exists():  # the hash covers it: change it and the hash changes
-        before = model_sha256(onnx_path)
-        copy = data.read_bytes()
-        try:
-            flip_one_byte(data, 0.99)
-            assert model_sha256(onnx_path) != before
-        finally:
-            data.write_bytes(copy)
+    assert data.exists()
+    before = model_sha256(onnx_path)
+    copy = data.read_bytes()
+    try:  # the hash covers it: change it and the hash changes
+        flip_one_byte(data, 0.99)
+        assert model_sha256(onnx_path) != before
+    finally:
+        data.write_bytes(copy)
 
 
 def test_verify_passes_on_a_fresh_build_and_fails_on_any_changed_byte(
@@ -71,7 +71,7 @@ def test_verify_passes_on_a_fresh_build_and_fails_on_any_changed_byte(
     target = folder / (onnx_path.name + ".data")
     flip_one_byte(target if target.exists() else model, 0.9)
     res = invoke("verify", out, "--model", model, "--fit", fitted[0])
-    assert res.exit_code == 1 and "NOT verified" in res.stdout, res.output
+    assert res.exit_code == 1 and "built from another model" in res.stdout, res.output
 
     # one byte of the fit file
     fit = tmp_path / "fit.bna"
@@ -79,6 +79,11 @@ def test_verify_passes_on_a_fresh_build_and_fails_on_any_changed_byte(
     flip_one_byte(fit, 0.9)
     res = invoke("verify", out, "--model", onnx_path, "--fit", fit)
     assert res.exit_code == 1 and "NOT verified" in res.stdout, res.output
+    assert "another fit file" in res.stdout or "cannot be rebuilt" in res.stdout
+
+    # f itself given as the built graph
+    res = invoke("verify", onnx_path, "--model", onnx_path, "--fit", fitted[0])
+    assert res.exit_code == 1 and "not a graph made by `bna-export build`" in res.stdout
 
     res = invoke("verify", tmp_path / "missing.onnx", "--model", onnx_path, "--fit", fitted[0])
     assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1

@@ -56,6 +56,8 @@ class ContractOutputs(ir.passes.InPlacePass):
         graph.outputs.clear()
         graph.outputs.extend(final)
         graph.sort()
+        for key in [k for k in model.metadata_props if k.startswith("bna.")]:
+            del model.metadata_props[key]  # the input's own, stale or forged
         model.metadata_props.update(self.metadata)
         model.metadata_props["bna.f_logits"] = logits_f.name  # f's own logits, for evaluation
         return ir.passes.PassResult(model, True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from .. import artifact
+from .. import __version__, artifact
 from ..errors import BadInputError, FitFileError, ModelError
 from ..onnxfile import model_sha256
 from .build import build_graph
@@ -27,19 +27,23 @@ class Verified:
     rebuilt_sha256: str | None
 
 
-def _said(data: bytes) -> dict[str, str]:
-    """The metadata a built graph says it was built from (empty when it does not parse)."""
+def _said(data: bytes) -> dict[str, str] | None:
+    """The metadata a built graph says it was built from; None when it does not parse."""
     try:
         proto = onnx.load_from_string(data)
     except (DecodeError, ValueError, RuntimeError):
-        return {}
+        return None
     return {p.key: p.value for p in proto.metadata_props}
 
 
 def _why(built: bytes, model_path: str | Path, fit_path: str | Path) -> str:
     said = _said(built)
-    if not said:
+    if said is None:
         return "it is not a readable ONNX graph"
+    if "bna.fit_sha256" not in said:
+        return "it is not a graph made by `bna-export build`"
+    if said.get("bna.tool_version") != __version__:
+        return f"it was built by bna-export {said.get('bna.tool_version')}, this is {__version__}"
     fit_hash = hashlib.sha256(Path(fit_path).read_bytes()).hexdigest()
     given = {"bna.model_sha256": model_sha256(model_path), "bna.fit_sha256": fit_hash}
     for key, what in (("bna.model_sha256", "model"), ("bna.fit_sha256", "fit file")):
