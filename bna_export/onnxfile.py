@@ -6,6 +6,7 @@ model with its external data (:func:`model_sha256`, the built graph's provenance
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import onnx
@@ -55,31 +56,23 @@ def _check_external(model: onnx.ModelProto, folder: Path, source: str) -> None:
 
 
 def _all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    out = []
+    """Every tensor of the model: initializers, node attributes, subgraphs, local functions."""
+    out: list[onnx.TensorProto] = []
 
-    def graph(g: onnx.GraphProto) -> None:
-        out.extend(g.initializer)
-        for n in g.node:
+    def nodes(ns: Iterable[onnx.NodeProto]) -> None:
+        for n in ns:
             for a in n.attribute:
                 if a.HasField("t"):
                     out.append(a.t)
                 out.extend(a.tensors)
-                if a.HasField("g"):
-                    graph(a.g)
-                for sub in a.graphs:
-                    graph(sub)
+                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    out.extend(sub.initializer)
+                    nodes(sub.node)
 
-    graph(model.graph)
-    for function in model.functions:  # model-local functions carry tensors too
-        for n in function.node:
-            for a in n.attribute:
-                if a.HasField("t"):
-                    out.append(a.t)
-                out.extend(a.tensors)
-                if a.HasField("g"):
-                    graph(a.g)
-                for sub in a.graphs:
-                    graph(sub)
+    out.extend(model.graph.initializer)
+    nodes(model.graph.node)
+    for function in model.functions:
+        nodes(function.node)
     return out
 
 
