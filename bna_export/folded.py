@@ -9,7 +9,7 @@ import logging
 import torch
 from torch import Tensor, nn
 
-from .norm import BnaNorm
+from .norm import BnaNorm, same_logits
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +77,9 @@ def fold_batchnorms(gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, int
         args[1] = w_node
         if len(args) > 2:
             args[2] = b_node
-            layer.args = tuple(args)
         else:
-            layer.args = tuple(args)
             layer.kwargs = {**layer.kwargs, "bias": b_node}
+        layer.args = tuple(args)
         node.replace_all_uses_with(layer)
         graph.erase_node(node)
         count += 1
@@ -97,11 +96,6 @@ def folded_if_same(net: torch.fx.GraphModule, example: Tensor) -> torch.fx.Graph
     if count == 0:
         return None
     with torch.no_grad():
-        plain, fast = net(example), alone(example)
-    plain = plain[0] if isinstance(plain, (tuple, list)) else plain
-    fast = fast[0] if isinstance(fast, (tuple, list)) else fast
-    same = fast.shape == plain.shape and bool(
-        (fast - plain).abs().max() <= 1e-4 * plain.abs().max().clamp_min(1.0)
-    )
+        same = same_logits(alone(example), net(example))
     log.info("folded %d BatchNorm layers for f alone%s", count, "" if same else ": not the same")
     return alone if same else None

@@ -159,6 +159,16 @@ class BnaNorm(nn.Module):
         return out
 
 
+def same_logits(fast: Tensor | Sequence[Tensor], plain: Tensor | Sequence[Tensor]) -> bool:
+    """Whether two runs of f agree: the same shape and logits within 1e-4 of the largest (the
+    first output of a model that returns several)."""
+    fast = fast[0] if isinstance(fast, (tuple, list)) else fast
+    plain = plain[0] if isinstance(plain, (tuple, list)) else plain
+    return fast.shape == plain.shape and bool(
+        (fast - plain).abs().max() <= 1e-4 * plain.abs().max().clamp_min(1.0)
+    )
+
+
 class BnaModel(nn.Module):
     """f with every BatchNorm as a :class:`BnaNorm`, in execution order. ``alone`` (optional)
     is the same f with BatchNorms folded into the layers before them
@@ -229,10 +239,7 @@ class BnaModel(nn.Module):
             self._layout(torch.channels_last)
             self.channels_last = True
             try:
-                fast = self(example)
-                same = fast.shape == plain.shape and bool(
-                    (fast - plain).abs().max() <= 1e-4 * plain.abs().max().clamp_min(1.0)
-                )
+                same = same_logits(self(example), plain)
             except (RuntimeError, ModelError):  # e.g. a .view() that needs the default layout
                 same = False
         if not same:

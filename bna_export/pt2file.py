@@ -34,6 +34,15 @@ _WEIGHTS = "data/weights/"
 _CONSTANTS = "data/constants/"
 _SAMPLES = "data/sample_inputs/"
 _REFUSED_DIRS = ("data/aotinductor/",)
+_NAME = re.compile(r"[A-Za-z0-9_]+\Z")  # a model's name
+_PAYLOAD = re.compile(r"(weight|tensor)_[0-9]+\Z")  # a weight's or tensor constant's member
+_FIXED = (
+    "archive_format",
+    "archive_version",
+    "byteorder",
+    ".data/version",
+    ".data/serialization_id",
+)
 
 
 def _plain_pickle(data: bytes, what: str, spec: str) -> None:
@@ -45,17 +54,6 @@ def _plain_pickle(data: bytes, what: str, spec: str) -> None:
             f"{spec} holds pickled objects that are not plain tensors ({what}: "
             f"{type(exc).__name__})"
         ) from exc
-
-
-_NAME = re.compile(r"[A-Za-z0-9_]+\Z")
-_PAYLOAD = re.compile(r"(weight|tensor)_[0-9]+\Z")
-_FIXED = (
-    "archive_format",
-    "archive_version",
-    "byteorder",
-    ".data/version",
-    ".data/serialization_id",
-)
 
 
 def _members(archive: zipfile.ZipFile, spec: str) -> dict[str, zipfile.ZipInfo]:
@@ -107,7 +105,7 @@ def sanitised_archive(data: bytes, spec: str) -> bytes:
                 "archive_version or models/): export it again with torch.export.save"
             )
         for name in members:
-            if name.startswith(_REFUSED_DIRS) or name.rstrip("/") + "/" in _REFUSED_DIRS:
+            if name.startswith(_REFUSED_DIRS):
                 raise ModelError(
                     f"{spec} holds a compiled AOTInductor package ({name}): give the "
                     "torch.export program alone"
