@@ -28,6 +28,15 @@ class Dataset:
         return np.flatnonzero(np.isin(self.y, np.asarray(classes, dtype=np.int64)))
 
 
+def class_rank(y: np.ndarray) -> np.ndarray:
+    """Each label's rank among the equal labels before it: [3, 5, 3] -> [0, 0, 1]."""
+    order = np.argsort(y, kind="stable")
+    ranked = y[order]
+    rank = np.empty(len(y), dtype=np.int64)
+    rank[order] = np.arange(len(y)) - np.searchsorted(ranked, ranked, side="left")
+    return rank
+
+
 def _as_images(x: np.ndarray, source: str) -> np.ndarray:
     if x.dtype == np.uint8:
         x = x.astype(np.float32) / 255.0

@@ -27,6 +27,7 @@ from .errors import BadInputError, ModelError
 from .estimates import ROUND, Job, StageProgress, find_backdoors, refresher
 from .families import FAMILIES
 from .fit import fit_thetas
+from .layer_divergence import layer_divergence
 from .norm import BnaModel
 from .record import make_record
 from .reverse import TriggerEstimate, choose_family, succeeds
@@ -162,6 +163,10 @@ def fit_defence(
     else:  # nothing detected: no Θ, f is served unchanged
         thetas = [torch.zeros((0, 4, la.channels)) for la in model.layers]
         history = []
+    moved = layer_divergence(
+        model, data, tlist, sources, chosen, thetas, (lo, hi), settings.fit, settings.histogram,
+        seed=settings.seed,
+    )  # fmt: skip
     mode = "detect" if detecting else ("targets" if pairs is None else "pairs")
     record = make_record(
         model,
@@ -175,6 +180,7 @@ def fit_defence(
         thetas,
         history,
         mode=mode,
+        divergence=moved,
         sweep=sweep,
     )
     return FitOutcome(fitfile.to_fit(record), record, chosen, sweep.detection if sweep else None)

@@ -13,6 +13,7 @@ through unchanged, and h works in units of the channel's mean and spread on clea
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib
 import logging
 import re
@@ -29,7 +30,7 @@ from .errors import ModelError
 from .folded import folded_if_same
 from .interp import OnnxModule, bn_sites
 from .norm import BnaModel, BnaNorm
-from .onnxfile import load_proto
+from .onnxfile import load_proto, model_sha256
 from .pt2file import load_module
 
 log = logging.getLogger(__name__)
@@ -323,7 +324,18 @@ def load_model(
     ``torch.load(weights_only=True)``.
     """
     dev = torch.device(device)
-    return _load(spec, weights, example, calibration, dev, allow_graph_logic).to(device)
+    model = _load(spec, weights, example, calibration, dev, allow_graph_logic).to(device)
+    model.sha256 = _file_sha256(spec, weights)
+    return model
+
+
+def _file_sha256(spec: str, weights: str | Path | None) -> str | None:
+    """The SHA-256 of what was loaded: an .onnx as deployed (:func:`model_sha256`), a .pt2's
+    bytes, a module's weights file; None for a module without one."""
+    if spec.endswith(".onnx"):
+        return model_sha256(spec)
+    path = Path(spec) if spec.endswith(".pt2") else None if weights is None else Path(weights)
+    return None if path is None else hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _load(

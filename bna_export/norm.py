@@ -189,6 +189,7 @@ class BnaModel(nn.Module):
         self.source = source  # "torch" (.pt2, module) or "onnx": how the layers were found
         self.channels_last = False  # see use_channels_last
         self.audit: Any = None  # an ONNX f's graph audit (bna_export.audit.Audit)
+        self.sha256: str | None = None  # the model file's (bna_export.model.load_model)
         for p in self.net.parameters():
             p.requires_grad_(False)
         self.train(False)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import __version__, fitfile
-from .data import Dataset
+from .data import Dataset, class_rank
 from .estimates import ROUND
 from .mitigated import g_logits, predict_mitigated
 from .norm import BnaModel
@@ -23,20 +23,34 @@ PROBES_PER_CLASS = 2
 PROBES_PER_TARGET = 4
 
 
+def _interleaved(data: Dataset, classes: Sequence[int]) -> np.ndarray:
+    """The images of ``classes``, the first of each class, then the second of each, ...: a few
+    probes show several sources."""
+    idx = data.of_classes(list(classes))
+    y = data.y[idx]
+    return idx[np.lexsort((y, class_rank(y)))]
+
+
 def _probe_inputs(
     data: Dataset,
     sources: dict[int, list[int]],
     chosen: dict[int, list[TriggerEstimate]],
     input_range: tuple[float, float],
     n_classes: int,
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The probe images, each one's true class, and the target whose first trigger is in it
+    (-1: clean): ``PROBES_PER_CLASS`` clean images of every class, then ``PROBES_PER_TARGET``
+    source images of every target (one per source class first) with its trigger."""
     idx = np.concatenate([np.flatnonzero(data.y == c)[:PROBES_PER_CLASS] for c in range(n_classes)])
-    parts = [data.x[idx]]
+    parts, truth, trigger_of = [data.x[idx]], [data.y[idx]], [np.full(len(idx), -1)]
     for t, ests in chosen.items():
-        src = data.of_classes(sources[t])[:PROBES_PER_TARGET]
+        src = _interleaved(data, sources[t])[:PROBES_PER_TARGET]
         with torch.no_grad():
             parts.append(ests[0].apply(torch.from_numpy(data.x[src]), *input_range).numpy())
-    return np.concatenate(parts).astype(np.float32)
+        truth.append(data.y[src])
+        trigger_of.append(np.full(len(src), t))
+    as_int = [np.concatenate(v).astype(np.int64) for v in (truth, trigger_of)]
+    return np.concatenate(parts).astype(np.float32), *as_int
 
 
 def _scores(
@@ -128,8 +142,11 @@ def make_record(
     thetas: list[torch.Tensor],
     history: list[float],
     mode: str,
+    divergence: tuple[np.ndarray, np.ndarray, np.ndarray],
     sweep: SweepResult | None = None,
 ) -> fitfile.FitRecord:
+    """The record of a fit (``divergence``: :func:`~bna_export.layer_divergence.layer_divergence`
+    of the fitted Θ, [targets, layers]: floor, before and after)."""
     targets = list(sources)
     triggers = tuple(
         fitfile.Trigger(
@@ -148,7 +165,7 @@ def make_record(
         )
         for j, e in enumerate(estimates)
     )
-    probes = _probe_inputs(data, sources, chosen, input_range, n_classes)
+    probes, truth, trigger_of = _probe_inputs(data, sources, chosen, input_range, n_classes)
     with torch.no_grad(), model.capturing() as outputs:
         f_logits = model(torch.from_numpy(probes).to(model.device)).cpu().numpy()
     means = []  # each BN output's per-sample channel means: finds the layer again in an ONNX
@@ -196,5 +213,10 @@ def make_record(
             pred.label,
             pred.triggered,
             pred.logits,
+            truth,
+            trigger_of,
+        ),
+        evidence=fitfile.Evidence(
+            model.sha256, model.audit, settings.fit.divergence, *map(np.asarray, divergence)
         ),
     )

@@ -6,6 +6,7 @@ fit-file records (:mod:`bna_export.fitfile`), which are validated when read."""
 from __future__ import annotations
 
 import io
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -151,6 +152,7 @@ def summary(rec: FitRecord, path: str) -> dict[str, Any]:
     return {
         "file": path,
         **{k: h[k] for k in keys},
+        "evidence": h.get("evidence"),  # None: a fit file from before `report`
         "detected_pairs": detected_pairs(rec.scores, rec.detection),
     }
 
@@ -215,6 +217,17 @@ def build_lines(built: Built, output: str, triton: str | None) -> list[str]:
     return out
 
 
+def pooled_side_scores(det: Detection, family: str) -> np.ndarray | None:
+    """Per target, the pooled rule's score of ``family`` counted only on the side of a smaller
+    trigger than the median (None: the fit file keeps no pooled sizes for it)."""
+    sc = det.pooled_scores.get(family, ())
+    sizes = np.array(det.pooled_sizes.get(family, ()), dtype=np.float64)  # None -> NaN
+    if sizes.shape != (len(sc),):
+        return None
+    with np.errstate(divide="ignore"):
+        return large_side_scores(1 / sizes, np.array(sc, dtype=np.float64))
+
+
 def inspect_lines(rec: FitRecord, path: str) -> list[str]:
     """What ``inspect`` prints: the verdict, score histograms, detected pairs, the pooled rule's
     best targets, the intrinsic check, triggers, layers and settings."""
@@ -245,13 +258,9 @@ def inspect_lines(rec: FitRecord, path: str) -> list[str]:
                 if k.endswith("_score")
             )
             out.append(f"  {r['source']} -> {r['target']} ({r['family']}; scores {scores})")
-    for fam, sc in det.pooled_scores.items():
-        sizes = np.array(det.pooled_sizes.get(fam, ()), dtype=np.float64)  # None -> NaN
-        if sizes.shape != (len(sc),):
-            continue
-        with np.errstate(divide="ignore"):
-            side = large_side_scores(1 / sizes, np.array(sc, dtype=np.float64))
-        if not side.size:
+    for fam in det.pooled_scores:
+        side = pooled_side_scores(det, fam)
+        if side is None or not side.size:
             continue
         t = int(np.argmax(side))
         out.append(
@@ -283,15 +292,18 @@ def inspect_lines(rec: FitRecord, path: str) -> list[str]:
     return out
 
 
-def pyplot() -> Any:
-    """matplotlib's pyplot on the Agg backend; a one-line error when matplotlib is missing."""
+def pyplot(what: str = "--plot") -> Any:
+    """matplotlib's pyplot on the Agg backend; a one-line error naming ``what`` needs it when
+    matplotlib is missing. Its log (e.g. the note that it builds its font cache on first use)
+    stays off stderr below errors."""
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise BadInputError("--plot needs matplotlib: pip install matplotlib") from exc
+        raise BadInputError(f"{what} needs matplotlib: pip install matplotlib") from exc
     return plt
 
 

@@ -37,7 +37,7 @@ from .options import (
     weights_option,
 )
 from .options import input_range as parse_range
-from .security import audit, verify
+from .security import audit, report_cmd, verify
 
 
 @click.group(cls=BnaGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -400,6 +400,7 @@ def run(
 
 
 cli.add_command(audit)
+cli.add_command(report_cmd)
 cli.add_command(verify)
 
 

@@ -1,15 +1,20 @@
-"""The commands a deploy pipeline runs before it ships: ``audit`` (graph logic a weight repair
-cannot remove) and ``verify`` (a built graph is what its model and fit file build)."""
+"""The commands a deploy pipeline and a security team run: ``audit`` (graph logic a weight
+repair cannot remove), ``verify`` (a built graph is what its model and fit file build) and
+``report`` (one HTML page to file)."""
 
 from __future__ import annotations
+
+import hashlib
 
 import click
 
 from bna_export import report
+from bna_export.artifact import check_folder, write_atomic
 from bna_export.audit import audit_file
 from bna_export.export import verify_built
+from bna_export.html_report import report_file
 
-from .options import allow_logic_option, common, echo_lines, emit, path_option
+from .options import allow_logic_option, common, echo_lines, emit, output_option, path_option
 
 
 @click.command()
@@ -62,3 +67,27 @@ def verify(
         click.echo(f"{verdict}: {built_path}: {got.reason}")
     if not got.identical:
         click.get_current_context().exit(1)
+
+
+@click.command(name="report")
+@click.argument("fit_path", metavar="FIT.bna", type=click.Path())
+@path_option("--eval", "eval_path", "`evaluate --json`'s output: adds its metrics.", False)
+@output_option("The HTML file to write (report.html).")
+@common
+def report_cmd(
+    fit_path: str, eval_path: str | None, output: str, as_json: bool, quiet: bool
+) -> None:
+    """Write one self-contained HTML page to file with a fit: the verdict, the anomaly-score
+    histograms with the threshold, every detected pair, each target's reverse-engineered
+    trigger beside clean and triggered examples, how far the trigger moves each BN layer
+    before and after the repair, the graph audit, the SHA-256 of the fit file, the model and
+    the defender's images, and with --eval the ACC/ASR/SIA/TPR/FPR table. Pictures are inline;
+    the page runs no script and fetches nothing (needs matplotlib).
+    """
+    check_folder(output)
+    page = report_file(fit_path, eval_path).encode()
+    write_atomic(output, page)
+    if as_json:
+        emit({"output": output, "sha256": hashlib.sha256(page).hexdigest(), "bytes": len(page)})
+    else:
+        click.echo(f"report -> {output} ({len(page) // 1024} KiB)")

@@ -2,7 +2,8 @@
 
 Trains a small CNN on digits poisoned with a 3×3 patch (all-to-one, target 7), then runs the
 command line as a user would, with no hint of the attack: ``fit`` (is it backdoored? which
-classes?), ``inspect``, ``evaluate`` before and after, exports f to ONNX, ``build``s the graph
+classes?), ``inspect``, ``evaluate`` before and after, ``report`` (``report.html``, the page a
+security team files), exports f to ONNX, ``build``s the graph
 to deploy, ``evaluate``s and ``run``s it in ONNX Runtime, and, when the C++ runner is built
 (``cmake -S . -B build && cmake --build build``), runs ``bna_run`` on the same images. Prints
 one table of the model before and after, and writes ``demo.png``: the anomaly scores of every
@@ -93,8 +94,11 @@ def main() -> None:
                "-o", str(fit), "--seed", str(args.fit_seed))  # fmt: skip
     bna_export("inspect", str(fit))
     data = ["--clean", str(files["test"]), "--triggered", str(files["triggered"]), "--json"]
-    ref = json.loads(bna_export("evaluate", str(files["model"]), "--fit", str(fit), *data,
-                                capture=True))  # fmt: skip
+    ref_json = bna_export("evaluate", str(files["model"]), "--fit", str(fit), *data, capture=True)
+    ref = json.loads(ref_json)
+    # the page a security team files: verdict, scores, triggers, per-layer divergence, hashes
+    (out / "eval.json").write_text(ref_json)
+    bna_export("report", str(fit), "--eval", str(out / "eval.json"), "-o", str(out / "report.html"))
     # what a user deploys: f as torch.onnx.export writes it, rewritten into one graph
     onnx_path = out / "model.onnx"
     export_onnx(sc.net, sc.test.x, onnx_path)
@@ -148,7 +152,8 @@ def main() -> None:
     print(
         f"\ndetected: {'yes' if rec.attacked else 'no'}, targets {rec.targets}, "
         f"sources { {t: list(v) for t, v in rec.sources.items()} }\nC++ runner: {cpp}\n"
-        f"wrote {out / 'demo.png'} (anomaly scores, triggered digits and their routed labels); "
+        f"wrote {out / 'demo.png'} (anomaly scores, triggered digits and their routed labels) "
+        f"and {out / 'report.html'} (the report to file); "
         f"{time.perf_counter() - t0:.0f}s in all"
     )
 

@@ -16,7 +16,7 @@ import tempfile
 import numpy as np
 import torch
 
-from bna_export import artifact, fitfile, report
+from bna_export import artifact, fitfile, html_report, report
 from bna_export.data import load_inputs, load_npz
 from bna_export.errors import BnaError
 from bna_export.pt2file import check_archive
@@ -32,6 +32,7 @@ def read_fit(buf: bytes) -> None:
         report.score_histograms(rec.scores, rec.detection)
         report.detected_pairs(rec.scores, rec.detection)
         report.inspect_lines(rec, "fit.bna")
+        html_report.render(rec, "fit.bna", "0" * 64, None, draw=False)
         fitfile.Mitigation.from_record(rec)
     except BnaError:
         pass
@@ -70,19 +71,82 @@ def seeds() -> dict[str, bytes]:
     rng = np.random.default_rng(0)
     fit = artifact.FitFile(
         {
+            "mode": "detect",
             "targets": [1],
+            "sources": {"1": [0]},
             "n_classes": 3,
             "input_shape": [1, 4, 4],
             "input_range": [0.0, 1.0],
             "layers": [{"index": 0, "name": "bn", "channels": 2, "eps": 1e-5}],
-            "scores": {"patch": [{"source": 0, "target": 1, "score": 3.5, "detected": True}]},
-            "detection": {"threshold": 7.0, "detected_pairs": [[0, 1]]},
+            "scores": {
+                "patch": [
+                    {
+                        "source": 0,
+                        "target": 1,
+                        "size": 1.0,
+                        "statistic": 1.0,
+                        "score": 8.5,
+                        "detected": True,
+                    }
+                ]
+            },
+            "detection": {
+                "rule": "union",
+                "normalise": "row",
+                "consistency": 0.5,
+                "threshold": 7.0,
+                "side": "large",
+                "scores_computed": True,
+                "pair_families": {"0:1": "patch"},
+                "detected_pairs": [[0, 1]],
+                "all_to_one": {"1": "patch"},
+                "target_scores": {"patch": [0.0, 8.0, None]},
+                "pooled_scores": {"patch": [0.0, 9.0, 1.0]},
+                "pooled_sizes": {"patch": [3.0, 1.0, None]},
+                "intrinsic": {},
+            },
+            "triggers": [
+                {
+                    "index": 0,
+                    "family": "patch",
+                    "target": 1,
+                    "sources": [0],
+                    "restart": 0,
+                    "size": 1.0,
+                    "relative_size": 0.1,
+                    "success": 0.9,
+                    "steps": 10,
+                    "used": True,
+                }
+            ],
+            "settings": {},
+            "evidence": {
+                "model_sha256": None,
+                "divergence": "tv",
+                "audit": {
+                    "clean": False,
+                    "findings": [{"node": "w", "op": "Where", "reason": "r", "constants": []}],
+                    "detached_outputs": [],
+                },
+            },
         },
         {
+            **{f"layer.0.{k}": np.ones(2, np.float32) for k in ("running_mean", "running_var")},
+            **{f"layer.0.{k}": np.ones(2, np.float32) for k in ("weight", "bias")},
             "theta.0": rng.normal(size=(1, 4, 2)).astype(np.float32),
+            "trigger.0.mask": rng.random((1, 4, 4), dtype=np.float32),
+            "trigger.0.pattern": rng.random((1, 4, 4), dtype=np.float32),
             "probe.x": rng.random((2, 1, 4, 4), dtype=np.float32),
             "probe.label": np.array([0, 1], np.int64),
             "probe.triggered": np.array([False, True]),
+            "probe.f_logits": rng.normal(size=(2, 3)).astype(np.float32),
+            "probe.g_logits": rng.normal(size=(1, 2, 3)).astype(np.float32),
+            "probe.logits": rng.normal(size=(2, 3)).astype(np.float32),
+            "probe.truth": np.array([0, 0], np.int64),
+            "probe.trigger_of": np.array([-1, 1], np.int64),
+            "divergence.floor": np.zeros((1, 1), np.float32),
+            "divergence.before": np.ones((1, 1), np.float32),
+            "divergence.after": np.zeros((1, 1), np.float32),
         },
     )
     npz, npy = io.BytesIO(), io.BytesIO()

@@ -4,6 +4,12 @@ import pytest
 from bna_export import artifact, fitfile
 from bna_export.errors import FitFileError
 
+FORGED_AUDIT = {
+    "clean": True,
+    "findings": [{"node": "n", "op": "If", "reason": "r"}],
+    "detached_outputs": [],
+}
+
 
 def test_a_record_writes_back_the_bytes_it_was_read_from(a2o_detected_file, fitted):
     for path in (a2o_detected_file[0], fitted[0]):
@@ -32,6 +38,13 @@ def test_a_record_writes_back_the_bytes_it_was_read_from(a2o_detected_file, fitt
         (lambda h, t: t.update({"probe.x": np.zeros((), np.float32)}), "wrong rank"),
         (lambda h, t: h["targets"].append(h["targets"][0]), "a target is listed twice"),
         (lambda h, t: h["detection"].update(threshold=0), "threshold is not positive"),
+        (lambda h, t: h["evidence"].update(model_sha256="abc"), "is not a SHA-256"),
+        (lambda h, t: h["evidence"].pop("divergence"), "evidence has no 'divergence'"),
+        (lambda h, t: h["evidence"].update(audit=FORGED_AUDIT), "audit.clean disagrees"),
+        (lambda h, t: t.pop("divergence.after"), "'divergence.after' is missing"),
+        (lambda h, t: t.update({"divergence.before": np.zeros((2, 3), np.float32)}), "shape"),
+        (lambda h, t: t.update({"probe.truth": np.zeros(1, np.int64)}), "disagree in length"),
+        (lambda h, t: t.update({"probe.trigger_of": np.zeros((2, 2), np.int64)}), "wrong rank"),
     ],
 )
 def test_a_malformed_fit_file_is_one_error_naming_the_field(fitted, change, message):

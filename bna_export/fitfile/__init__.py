@@ -7,6 +7,7 @@ from .layout import header_of, load, read, to_fit
 from .mitigation import Mitigation
 from .records import (
     Detection,
+    Evidence,
     FitRecord,
     Intrinsic,
     Layer,
@@ -17,6 +18,7 @@ from .records import (
 
 __all__ = [
     "Detection",
+    "Evidence",
     "FitRecord",
     "Intrinsic",
     "Layer",

@@ -13,6 +13,7 @@ import numpy as np
 from .. import artifact
 from ..artifact import FitFile
 from ..errors import FitFileError
+from .evidence import evidence_header, evidence_tensors, read_evidence
 from .fields import (
     class_key,
     fail,
@@ -138,6 +139,7 @@ def header_of(rec: FitRecord) -> dict[str, Any]:
         "settings": rec.settings,
         "history": list(rec.history),
         "data": {"images": rec.data_images, "sha256": rec.data_sha256},
+        **({} if rec.evidence is None else {"evidence": evidence_header(rec.evidence)}),
     }
 
 
@@ -150,6 +152,7 @@ _PROBE_TENSORS = {
     "triggered": np.bool_,
     "logits": np.float32,
 }
+_PROBE_ROLES = ("truth", "trigger_of")  # optional: absent in fit files before ``report``
 
 
 def to_fit(rec: FitRecord) -> FitFile:
@@ -167,6 +170,11 @@ def to_fit(rec: FitRecord) -> FitFile:
     if rec.probes is not None:
         for key, dtype in _PROBE_TENSORS.items():
             tensors[f"probe.{key}"] = np.asarray(getattr(rec.probes, key), dtype)
+        for key in _PROBE_ROLES:
+            if getattr(rec.probes, key) is not None:
+                tensors[f"probe.{key}"] = np.asarray(getattr(rec.probes, key), np.int64)
+    if rec.evidence is not None:
+        tensors.update(evidence_tensors(rec.evidence))
     return FitFile(header_of(rec), tensors)
 
 
@@ -286,13 +294,17 @@ def _probes(tensors: Mapping[str, np.ndarray], n_targets: int) -> Probes | None:
     names = [f"probe.{k}" for k in _PROBE_TENSORS]
     if not all(n in tensors for n in names):
         return None
-    p = Probes(*(tensors[n] for n in names))
+    roles = [tensors.get(f"probe.{k}") for k in _PROBE_ROLES]
+    p = Probes(*(tensors[n] for n in names), *roles)
+    present = [r for r in roles if r is not None]
     if p.x.ndim < 2 or any(a.ndim < 1 for a in (p.f_logits, p.label, p.triggered, p.logits)):
+        raise FitFileError("fit file: the probe tensors have the wrong rank")
+    if any(r.ndim != 1 or not np.issubdtype(r.dtype, np.integer) for r in present):
         raise FitFileError("fit file: the probe tensors have the wrong rank")
     if p.g_logits.ndim < 2:
         raise FitFileError("fit file: the probe tensors have the wrong rank")
     n = len(p.x)
-    per_probe = [p.f_logits, p.label, p.triggered, p.logits]
+    per_probe = [p.f_logits, p.label, p.triggered, p.logits, *present]
     if any(len(a) != n for a in per_probe) or p.g_logits.shape[:2] != (n_targets, n):
         raise FitFileError("fit file: the probe tensors disagree in length")
     return p
@@ -342,6 +354,7 @@ def read(fit: FitFile) -> FitRecord:
             read_int(data.get("images", 0), "data.images"),
             read_str(data.get("sha256", ""), "data.sha256"),
             probes,
+            read_evidence(h, t, len(targets), len(layers)),
         )
     except ValueError as exc:  # e.g. input_range of the wrong length
         raise fail(str(exc)) from exc

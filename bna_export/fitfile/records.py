@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from ..audit import Audit
+
 
 @dataclass(frozen=True)
 class Layer:
@@ -107,6 +109,31 @@ class Probes:
     label: np.ndarray
     triggered: np.ndarray
     logits: np.ndarray
+    truth: np.ndarray | None = None
+    """[probes] each input's true class (None in fit files written before ``report``)."""
+    trigger_of: np.ndarray | None = None
+    """[probes] the target whose first trigger is embedded in the input, -1 for a clean one."""
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What a security report shows beside the fit (None in fit files written before
+    ``report``): the model's identity, its graph audit, and how far each target's trigger moves
+    every BN layer before and after Θ (:mod:`bna_export.layer_divergence`)."""
+
+    model_sha256: str | None
+    """The fitted model file's SHA-256 (an .onnx with its external data, as
+    :func:`bna_export.onnxfile.model_sha256`; a .pt2's bytes); None for a Python module."""
+    audit: Audit | None
+    """An ONNX model's graph audit (:mod:`bna_export.audit`); None for a PyTorch model."""
+    divergence: str
+    """The D of the values below (the fit's ``fit.divergence``)."""
+    floor: np.ndarray
+    """[targets, layers] the same images without their triggers through f: sampling alone."""
+    before: np.ndarray
+    """[targets, layers] mean over channels of D(p || q), the trigger through f."""
+    after: np.ndarray
+    """[targets, layers] the same through g_t."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +161,7 @@ class FitRecord:
     data_sha256: str
     probes: Probes | None = None
     """None in fit files written before ``build`` existed."""
+    evidence: Evidence | None = None
 
     @property
     def targets(self) -> list[int]:
