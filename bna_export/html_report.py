@@ -40,7 +40,7 @@ def read_evaluation(path: str | Path) -> dict[str, Any]:
         obj = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BadInputError(f"--eval {path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise BadInputError(f"--eval {path}: not a JSON file ({exc})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
         raise BadInputError(f"--eval {path}: not what `evaluate --json` writes")
@@ -147,10 +147,11 @@ def _detection(rec: FitRecord, draw: bool) -> str:
     if not det.scores_computed:
         return "<p>No pair sweep: targets or pairs were given to `fit`.</p>"
     sweep = det.sweep
+    counts = escape(f"{sweep.get('problems', '?')} problems, {sweep.get('problem_steps', '?')}")
     how = (
-        f"<p>Every ordered class pair's smallest trigger was reverse-engineered "
-        f"({sweep.get('problems', '?')} problems, {sweep.get('problem_steps', '?')} solver steps); "
-        f"a pair is detected when its anomaly score exceeds {det.threshold:g} (MAD units).</p>"
+        f"<p>Every ordered class pair's smallest trigger was reverse-engineered ({counts} "
+        f"solver steps); a pair is detected when its anomaly score exceeds {det.threshold:g} "
+        "(MAD units).</p>"
     )
     pairs = detected_pairs(rec.scores, det)
     fams = sorted(rec.scores)
@@ -200,10 +201,15 @@ def _targets(rec: FitRecord, draw: bool) -> str:
             f"Θ was fitted on {len(used)} trigger{'s' * (len(used) != 1)}.</p>"
             + _table(["family", "sources", "size", "relative size", "success"], rows)
             + (_png(pic, f"target {t}: trigger and examples") if pic else
-               "" if not draw else
-               "<p>Examples not recorded (a fit file written before `report`).</p>")
+               "" if not draw else _no_examples(used))
         )  # fmt: skip
     return "".join(parts) or "<p>No target: nothing to repair.</p>"
+
+
+def _no_examples(used: list[Any]) -> str:
+    if not used:
+        return "<p>No trigger of this target was used: nothing to show.</p>"
+    return "<p>Examples not recorded (a fit file written before `report`).</p>"
 
 
 def _divergence(rec: FitRecord, draw: bool) -> str:
@@ -216,7 +222,8 @@ def _divergence(rec: FitRecord, draw: bool) -> str:
         for i in range(len(rec.layers))
     ]
     text = (
-        f"<p>Per BN layer, the mean over channels of {ev.divergence.upper()}(p ‖ q): p the clean "
+        f"<p>Per BN layer, the mean over channels of {escape(ev.divergence.upper())}(p ‖ q): "
+        "p the clean "
         "source images' activation histogram, q the same images with the trigger, through the "
         "model as delivered (before) and through the repaired g_t (after); the floor is what "
         "the same images without a trigger give through f, the sampling noise of these "

@@ -335,7 +335,10 @@ def _file_sha256(spec: str, weights: str | Path | None) -> str | None:
     if spec.endswith(".onnx"):
         return model_sha256(spec)
     path = Path(spec) if spec.endswith(".pt2") else None if weights is None else Path(weights)
-    return None if path is None else hashlib.sha256(path.read_bytes()).hexdigest()
+    if path is None:
+        return None
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _load(

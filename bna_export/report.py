@@ -338,7 +338,7 @@ def draw_scores(axes: list[Any], hists: list[Histogram]) -> None:
             left, h.detected, width=1.0, align="edge", bottom=clean, color="#c33", label="detected"
         )
         ax.axvline(h.threshold, color="k", linestyle="--", linewidth=1, label="threshold")
-        ax.set_title(f"{h.family} ({h.pairs} pairs)")
+        ax.set_title(f"{h.family} ({h.pairs} pairs)", parse_math=False)  # a name from the file
         ax.set_xlabel("anomaly score (+: smaller trigger than the median)")
         ax.set_ylabel("class pairs")
         ax.legend(fontsize=8)

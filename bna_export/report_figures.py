@@ -116,6 +116,12 @@ def target_png(rec: FitRecord, target: int) -> bytes | None:
     used = [tr for tr in rec.triggers if tr.target == target and tr.used]
     if probes is None or probes.truth is None or probes.trigger_of is None or not used:
         return None
+    shape = tuple(rec.input_shape)
+    if len(shape) != 3 or min(shape) < 1 or probes.x.shape[1:] != shape:
+        raise FitFileError("fit file: the probe images do not have the input's shape (C, H, W)")
+    if probes.f_logits.shape[1] < 1:
+        raise FitFileError("fit file: the probes have no logits")
+    pic, how = trigger_picture(used[0], rec.input_range, shape)  # checked before drawing
     f_answer = probes.f_logits.argmax(1)
     sources = set(rec.sources[target])
     clean = np.flatnonzero((probes.trigger_of == -1) & np.isin(probes.truth, list(sources)))
@@ -126,9 +132,6 @@ def target_png(rec: FitRecord, target: int) -> bytes | None:
     fig, axes = plt.subplots(2, cols, figsize=(1.6 * cols, 3.7), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    if len(rec.input_shape) != 3 or probes.x.shape[1:] != tuple(rec.input_shape):
-        raise FitFileError("fit file: the probe images do not have the input's shape")
-    pic, how = trigger_picture(used[0], rec.input_range, rec.input_shape)
     _show(axes[0][0], pic, f"{used[0].family} trigger")
     axes[0][0].axis("on")
     axes[0][0].set_xlabel("\n".join(textwrap.wrap(how, 22)), fontsize=7)

@@ -37,7 +37,7 @@ def test_a_record_writes_back_the_bytes_it_was_read_from(a2o_detected_file, fitt
         (lambda h, t: t.update({"probe.label": np.zeros(1, np.int64)}), "disagree in length"),
         (lambda h, t: t.update({"probe.x": np.zeros((), np.float32)}), "wrong rank"),
         (lambda h, t: h["targets"].append(h["targets"][0]), "a target is listed twice"),
-        (lambda h, t: h["detection"].update(threshold=0), "threshold is not positive"),
+        (lambda h, t: h["detection"].update(threshold=0), "threshold is not a positive number"),
         (lambda h, t: h["evidence"].update(model_sha256="abc"), "is not a SHA-256"),
         (lambda h, t: h["evidence"].pop("divergence"), "evidence has no 'divergence'"),
         (lambda h, t: h["evidence"].update(audit=FORGED_AUDIT), "audit.clean disagrees"),

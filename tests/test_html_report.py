@@ -7,9 +7,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -93,9 +95,14 @@ def test_the_page_holds_every_part_and_fetches_nothing(page, a2o_detected_file, 
 
 
 def test_the_same_fit_gives_the_same_page(page, a2o_detected_file, evaluated, tmp_path):
+    """In another process too (another hash seed)."""
     again = tmp_path / "again.html"
-    res = invoke("report", a2o_detected_file[0], "--eval", evaluated, "-o", again)
-    assert res.exit_code == 0 and again.read_bytes() == page.read_bytes()
+    cmd = [sys.executable, "-m", "bna_export.cli.main", "report", str(a2o_detected_file[0]),
+           "--eval", str(evaluated), "-o", str(again)]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ,
+                         "PYTHONHASHSEED": "7"}, timeout=300)  # fmt: skip
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    assert again.read_bytes() == page.read_bytes()
 
 
 def test_a_kept_graph_backdoor_is_in_the_report(patch_scenario, patch_files, tmp_path):
@@ -141,6 +148,8 @@ def test_an_older_fit_file_still_reports(a2o_detected_file, tmp_path):
         ("{", "not a JSON file"),
         ("[1, 2]", "not what `evaluate --json` writes"),
         ('{"model": {}, "acc": 1}', "is not a rate"),
+        ("[" * 100000 + "]" * 100000, "not a JSON file"),
+        ('{"acc": ' + "9" * 5000 + "}", "not a JSON file"),
         ('{"model": {"acc": 1, "asr": 2, "sia": 0, "tpr": null, "fpr": null}, "acc": 1, '
          '"asr": 0, "sia": 1, "tpr": 1, "fpr": 0}', "asr is not a rate"),
     ],
@@ -193,6 +202,8 @@ def test_names_from_the_fit_file_are_escaped(a2o_detected_file, tmp_path):
     evil = '<script>alert("x")</script><img src="http://example.invalid/x.png">'
     header = json.loads(json.dumps(fit.header))
     header["layers"][0]["name"] = evil
+    header["detection"]["sweep"].update(problems=evil, problem_steps=evil)
+    header["scores"]["$\\frac$"] = header["scores"]["patch"]  # no mathtext from the file
     header["evidence"]["audit"] = {
         "clean": False,
         "findings": [{"node": evil, "op": "Where", "reason": evil, "constants": [evil]}],
@@ -214,6 +225,12 @@ def test_names_from_the_fit_file_are_escaped(a2o_detected_file, tmp_path):
         lambda h, t: t.update({"trigger.0.mask": np.ones((1, 3, 3), np.float32)}),
         lambda h, t: t.update({"probe.x": t["probe.x"][:, :, :8]}),
         lambda h, t: h["triggers"][0].update(family="sparkle"),
+        lambda h, t: t.update({"probe.f_logits": t["probe.f_logits"][:, 0]}),
+        lambda h, t: t.update({"probe.triggered": np.stack([t["probe.triggered"]] * 2, 1)}),
+        lambda h, t: h.update(input_shape=[0, 16, 16]),
+        lambda h, t: h["evidence"].update(divergence="$\\frac$"),
+        lambda h, t: h["detection"].update(threshold=10**400),
+        lambda h, t: h.update(input_range=[0, 10**400]),
     ],
 )
 def test_a_fit_file_the_pictures_cannot_use_is_one_line(fitted, tmp_path, change):

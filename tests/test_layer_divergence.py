@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from bna_export.fit import fit_thetas
 from bna_export.layer_divergence import layer_divergence
 from bna_export.model import adapt_module
 from bna_export.reverse import Problem, reverse_engineer
+from bna_export.settings import FitSettings
 
 SRC = [1, 2, 3, 4]
 
@@ -56,3 +58,24 @@ def test_it_is_seeded(setup, patch_scenario):
     runs = [measure(model, patch_scenario.defender, ests, own, seed=3) for _ in range(2)]
     for a, b in zip(runs[0], runs[1], strict=True):
         assert np.array_equal(a, b)
+
+
+def test_each_row_is_its_targets_and_a_fitted_repair_moves_the_deep_layer_back(
+    setup, patch_scenario
+):
+    """Two targets whose class numbers are not their rows: row 0 (class 3) keeps f's own
+    normalisation, row 1 (class 0, the attacked one) a fitted Θ; only row 1's "after" moves,
+    and at the deepest layer it moves back towards p."""
+    model, ests, own = setup
+    data = patch_scenario.defender
+    fitted = fit_thetas(model, data, [0], {0: SRC}, {0: ests}, (0.0, 1.0), FitSettings(epochs=10))
+    thetas = [torch.cat([o, f]) for o, f in zip(own, fitted.thetas, strict=True)]
+    sources = {3: [1, 2, 4], 0: SRC}
+    _, before, after = layer_divergence(
+        model, data, [3, 0], sources, {3: ests, 0: ests}, thetas, (0.0, 1.0)
+    )
+    assert before.shape == (2, len(model.layers))
+    np.testing.assert_allclose(after[0], before[0], atol=0.05)  # class 3: f's own Θ
+    assert after[1, -1] < before[1, -1] - 0.1, (before, after)  # class 0: repaired
+    alone = measure(model, data, ests, fitted.thetas)
+    np.testing.assert_allclose(after[1], alone[2][0], atol=0.05)  # the same as fitted alone

@@ -54,6 +54,13 @@ def _audit(v: Any) -> Audit | None:
     return found
 
 
+def _divergence(v: Any) -> str:
+    kind = read_str(v, "evidence.divergence")
+    if kind not in ("tv", "js", "kl"):
+        raise FitFileError(f"fit file: malformed header (evidence.divergence {kind!r})")
+    return kind
+
+
 def _sha(v: Any) -> str | None:
     if v is None:
         return None
@@ -82,6 +89,6 @@ def read_evidence(
     return Evidence(
         _sha(get(d, "model_sha256", "evidence")),
         _audit(get(d, "audit", "evidence")),
-        read_str(get(d, "divergence", "evidence"), "evidence.divergence"),
+        _divergence(get(d, "divergence", "evidence")),
         *parts,
     )

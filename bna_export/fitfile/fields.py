@@ -31,7 +31,10 @@ def opt_int(v: Any, what: str) -> int | None:
 def read_float(v: Any, what: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise fail(f"{what} is not a number")
-    return v
+    try:
+        return float(v)
+    except OverflowError:  # an integer beyond a float's range
+        raise fail(f"{what} is out of range") from None
 
 
 def opt_float(v: Any, what: str) -> float | None:

@@ -214,8 +214,8 @@ def _per_family(v: Any, what: str) -> dict[str, tuple[float | None, ...]]:
 
 def _threshold(v: Any) -> float:
     t = read_float(v, "detection.threshold")
-    if not t > 0:
-        raise fail("detection.threshold is not positive")
+    if not 0 < t < float("inf"):
+        raise fail("detection.threshold is not a positive number")
     return t
 
 
@@ -297,11 +297,9 @@ def _probes(tensors: Mapping[str, np.ndarray], n_targets: int) -> Probes | None:
     roles = [tensors.get(f"probe.{k}") for k in _PROBE_ROLES]
     p = Probes(*(tensors[n] for n in names), *roles)
     present = [r for r in roles if r is not None]
-    if p.x.ndim < 2 or any(a.ndim < 1 for a in (p.f_logits, p.label, p.triggered, p.logits)):
-        raise FitFileError("fit file: the probe tensors have the wrong rank")
-    if any(r.ndim != 1 or not np.issubdtype(r.dtype, np.integer) for r in present):
-        raise FitFileError("fit file: the probe tensors have the wrong rank")
-    if p.g_logits.ndim < 2:
+    ranks = {p.x.ndim >= 2, p.f_logits.ndim == 2, p.logits.ndim == 2, p.g_logits.ndim == 3}
+    ranks |= {a.ndim == 1 for a in (p.label, p.triggered, *present)}
+    if ranks != {True} or any(not np.issubdtype(r.dtype, np.integer) for r in present):
         raise FitFileError("fit file: the probe tensors have the wrong rank")
     n = len(p.x)
     per_probe = [p.f_logits, p.label, p.triggered, p.logits, *present]
@@ -327,6 +325,8 @@ def read(fit: FitFile) -> FitRecord:
         raw_families = read_dict(h.get("families", {}), "families")
         shape = read_list(get(h, "input_shape", "header"), "input_shape", read_int)
         lo, hi = read_list(get(h, "input_range", "header"), "input_range", read_float)
+        if not -np.inf < lo < hi < np.inf:
+            raise fail("input_range is not LO < HI, both finite")
         probes = _probes(t, len(targets))
         layers = read_list(get(h, "layers", "header"), "layers", lambda v, _w: v)
         data = read_dict(h.get("data", {}), "data")
