@@ -7,7 +7,8 @@ side), the all-to-one (column) score of the true target, and the pooled-rule sco
 target and the best of the other targets; then the union rule over the family sets tried.
 
 Run: ``python benchmarks/families.py --case cnn:blend:0 [--families patch,perturbation,blend,warp]
-[--union patch+perturbation --union patch+perturbation+blend] [--set sweep.blend_steps=300]``
+[--union patch+perturbation --union patch+perturbation+blend] [--set sweep.blend_steps=300]
+[--save sizes.npz] [--per-source]``
 (case ARCH:ATTACK:SEED, attack as in the panel, e.g. ``patch-a2a`` or ``clean``, or
 ``binary-a2o`` / ``binary-a2a``, the 10 synthetic classes of ``sweep_settings.py``; ``--set`` as
 in ``fit``, e.g. the sweep's solver settings).
@@ -37,6 +38,12 @@ def main() -> None:
     ap.add_argument("--families", default="patch,perturbation,blend,warp")
     ap.add_argument("--union", action="append", default=[])
     ap.add_argument("--save", help="also write the size matrices and pooled sizes to this .npz")
+    ap.add_argument(
+        "--per-source",
+        action="store_true",
+        help="also print, per source, each family's true-pair size against its row's median and "
+        "smallest, and whether the row's best union score is a true pair",
+    )
     ap.add_argument(
         "--set", dest="overrides", action="append", default=[], help="e.g. sweep.blend_steps=300"
     )
@@ -102,6 +109,35 @@ def main() -> None:
             f"{a2o:.1f} | {pooled_true:.1f} / {other:.1f} |",
             flush=True,
         )
+    if args.per_source:
+        per_source(sizes, list(cost), true_mask)
+
+
+def per_source(sizes: dict[str, np.ndarray], families: list[str], true_mask: np.ndarray) -> None:
+    """Per source: each family's true-pair size (mean over its true targets) against the
+    row's median and smallest size (and which target that is), and the target of the row's best
+    union anomaly score, marked * when it is a true pair."""
+    det = detect_pairs(sizes)
+    union = np.nanmax(np.stack([np.nan_to_num(det.scores[f], nan=-np.inf) for f in families]), 0)
+    np.fill_diagonal(union, -np.inf)
+    head = " | ".join(f"{f} true / median / smallest (to)" for f in families)
+    print(f"\n| source | {head} | best union score (to) |")
+    print("|---|" + "---|" * (len(families) + 1))
+    hits = 0
+    for s in range(len(true_mask)):
+        if not true_mask[s].any():
+            continue
+        cells = []
+        for f in families:
+            row = sizes[f][s]
+            true = float(np.nanmean(row[true_mask[s]]))
+            low = int(np.nanargmin(row))
+            cells.append(f"{true:.2f} / {np.nanmedian(row):.2f} / {row[low]:.2f} ({low})")
+        best = int(np.argmax(union[s]))
+        hits += bool(true_mask[s, best])
+        mark = "*" if true_mask[s, best] else ""
+        print(f"| {s} | " + " | ".join(cells) + f" | {union[s, best]:.1f} ({best}{mark}) |")
+    print(f"rows whose best union score is a true pair: {hits} of {int(true_mask.any(1).sum())}")
 
 
 if __name__ == "__main__":
