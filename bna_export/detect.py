@@ -33,6 +33,14 @@ when it is an outlier in at least two families: one family alone can draw a natu
 class cheaply (patch strokes that make any digit an 8), while a backdoor trigger is a feature
 the model takes as t whatever the image, small in more than one family (a patch is also a
 small L2 perturbation; a blend is also a small perturbation) (README, Detection).
+
+All-to-all rule: an all-to-all backdoor gives every source one target of its own, each pair
+perhaps only a little anomalous. Each source's best pair (its largest score on the large side,
+over the families) is taken when it reaches a share of the threshold, one source per target
+(the best-scoring: a backdoor maps each source to its own target); the pairs are detected when
+at least a share of the sources keep one. A clean model's best pairs are few above that bar and
+crowd onto a few easy targets; an all-to-one attack's all share one target. Exhaustive sweeps
+only (a screened one solves too few pairs per source).
 """
 
 from __future__ import annotations
@@ -181,7 +189,8 @@ class Detection:
     """What the pair statistics say: per family the [K, K] statistics and scores and the [K]
     target scores; the detected pairs P, targets T and sources S(t); for each detected pair the
     family that detected it; the targets found by the all-to-one rules (column or pooled) and the
-    family that found each; and per family the [K] scores of the pooled rule (empty without it)."""
+    family that found each; per family the [K] scores of the pooled rule (empty without it); and
+    the pairs of the all-to-all rule."""
 
     statistics: dict[str, np.ndarray]
     scores: dict[str, np.ndarray]
@@ -190,6 +199,8 @@ class Detection:
     family: dict[tuple[int, int], str] = field(default_factory=dict)
     all_to_one: dict[int, str] = field(default_factory=dict)
     pooled_scores: dict[str, np.ndarray] = field(default_factory=dict)
+    all_to_all: list[tuple[int, int]] = field(default_factory=list)
+    """The pairs the all-to-all rule found (empty when it did not fire)."""
 
     @property
     def targets(self) -> list[int]:
@@ -275,6 +286,7 @@ def detect_pairs(
     weights: Mapping[str, np.ndarray] | None = None,
     pooled: Mapping[str, np.ndarray] | None = None,
     pooled_families: int = 2,
+    all_to_all: tuple[float, float] | None = None,
 ) -> Detection:
     """Score every pair in every family and take the union of the outliers.
 
@@ -285,7 +297,8 @@ def detect_pairs(
     sizes of each target's trigger on the pooled images of every other class (NaN: not solved);
     a target whose 1 / size is an outlier among the targets' in at least ``pooled_families``
     of them (all of them when fewer are given) is detected with every solved source (pooled
-    rule).
+    rule). ``all_to_all``: (bar as a share of ``threshold``, share of sources) of the all-to-all
+    rule (:func:`all_to_all_pairs`), applied when every pair was solved (None: off).
     """
     stats, scores, tscores, best, a2o, pscores = {}, {}, {}, {}, {}, {}
     for fam, z in sizes.items():
@@ -316,7 +329,46 @@ def detect_pairs(
     for t, fam in a2o.items():
         for s in np.flatnonzero(~np.isnan(sizes[fam][:, t])).tolist():
             best.setdefault((s, t), fam)
-    return Detection(stats, scores, tscores, sorted(best), best, dict(sorted(a2o.items())), pscores)
+    a2a = {}
+    if all_to_all is not None and weights is None:
+        a2a = all_to_all_pairs(stats, scores, all_to_all[0] * threshold, all_to_all[1])
+        for pair, fam in a2a.items():
+            best.setdefault(pair, fam)
+    return Detection(
+        stats, scores, tscores, sorted(best), best, dict(sorted(a2o.items())), pscores, sorted(a2a)
+    )
+
+
+def all_to_all_pairs(
+    stats: Mapping[str, np.ndarray],
+    scores: Mapping[str, np.ndarray],
+    bar: float,
+    min_sources: float,
+) -> dict[tuple[int, int], str]:
+    """The all-to-all rule (module docstring): each source's best pair over the families when
+    its large-side score is at least ``bar``, one source per target (the best-scoring), kept
+    when at least ``min_sources`` (a share) of the sources have one; pair -> its family."""
+    fams = list(stats)
+    if not fams:
+        return {}
+    side = np.stack(  # (F, K, K): large-side scores, -inf where unsolved
+        [
+            np.where(np.isnan(stats[f]), -np.inf, large_side_scores(stats[f], scores[f]))
+            for f in fams
+        ]
+    )
+    which, best = side.argmax(0), side.max(0)
+    k = best.shape[0]
+    np.fill_diagonal(best, -np.inf)
+    target = best.argmax(1)
+    top = best[np.arange(k), target]
+    kept: dict[int, int] = {}  # target -> source
+    for s in np.argsort(-top, kind="stable").tolist():
+        if top[s] >= bar and int(target[s]) not in kept:
+            kept[int(target[s])] = s
+    if not kept or len(kept) < math.ceil(min_sources * k):
+        return {}
+    return {(s, t): fams[which[s, t]] for t, s in sorted(kept.items())}
 
 
 def intrinsic_check(pair_sizes: Mapping[int, float], pooled_size: float, ratio: float) -> list[int]:

@@ -164,7 +164,19 @@ def _detection(rec: FitRecord, draw: bool) -> str:
         else "<p>No pair detected.</p>"
     )
     plot = _png(scores_png(rec), "anomaly-score histograms") if draw else ""
-    return how + plot + table + _whole(rec)
+    return how + plot + table + _whole(rec) + _all_to_all(rec)
+
+
+def _all_to_all(rec: FitRecord) -> str:
+    found = rec.detection.all_to_all
+    if not found:
+        return ""
+    listed = ", ".join(f"{s} → {t}" for s, t in found)
+    return (
+        f"<p>All-to-all rule: {len(found)} of the {rec.n_classes} sources each have their own "
+        "target whose trigger is their smallest (a mapping, one source per target), each pair "
+        f"scoring at least `detect.all_to_all_bar` × the threshold: {escape(listed)}.</p>"
+    )
 
 
 def _whole(rec: FitRecord) -> str:

@@ -119,6 +119,7 @@ def _detection(settings: Settings, sweep: SweepResult | None) -> fitfile.Detecti
         pooled_scores={} if det is None else _finite(det.pooled_scores),
         pooled_sizes={} if sweep is None else _finite(sweep.pooled),
         intrinsic={} if sweep is None else dict(sweep.intrinsic),
+        all_to_all=() if det is None else tuple(det.all_to_all),
         sweep={}
         if sweep is None
         else {

@@ -267,6 +267,11 @@ def inspect_lines(rec: FitRecord, path: str) -> list[str]:
             f"pooled rule, {fam} family: best target {t} (score {side[t]:.1f}, smaller "
             f"trigger than the median; threshold {det.threshold})"
         )
+    if det.all_to_all:
+        out.append(
+            "all-to-all rule: each source's best pair, one source per target: "
+            + ", ".join(f"{s} -> {t}" for s, t in det.all_to_all)
+        )
     for t, info in det.intrinsic.items():
         largest = max(info.pair_sizes.values(), default=float("nan"))
         out.append(

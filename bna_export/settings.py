@@ -236,6 +236,16 @@ class DetectSettings:
     sweep's families (all of them when fewer are swept): on the clean small digits ResNet the
     pooled patch to class 8 scored 8.7 (patch strokes draw an 8 cheaply from any digit) and
     1.0 in the other families; the digits CNN's patch backdoor scored 8.2 and 9.2 in two."""
+    all_to_all_rule: bool = True
+    """Also detect an all-to-all backdoor: each source's best pair when its score reaches
+    ``all_to_all_bar`` × the threshold, one source per target, when at least
+    ``all_to_all_sources`` of the sources keep one (bna_export/detect.py; exhaustive sweeps
+    only). On the synthetic all-to-all set it took 3 of 10 pairs to 9 of 10; on the digits CNN's
+    clean and all-to-one models it added nothing (README, Detection)."""
+    all_to_all_bar: float = 0.5
+    """A source's best pair counts for the all-to-all rule from this share of the threshold."""
+    all_to_all_sources: float = 0.5
+    """The all-to-all rule fires when at least this share of the sources keep a pair."""
     restarts: int = 1
     """Trigger estimates per pair and family in the sweep (the smallest size is scored)."""
     screen_above: int = 15

@@ -178,6 +178,7 @@ def _detect(
         weights,
         pooled or None,
         d.pooled_families,
+        (d.all_to_all_bar, d.all_to_all_sources) if d.all_to_all_rule else None,
     )
 
 

@@ -170,10 +170,11 @@ def test_all_to_all_pairs_are_found(a2a_scenario):
     assert {e[0] for e in events} >= {"sweep", "fit"}
     found = {tuple(p) for p in out.fit.header["detection"]["detected_pairs"]}
     true = {(s, (s + 1) % 8) for s in range(8)}
-    # Short of the goal (the trigger issue asks for 8 of 10 on digits): on the Intel CPUs of
-    # earlier runs this found 4 of 8, on this AMD EPYC 3 (the same code at the last landing
-    # included); none wrong either way. README, Detection.
-    assert found <= true and len(found) >= 3, sorted(found)
+    # Pair by pair this found 4 of 8 on the Intel CPUs of earlier runs and 3 on an AMD EPYC;
+    # with the all-to-all rule (each source's best pair, one source per target) all 8 here,
+    # none wrong. A margin for other CPUs' rounding. README, Detection.
+    assert found <= true and len(found) >= 6, sorted(found)
+    assert {tuple(p) for p in out.fit.header["detection"]["all_to_all"]} <= true
     assert out.detection is not None and not out.detection.all_to_one
 
 

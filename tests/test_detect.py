@@ -138,3 +138,51 @@ def test_intrinsic_check_keeps_the_smallest_when_the_pooled_trigger_is_much_larg
     assert intrinsic_check({0: 3.02, 8: 7.95}, 27.18, 2.0) == [0]
     assert intrinsic_check({0: 3.02, 8: 7.95}, 9.0, 2.0) == [0, 8]  # one shared trigger
     assert intrinsic_check({4: 3.0}, 100.0, 2.0) == [4]  # a single source is kept
+
+
+A2A = (0.5, 0.5)  # the defaults of detect.all_to_all_bar and detect.all_to_all_sources
+
+
+def relative_sizes(backdoor: dict[tuple[int, int], float], k: int = 10, seed: int = 0):
+    """Sizes 8-12 times a source effect; a planted pair is ``v`` times its source's effect."""
+    rng = np.random.default_rng(seed)
+    effect = rng.uniform(0.5, 2.0, (k, 1))
+    z = rng.uniform(8.0, 12.0, (k, k))
+    for p, v in backdoor.items():
+        z[p] = v
+    z = z * effect
+    np.fill_diagonal(z, np.nan)
+    return z
+
+
+def test_the_all_to_all_rule_finds_a_mapping_no_pair_shows_alone():
+    """Every source has one moderately small trigger to its own target: below the threshold pair
+    by pair (scores 4.4-5.3), found by the rule; off, or with a screened sweep's weights, not."""
+    k = 10
+    a2a = {(s, (s + 3) % k): 6.0 for s in range(k)}
+    sizes = {"patch": relative_sizes(a2a, seed=4)}
+    plain = detect_pairs(sizes)
+    assert plain.pairs == [] and max(plain.scores["patch"][p] for p in a2a) < 7
+    det = detect_pairs(sizes, all_to_all=A2A)
+    assert det.pairs == sorted(a2a) == det.all_to_all
+    assert set(det.family.values()) == {"patch"}
+    weights = {"patch": np.ones((k, k))}
+    assert detect_pairs(sizes, weights=weights, all_to_all=A2A).pairs == []
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_all_to_all_rule_stays_quiet_on_clean_and_all_to_one_matrices(seed):
+    clean = {"patch": relative_sizes({}, seed=seed), "blend": relative_sizes({}, seed=99 - seed)}
+    assert detect_pairs(clean, all_to_all=A2A).all_to_all == []
+    a2o = {"patch": relative_sizes({(s, 4): 6.0 for s in range(10) if s != 4}, seed=seed)}
+    det = detect_pairs(a2o, all_to_all=A2A)
+    assert det.all_to_all == [] and det.targets == [4]  # the all-to-one rule's, not this one's
+
+
+def test_the_all_to_all_rule_keeps_one_source_per_target():
+    """Two sources whose best pair is the same target: the better-scoring one is kept."""
+    k = 10
+    a2a = {(s, (s + 3) % k): 6.0 for s in range(k)}
+    a2a[(3, 9)] = 4.0  # source 3's best pair now points at 9, which source 6 points at too
+    found = detect_pairs({"patch": relative_sizes(a2a, seed=4)}, all_to_all=A2A).all_to_all
+    assert (3, 9) in found and (6, 9) not in found and len({t for _, t in found}) == len(found)

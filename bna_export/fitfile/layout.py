@@ -88,6 +88,7 @@ def _detection_json(d: Detection) -> dict[str, Any]:
             for t, i in d.intrinsic.items()
         },
         "sweep": dict(d.sweep),
+        "all_to_all": [list(p) for p in d.all_to_all],
     }
 
 
@@ -244,6 +245,7 @@ def _detection(v: Any) -> Detection:
             for t, i in read_dict(get(d, "intrinsic", w), "detection.intrinsic").items()
         },
         read_dict(d.get("sweep", {}), "detection.sweep"),
+        read_list(d.get("all_to_all", []), "detection.all_to_all", pair),
     )
 
 

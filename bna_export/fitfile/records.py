@@ -96,6 +96,8 @@ class Detection:
     intrinsic: dict[int, Intrinsic]
     sweep: dict[str, Any]
     """``exhaustive``, ``problems``, ``problem_steps`` and ``screen`` (what the screen found)."""
+    all_to_all: tuple[tuple[int, int], ...] = ()
+    """The pairs the all-to-all rule found (empty in fit files written before it)."""
 
 
 @dataclass(frozen=True)
