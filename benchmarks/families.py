@@ -25,7 +25,7 @@ import torch
 from panel import TARGET, panel_scenario, truth_of
 from sweep_settings import scenario, true_pairs
 
-from bna_export.detect import detect_pairs, large_side_scores
+from bna_export.detect import all_to_all_pairs, detect_pairs, large_side_scores
 from bna_export.model import adapt_module
 from bna_export.reverse import reverse_engineer
 from bna_export.settings import Settings, with_overrides
@@ -73,7 +73,7 @@ def main() -> None:
     print(
         "| families | problem-steps | sweep s | pairs right / wrong (of true) | best score "
         f"true / other | all-to-one score of {target} | pooled score of {target} / best other | "
-        "all-to-all rule |"
+        "all-to-all rule: pairs, sources over its bar with distinct targets |"
     )
     print("|---|---|---|---|---|---|---|---|")
     found, cost = [], {}
@@ -108,7 +108,8 @@ def main() -> None:
         other = float(np.delete(ps, target, axis=1).max())
         steps = sum(cost[f][0] for f in group)
         secs = sum(cost[f][1] for f in group)
-        rule = f"{len(det.all_to_all)} pairs" if det.all_to_all else "-"
+        over = all_to_all_pairs(det.statistics, det.scores, d.all_to_all_bar * d.mad_threshold, 0)
+        rule = f"{len(det.all_to_all) or 'not fired'}, {len(over)} of {k} over the bar"
         print(
             f"| {'+'.join(group)} | {steps} | {secs:.0f} | {len(pairs & truth)} / "
             f"{len(pairs - truth)} ({len(truth)}) | {best[True]:.1f} / {best[False]:.1f} | "
