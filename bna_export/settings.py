@@ -1,7 +1,5 @@
-"""Every tunable of the method, as frozen dataclasses holding the paper's defaults.
-
-Each field is documented once, here; the code reads settings and never hard-codes a constant.
-"""
+"""Every tunable of the method, as frozen dataclasses holding the paper's defaults. Each field
+is documented once, here; the code reads settings and never hard-codes a constant."""
 
 from __future__ import annotations
 
@@ -236,16 +234,9 @@ class DetectSettings:
     sweep's families (all of them when fewer are swept): on the clean small digits ResNet the
     pooled patch to class 8 scored 8.7 (patch strokes draw an 8 cheaply from any digit) and
     1.0 in the other families; the digits CNN's patch backdoor scored 8.2 and 9.2 in two."""
-    all_to_all_rule: bool = True
-    """Also detect an all-to-all backdoor: each source's best pair when its score reaches
-    ``all_to_all_bar`` × the threshold, one source per target, when at least
-    ``all_to_all_sources`` of the sources keep one (bna_export/detect.py; exhaustive sweeps
-    only). On the synthetic all-to-all set it took 3 of 10 pairs to 9 of 10; on the digits CNN's
-    clean and all-to-one models it added nothing (README, Detection)."""
-    all_to_all_bar: float = 0.5
-    """A source's best pair counts for the all-to-all rule from this share of the threshold."""
-    all_to_all_sources: float = 0.5
-    """The all-to-all rule fires when at least this share of the sources keep a pair."""
+    all_to_all_rule: bool = True  # the all-to-all rule (bna_export/detect.py; README, Detection)
+    all_to_all_bar: float = 0.5  # a source's best pair counts from this share of the threshold
+    all_to_all_sources: float = 0.5  # it fires when this share of the sources keep one pair
     restarts: int = 1
     """Trigger estimates per pair and family in the sweep (the smallest size is scored)."""
     screen_above: int = 15
@@ -256,8 +247,7 @@ class DetectSettings:
     tell a backdoor from how unevenly easy the digits are to reach: target score 6.3, every
     pair 9.2) and found 2 of 10 all-to-all pairs where every pair found 4 (README)."""
     screen_candidates: int = 2
-    """m: targets per source taken from its untargeted screen (the classes its shortest way
-    out reaches most)."""
+    """m: targets per source from its untargeted screen (the classes its way out reaches most)."""
     screen_references: int = 3
     """r: other targets per source drawn at random; they stand for the unsolved pairs of their
     source (weighted medians). 2 left a false pair (a 6 → 8 perturbation scored 7.2) on the
