@@ -18,6 +18,8 @@ from bna_export.lab.scenario import (
     synthetic_scenario_data,
     write_scenario,
 )
+from bna_export.model import adapt_module
+from bna_export.reverse import Problem, reverse_engineer
 
 torch.set_num_threads(2)
 
@@ -36,6 +38,17 @@ def patch_files(
     patch_scenario: Scenario, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Path]:
     return write_scenario(patch_scenario, tmp_path_factory.mktemp("patch"))
+
+
+@pytest.fixture(scope="session")
+def patch_estimate(patch_scenario):
+    """f of the patch scenario as a BnaModel and a patch trigger estimated for target 0 from
+    sources 1-4 (shared by the Θ-fit and layer-divergence tests)."""
+    model = adapt_module(patch_scenario.net, torch.from_numpy(patch_scenario.test.x[:2]))
+    ests = reverse_engineer(
+        model, patch_scenario.defender, [Problem("patch", 0, (1, 2, 3, 4))], (0.0, 1.0)
+    )
+    return model, ests
 
 
 @pytest.fixture()

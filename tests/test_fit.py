@@ -4,7 +4,6 @@ import torch
 
 from bna_export.fit import fit_thetas
 from bna_export.mitigated import g_logits, predict_mitigated
-from bna_export.model import adapt_module
 from bna_export.reverse import Problem, reverse_engineer
 from bna_export.settings import FitSettings
 
@@ -12,11 +11,8 @@ SRC = [1, 2, 3, 4]
 
 
 @pytest.fixture(scope="module")
-def setup(patch_scenario):
-    model = adapt_module(patch_scenario.net, torch.from_numpy(patch_scenario.test.x[:2]))
-    ests = reverse_engineer(
-        model, patch_scenario.defender, [Problem("patch", 0, tuple(SRC))], (0.0, 1.0)
-    )
+def setup(patch_estimate):
+    model, ests = patch_estimate
     return model, ests
 
 

@@ -12,19 +12,14 @@ import torch
 
 from bna_export.fit import fit_thetas
 from bna_export.layer_divergence import layer_divergence
-from bna_export.model import adapt_module
-from bna_export.reverse import Problem, reverse_engineer
 from bna_export.settings import FitSettings
 
 SRC = [1, 2, 3, 4]
 
 
 @pytest.fixture(scope="module")
-def setup(patch_scenario):
-    model = adapt_module(patch_scenario.net, torch.from_numpy(patch_scenario.test.x[:2]))
-    ests = reverse_engineer(
-        model, patch_scenario.defender, [Problem("patch", 0, tuple(SRC))], (0.0, 1.0)
-    )
+def setup(patch_estimate):
+    model, ests = patch_estimate
     own = [la.f_theta()[None] for la in model.layers]  # Θ = f's own normalisation
     return model, ests, own
 
