@@ -8,7 +8,7 @@ target and the best of the other targets; then the union rule over the family se
 
 Run: ``python benchmarks/families.py --case cnn:blend:0 [--families patch,perturbation,blend,warp]
 [--union patch+perturbation --union patch+perturbation+blend] [--set sweep.blend_steps=300]
-[--save sizes.npz] [--per-source]``
+[--save sizes.npz] [--per-source] [--signals]``
 (case ARCH:ATTACK:SEED, attack as in the panel, e.g. ``patch-a2a`` or ``clean``, or
 ``binary-a2o`` / ``binary-a2a``, the 10 synthetic classes of ``sweep_settings.py``; ``--set`` as
 in ``fit``, e.g. the sweep's solver settings).
@@ -43,6 +43,13 @@ def main() -> None:
         action="store_true",
         help="also print, per source, each family's true-pair size against its row's median and "
         "smallest, and whether the row's best union score is a true pair",
+    )
+    ap.add_argument(
+        "--signals",
+        action="store_true",
+        help="also print, per family and target, two signals besides size: how far each pair's "
+        "trigger transfers to the other classes' images (the median over the target's column of "
+        "the share sent to t) and how much the column's triggers agree in where they act",
     )
     ap.add_argument(
         "--set", dest="overrides", action="append", default=[], help="e.g. sweep.blend_steps=300"
@@ -118,6 +125,47 @@ def main() -> None:
         )
     if args.per_source:
         per_source(sizes, list(cost), true_mask)
+    if args.signals:
+        signals(model, sc.defender, found, k, solver.success)
+
+
+def signals(model, data, found: list, k: int, success: float) -> None:
+    """Per family and target: the transfer of the column's triggers (each pair's trigger
+    embedded in the clean images of every class but its source and target that f answers
+    correctly; the share f then sends to t; the median over the column) and the agreement of
+    where they act (mean pairwise cosine of their 3×3-blurred footprints: a patch's mask, a
+    perturbation's |v| summed over channels; blends act everywhere and are left out)."""
+    x = torch.from_numpy(data.x)
+    with torch.no_grad():
+        right = model(x).argmax(1).numpy() == data.y
+    print("\n| family | signal | " + " | ".join(f"to {t}" for t in range(k)) + " |")
+    print("|---|---|" + "---|" * k)
+    for fam in sorted({e.family for e in found}):
+        moved: list[list[float]] = [[] for _ in range(k)]
+        prints: list[list[torch.Tensor]] = [[] for _ in range(k)]
+        for e in found:
+            s, t = e.problem.sources[0], e.problem.target
+            if e.family != fam or len(e.problem.sources) != 1 or e.success < success - 1e-9:
+                continue
+            others = right & (data.y != s) & (data.y != t)
+            with torch.no_grad():
+                sent = model(e.apply(x[others], 0.0, 1.0)).argmax(1).numpy() == t
+            moved[t].append(float(sent.mean()))
+            if fam in ("patch", "perturbation"):
+                where = e.mask if fam == "patch" else np.abs(e.pattern).sum(0)
+                blur = torch.nn.functional.avg_pool2d(torch.tensor(where)[None, None], 3, 1, 1)
+                prints[t].append(blur.flatten() / blur.norm().clamp_min(1e-12))
+        cells = [f"{np.median(v):.2f}" if v else "-" for v in moved]
+        print(f"| {fam} | transfer | " + " | ".join(cells) + " |")
+        if fam in ("patch", "perturbation"):
+            cells = []
+            for ms in prints:
+                gram = torch.stack(ms) @ torch.stack(ms).T if len(ms) > 1 else None
+                n = len(ms)
+                cells.append(
+                    "-" if gram is None else f"{(gram.sum() - gram.trace()) / (n * (n - 1)):.2f}"
+                )
+            print(f"| {fam} | agreement | " + " | ".join(cells) + " |")
 
 
 def per_source(sizes: dict[str, np.ndarray], families: list[str], true_mask: np.ndarray) -> None:

@@ -259,8 +259,6 @@ class _Step:
     keep: _KeepWeight
     rng: np.random.Generator
     gen: torch.Generator
-    table_t: Table | None = None
-    """The clean histograms of each target's own images (``fit.target_divergence_weight``)."""
 
 
 def _step_loss(
@@ -289,11 +287,7 @@ def _step_loss(
     if s.target_ce_weight > 0:
         tb = keep_pairs.shape[1]
         which = torch.from_numpy(keep_pairs.reshape(-1))
-        with model.capturing() as cap_t:
-            logits_t = _keep_target(model, thetas, st.x_all, variants, st.tgt, which, tb, st.rng, s)
-        if st.table_t is not None:
-            d_t = _q_divergence(cap_t, st.table_t, n_t, s, st.hist, st.gen)
-            loss = loss + s.target_divergence_weight * d_t
+        logits_t = _keep_target(model, thetas, st.x_all, variants, st.tgt, which, tb, st.rng, s)
         ce = torch.nn.functional.cross_entropy(
             logits_t, st.target_label.repeat_interleave(tb), reduction="none"
         )
@@ -342,9 +336,6 @@ def _fit_group(
         rng,
         gen,
     )
-    if settings.target_divergence_weight > 0 and settings.target_ce_weight > 0:
-        own = [[t] for t in targets]
-        st.table_t = clean_statistics(model, data, own, settings, hist, gen).table
     src = [data.of_classes(list(sources[t])) for t in targets]
     b = settings.batch_size
     steps_per_epoch = max(1, -(-max(len(s) for s in src) // b))

@@ -161,9 +161,6 @@ class FitSettings:
     that clean images of t are not flagged (the paper's objective has no such term; 0 = off:
     digits FPR 19-33%, with it 3-5%; 5 with the stronger trigger copies of trigger_scales,
     which flag more clean images of t at 3: README, Θ fit)."""
-    target_divergence_weight: float = 0.0
-    """Weight of Σ D(p_t || q_t) over every BN channel, p_t f's and q_t g_t's histograms on the
-    keep-t term's images of t: g_t keeps what f sees of t's images (0 = off)."""
     target_flag_budget: float = 0.0
     """Share of the defender's clean target images (those f answers t for) that g_t may flag:
     while more are flagged the keep-t weight is multiplied by ``target_weight_step`` per step,
