@@ -175,7 +175,8 @@ def _all_to_all(rec: FitRecord) -> str:
     return (
         f"<p>All-to-all rule: {len(found)} of the {rec.n_classes} sources each have their own "
         "target whose trigger is their smallest (a mapping, one source per target), each pair "
-        f"scoring at least `detect.all_to_all_bar` × the threshold: {escape(listed)}.</p>"
+        "scoring at least <code>detect.all_to_all_bar</code> × the threshold: "
+        f"{escape(listed)}.</p>"
     )
 
 
