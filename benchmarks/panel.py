@@ -14,7 +14,8 @@ Prints per row: targets and pairs found against the truth, the best anomaly scor
 pair and of any other (the detecting side, any family), ACC before and after, ASR, SIA, TPR,
 FPR, the fit's wall time and the 1-minute load average when the row ended; then the means
 (repair metrics over attacked rows). "pooled score true / other": the pooled rule's best score
-(detecting side, any family) of the all-to-one target and of any other target.
+(detecting side, any family) of the all-to-one target and of any other target. Each row's JSON
+also keeps every pair's trigger size per family and the pooled sizes, for rescoring offline.
 
 Run in parts: ``python benchmarks/panel.py --arch cnn --attacks patch,blend --seeds 0,1 --out
 out/panel`` writes one JSON per row into ``out/panel``; ``python benchmarks/panel.py
@@ -143,7 +144,19 @@ def run_row(arch: str, attack: str, seed: int, settings: Settings) -> dict:
         "seconds": seconds,
         "load": os.getloadavg()[0],
         **after,
+        # every solved pair's trigger size per family ([source][target], null: not solved) and
+        # each target's pooled trigger size, so that detection rules can be rescored offline
+        "sizes": {f: _size_matrix(entries, 10) for f, entries in rec.scores.items()},
+        "pooled_sizes": {f: list(v) for f, v in det.pooled_sizes.items()},
     }
+
+
+def _size_matrix(entries, k: int) -> list[list[float | None]]:
+    z: list[list[float | None]] = [[None] * k for _ in range(k)]
+    for e in entries:
+        if e.source is not None and np.isfinite(e.size):
+            z[e.source][e.target] = float(e.size)
+    return z
 
 
 def _cell(v: float | None, digits: int = 3) -> str:
