@@ -4,11 +4,12 @@ solver), and each target's trigger on the pooled images of every other class (th
 then per family alone: its problem-steps and seconds (pairs and pooled problems), the pairs it
 detects right and wrong, the best anomaly score of a true pair and of any other (the detecting
 side), the all-to-one (column) score of the true target, and the pooled-rule score of the true
-target and the best of the other targets; then the union rule over the family sets tried.
+target and the best of the other targets, the all-to-all and vote rules; then the union rule
+over the family sets tried. ``--load`` rescores sizes saved by ``--save`` (seconds, no model).
 
 Run: ``python benchmarks/families.py --case cnn:blend:0 [--families patch,perturbation,blend,warp]
 [--union patch+perturbation --union patch+perturbation+blend] [--set sweep.blend_steps=300]
-[--save sizes.npz] [--per-source] [--signals]``
+[--save sizes.npz | --load sizes.npz] [--per-source] [--signals]``
 (case ARCH:ATTACK:SEED, attack as in the panel, e.g. ``patch-a2a`` or ``clean``, or
 ``binary-a2o`` / ``binary-a2a``, the 10 synthetic classes of ``sweep_settings.py``; ``--set`` as
 in ``fit``, e.g. the sweep's solver settings).
@@ -26,10 +27,12 @@ from panel import TARGET, panel_scenario, truth_of
 from sweep_settings import scenario, true_pairs
 
 from bna_export.detect import all_to_all_pairs, detect_pairs, large_side_scores
+from bna_export.lab.scenario import Scenario
 from bna_export.model import adapt_module
 from bna_export.reverse import reverse_engineer
 from bna_export.settings import Settings, with_overrides
 from bna_export.sweep import pair_problems, pooled_problems, pooled_sizes, size_matrices
+from bna_export.target_rules import row_minimum_votes, vote_targets
 
 
 def main() -> None:
@@ -38,6 +41,11 @@ def main() -> None:
     ap.add_argument("--families", default="patch,perturbation,blend,warp")
     ap.add_argument("--union", action="append", default=[])
     ap.add_argument("--save", help="also write the size matrices and pooled sizes to this .npz")
+    ap.add_argument(
+        "--load",
+        help="score the size matrices and pooled sizes of this .npz (written by --save) instead "
+        "of solving; the case still names the truth",
+    )
     ap.add_argument(
         "--per-source",
         action="store_true",
@@ -56,20 +64,24 @@ def main() -> None:
     )
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.signals and args.load:
+        ap.error("--signals solves triggers again; it cannot be used with --load")
+    k, target, truth = 10, TARGET, set()
     if args.case.startswith("binary-"):  # the 10 synthetic classes of fit_scaling.py
-        sc = scenario(args.case)
-        k, target = int(sc.defender.y.max()) + 1, sc.targets[0]
-        truth = true_pairs(sc, k)
+        target = 0
+        a2a_case = args.case.endswith("a2a")
+        truth = {(s, (s + 1) % k) for s in range(k)} if a2a_case else {(s, 0) for s in range(1, k)}
     else:
-        arch, attack, seed = args.case.split(":")
-        sc = panel_scenario(arch, attack, int(seed))
-        k, target = int(sc.defender.y.max()) + 1, TARGET
-        truth = truth_of(attack)
+        truth = truth_of(args.case.split(":")[1])
     true_mask = np.zeros((k, k), dtype=bool)
     for s, t in truth:
         true_mask[s, t] = True
-    model = adapt_module(sc.net, torch.from_numpy(sc.test.x[:2]))
-    model.use_channels_last(torch.from_numpy(sc.defender.x[:8]))
+    if not args.load:  # --load needs no model: the sizes are given
+        sc = case_scenario(args.case)
+        assert int(sc.defender.y.max()) + 1 == k
+        assert not args.case.startswith("binary-") or true_pairs(sc, k) == truth
+        model = adapt_module(sc.net, torch.from_numpy(sc.test.x[:2]))
+        model.use_channels_last(torch.from_numpy(sc.defender.x[:8]))
     settings = with_overrides(Settings(), args.overrides)
     solver, d = settings.sweep, settings.detect
     a2a = (d.all_to_all_bar, d.all_to_all_sources) if d.all_to_all_rule else None
@@ -80,24 +92,35 @@ def main() -> None:
     print(
         "| families | problem-steps | sweep s | pairs right / wrong (of true) | best score "
         f"true / other | all-to-one score of {target} | pooled score of {target} / best other | "
-        "all-to-all rule: pairs, sources over its bar with distinct targets |"
+        "all-to-all rule: pairs, sources over its bar with distinct targets | vote rule: each "
+        "family's most-named target, votes of sources; targets found |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     found, cost = [], {}
-    for fam in args.families.split(","):
+    if args.load:
+        saved = np.load(args.load)
+        cost = {f: (0, 0.0) for f in args.families.split(",")}
+        sizes = {f: saved[f"pairs_{f}"] for f in cost}
+        pooled = {f: saved[f"pooled_{f}"] for f in cost}
+    for fam in [] if args.load else args.families.split(","):
         t0 = time.perf_counter()
         problems = pair_problems(k, [fam], 1) + pooled_problems(k, [fam], 1)
         mine = reverse_engineer(model, sc.defender, problems, (0, 1), solver)
         cost[fam] = (sum(e.steps for e in mine), time.perf_counter() - t0)
         found += mine
-    sizes = size_matrices(found, k, list(cost), solver.success)
-    pooled = pooled_sizes(found, k, list(cost), solver.success)
+    if not args.load:
+        sizes = size_matrices(found, k, list(cost), solver.success)
+        pooled = pooled_sizes(found, k, list(cost), solver.success)
     if args.save:
         arrays = {f"pairs_{f}": z for f, z in sizes.items()}
         np.savez(args.save, **arrays, **{f"pooled_{f}": z for f, z in pooled.items()})
     for group in [[f] for f in cost] + [u.split("+") for u in args.union]:
         det = detect_pairs(
-            {f: sizes[f] for f in group}, pooled={f: pooled[f] for f in group}, all_to_all=a2a
+            {f: sizes[f] for f in group},
+            pooled={f: pooled[f] for f in group},
+            pooled_families=d.pooled_families,
+            all_to_all=a2a,
+            vote_share=d.vote_share if d.vote_rule else None,
         )
         pairs = set(det.pairs)
         best = {True: 0.0, False: 0.0}
@@ -117,16 +140,31 @@ def main() -> None:
         secs = sum(cost[f][1] for f in group)
         over = all_to_all_pairs(det.statistics, det.scores, d.all_to_all_bar * d.mad_threshold, 0)
         rule = f"{len(det.all_to_all) or 'not fired'}, {len(over)} of {k} over the bar"
+        named = []
+        for f in group:
+            votes, voters = row_minimum_votes(sizes[f])
+            t = int(votes.argmax())
+            named.append(f"{f} {t} ({votes[t]} of {voters[t]})")
+        voted = sorted(vote_targets({f: sizes[f] for f in group}, d.vote_share, d.pooled_families))
         print(
             f"| {'+'.join(group)} | {steps} | {secs:.0f} | {len(pairs & truth)} / "
             f"{len(pairs - truth)} ({len(truth)}) | {best[True]:.1f} / {best[False]:.1f} | "
-            f"{a2o:.1f} | {pooled_true:.1f} / {other:.1f} | {rule} |",
+            f"{a2o:.1f} | {pooled_true:.1f} / {other:.1f} | {rule} | {', '.join(named)}; "
+            f"{voted or 'none'} |",
             flush=True,
         )
     if args.per_source:
         per_source(sizes, list(cost), true_mask)
     if args.signals:
         signals(model, sc.defender, found, k, solver.success)
+
+
+def case_scenario(case: str) -> Scenario:
+    """The case's poisoned model and data: a panel row (ARCH:ATTACK:SEED) or a synthetic set."""
+    if case.startswith("binary-"):
+        return scenario(case)
+    arch, attack, seed = case.split(":")
+    return panel_scenario(arch, attack, int(seed))
 
 
 def signals(model, data, found: list, k: int, success: float) -> None:

@@ -37,7 +37,7 @@ _API = {
     "FitRecord": ("fitfile", "FitRecord"),
     "FitSettings": ("settings", "FitSettings"),
     "HistogramSettings": ("settings", "HistogramSettings"),
-    "intrinsic_check": ("detect", "intrinsic_check"),
+    "intrinsic_check": ("target_rules", "intrinsic_check"),
     "layer_divergence": ("layer_divergence", "layer_divergence"),
     "load_data": ("data", "load_data"),
     "load_fit": ("artifact", "load"),
@@ -66,6 +66,7 @@ _API = {
     "SweepResult": ("sweep", "SweepResult"),
     "target_scores": ("detect", "target_scores"),
     "TriggerEstimate": ("reverse", "TriggerEstimate"),
+    "vote_targets": ("target_rules", "vote_targets"),
     "with_overrides": ("settings", "with_overrides"),
 }
 

@@ -21,7 +21,7 @@ import torch
 from . import fitfile
 from .artifact import FitFile
 from .data import Dataset
-from .detect import Detection, intrinsic_check
+from .detect import Detection
 from .distributed import Shard
 from .errors import BadInputError, ModelError
 from .estimates import ROUND, Job, StageProgress, find_backdoors, refresher
@@ -33,6 +33,7 @@ from .record import make_record
 from .reverse import TriggerEstimate, choose_family, succeeds
 from .settings import Settings
 from .sweep import SweepResult
+from .target_rules import intrinsic_check
 
 
 def model_output_classes(model: BnaModel, x: np.ndarray) -> int:

@@ -53,6 +53,8 @@ from typing import Literal
 
 import numpy as np
 
+from .target_rules import vote_targets
+
 Side = Literal["large", "small", "both"]
 _MEDIAN_SE = math.sqrt(math.pi / 2)  # sd of a sample median = 1.2533·σ/√n (normal samples)
 Normalise = Literal["source", "none"]
@@ -287,6 +289,7 @@ def detect_pairs(
     pooled: Mapping[str, np.ndarray] | None = None,
     pooled_families: int = 2,
     all_to_all: tuple[float, float] | None = None,
+    vote_share: float | None = None,
 ) -> Detection:
     """Score every pair in every family and take the union of the outliers.
 
@@ -299,6 +302,8 @@ def detect_pairs(
     of them (all of them when fewer are given) is detected with every solved source (pooled
     rule). ``all_to_all``: (bar as a share of ``threshold``, share of sources) of the all-to-all
     rule (:func:`all_to_all_pairs`), applied when every pair was solved (None: off).
+    ``vote_share``: the vote rule's share (:func:`bna_export.target_rules.vote_targets`, in
+    ``pooled_families`` families), applied when every pair was solved (None: off).
     """
     stats, scores, tscores, best, a2o, pscores = {}, {}, {}, {}, {}, {}
     for fam, z in sizes.items():
@@ -326,6 +331,9 @@ def detect_pairs(
     for t, v in votes.items():
         if len(v) >= min(pooled_families, len(pooled or {})):
             a2o.setdefault(t, max(v)[1])
+    if vote_share is not None and weights is None:
+        for t, (_, fam) in vote_targets(sizes, vote_share, pooled_families).items():
+            a2o.setdefault(t, fam)
     for t, fam in a2o.items():
         for s in np.flatnonzero(~np.isnan(sizes[fam][:, t])).tolist():
             best.setdefault((s, t), fam)
@@ -369,13 +377,3 @@ def all_to_all_pairs(
     if not kept or len(kept) < math.ceil(min_sources * k):
         return {}
     return {(s, t): fams[which[s, t]] for t, s in sorted(kept.items())}
-
-
-def intrinsic_check(pair_sizes: Mapping[int, float], pooled_size: float, ratio: float) -> list[int]:
-    """Sources of one target to keep (paper, appendix C). When the trigger re-estimated on the
-    pooled images of all detected sources is more than ``ratio`` times the largest per-pair
-    trigger, the sources do not share one backdoor: keep only the source with the smallest
-    trigger (the others' small triggers are intrinsic, natural features of their classes)."""
-    if len(pair_sizes) < 2 or not pooled_size > ratio * max(pair_sizes.values()):
-        return sorted(pair_sizes)
-    return [min(pair_sizes, key=lambda s: (pair_sizes[s], s))]

@@ -16,7 +16,7 @@ from typing import Any
 from .artifact import decode
 from .errors import BadInputError, FitFileError
 from .fitfile import FitRecord, read
-from .report import detected_pairs, pooled_side_scores
+from .report import detected_pairs, family_votes, pooled_side_scores
 from .report_figures import divergence_png, scores_png, target_png
 
 METRICS = ("acc", "asr", "sia", "tpr", "fpr")
@@ -180,9 +180,18 @@ def _all_to_all(rec: FitRecord) -> str:
     )
 
 
+HEAD_WHOLE = [
+    "target",
+    "family",
+    "column score (median pair)",
+    "pooled score",
+    "sources whose smallest trigger goes to it",
+]
+
+
 def _whole(rec: FitRecord) -> str:
-    """The targets the all-to-one rules found as a whole, with their column and pooled
-    scores (a pair of such a target is detected below the threshold)."""
+    """The targets the all-to-one rules found as a whole, with their column and pooled scores
+    and votes (a pair of such a target is detected below the threshold)."""
     det = rec.detection
     if not det.all_to_one:
         return ""
@@ -190,13 +199,14 @@ def _whole(rec: FitRecord) -> str:
     for t, fam in sorted(det.all_to_one.items()):
         column = det.target_scores.get(fam, ())
         pooled = pooled_side_scores(det, fam)
-        rows.append([t, fam, column[t] if t < len(column) else None,
-                     None if pooled is None or t >= len(pooled) else float(pooled[t])])  # fmt: skip
+        counted = family_votes(rec.scores, fam)
+        votes = None if counted is None else f"{counted[0][t]} of {counted[1][t]}"
+        pooled_t = None if pooled is None or t >= len(pooled) else float(pooled[t])
+        rows.append([t, fam, column[t] if t < len(column) else None, pooled_t, votes])
     return (
         "<p>Targets detected as a whole (all-to-one): every source of such a target counts as "
         "detected, since its triggers from all other classes are small together even where "
-        "one pair alone stays under the threshold.</p>"
-        + _table(["target", "family", "column score (median pair)", "pooled score"], rows)
+        "one pair alone stays under the threshold.</p>" + _table(HEAD_WHOLE, rows)
     )
 
 

@@ -111,10 +111,16 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def goal(logits: Tensor, target: Tensor, away: Tensor) -> tuple[Tensor, Tensor]:
-    """Per sample, the loss and whether f's answer meets the goal: reach ``target``, or, where
-    ``away`` ≥ 0 (an untargeted problem), leave class ``away``: −log(1 − p_away)."""
+def goal(
+    logits: Tensor, target: Tensor, away: Tensor, confidence: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """Per sample, the loss and whether f's answer meets the goal: reach ``target`` (with at
+    least ``confidence`` of f's probability), or, where ``away`` ≥ 0 (an untargeted problem),
+    leave class ``away``: −log(1 − p_away)."""
     hit = logits.argmax(1) == target
+    if confidence > 0:
+        p_t = logits.softmax(1).gather(1, target.clamp_min(0)[:, None])[:, 0]
+        hit = hit & (p_t >= confidence)
     loss = torch.nn.functional.cross_entropy(logits, target.clamp_min(0), reduction="none")
     untargeted = away >= 0
     if bool(untargeted.any()):
@@ -255,6 +261,7 @@ def success(
                     logits,
                     targets[chunk].repeat_interleave(n).to(dev),
                     away[chunk].repeat_interleave(n).to(dev),
+                    settings.confidence,
                 )
                 weight = weight.double().to(dev)
                 hit = hit.double().view(len(chunk), -1)

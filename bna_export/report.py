@@ -20,6 +20,7 @@ from .audit import Audit
 from .detect import large_side_scores
 from .errors import BadInputError
 from .fitfile import Detection, FitRecord, PairScore, header_of
+from .target_rules import row_minimum_votes
 
 if TYPE_CHECKING:
     from .evaluation import Evaluation
@@ -228,6 +229,21 @@ def pooled_side_scores(det: Detection, family: str) -> np.ndarray | None:
         return large_side_scores(1 / sizes, np.array(sc, dtype=np.float64))
 
 
+def family_votes(
+    scores: Mapping[str, Sequence[PairScore]], family: str
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per target, the vote rule's count in ``family``: how many sources' smallest trigger
+    names it, and how many sources could (None: no pair of an exhaustive sweep recorded)."""
+    pairs = [e for e in scores.get(family, ()) if e.source is not None and e.score is not None]
+    if not pairs or any(e.weight is not None for e in pairs):
+        return None
+    k = 1 + max(max(e.source, e.target) for e in pairs if e.source is not None)
+    z = np.full((k, k), np.nan)
+    for e in pairs:
+        z[e.source, e.target] = e.size
+    return row_minimum_votes(z)
+
+
 def inspect_lines(rec: FitRecord, path: str) -> list[str]:
     """What ``inspect`` prints: the verdict, score histograms, detected pairs, the pooled rule's
     best targets, the intrinsic check, triggers, layers and settings."""
@@ -267,6 +283,14 @@ def inspect_lines(rec: FitRecord, path: str) -> list[str]:
             f"pooled rule, {fam} family: best target {t} (score {side[t]:.1f}, smaller "
             f"trigger than the median; threshold {det.threshold})"
         )
+    for fam in rec.scores:
+        counted = family_votes(rec.scores, fam)
+        if counted is not None:
+            t = int(np.argmax(counted[0]))
+            out.append(
+                f"vote rule, {fam} family: target {t} is the smallest trigger of "
+                f"{counted[0][t]} of {counted[1][t]} sources"
+            )
     if det.all_to_all:
         out.append(
             "all-to-all rule: each source's best pair, one source per target: "

@@ -81,20 +81,21 @@ class ReverseSettings:
     threshold (README, Detection)."""
     success: float = 0.95
     """A trigger succeeds when this share of the problem's images reaches the target."""
+    confidence: float = 0.0
+    """An image reaches t only where f gives t at least this probability (0: f's answer is t).
+    0.9 in the sweep widened the patch margins on digits but moved others (README, Detection)."""
     init_cost: float = 1e-2
     """Weight λ of the patch size penalty once the trigger first succeeds (λ is 0 before, as
     in Neural Cleanse). Neural Cleanse's 1e-3 needs ~300 more steps to reach the boundary; 1e-2
     converged on digits and the synthetic sets within the step budget to similar sizes."""
-    cost_patience: int = 3
-    """Checks in a row with (without) success before λ grows (shrinks)."""
+    cost_patience: int = 3  # checks in a row with (without) success before λ grows (shrinks)
     cost_multiplier: float = 1.5
     """λ grows by this factor while the trigger succeeds and shrinks by its 1.5th power when not."""
     check_every: int = 10
     """Steps between success checks, λ updates and early-stop checks of patch problems."""
     patience: int = 5
     """Early stop after this many checks without a 1% smaller successful trigger."""
-    min_steps: int = 100
-    """Never stop a patch problem before this many steps."""
+    min_steps: int = 100  # never stop a patch problem before this many steps
     precision: Literal["float32", "bfloat16", "auto"] = "float32"
     """Arithmetic of f's forward and backward passes: float32, bfloat16 (autocast: weights,
     triggers and their updates stay float32), or auto (bfloat16 where the hardware computes it
@@ -103,10 +104,9 @@ class ReverseSettings:
     of 8 all-to-all pairs and added a false pair on the 12-class test sets (README)."""
     restarts: int = 1
     """Independent trigger estimates per target and family for fitting (different
-    initialisations and minibatches); the fit uses those of the families ``family_rule``
-    keeps.
-    With two families, 2 restarts took digits patch A2O ASR from 5.2% to 2.8%; with the four
-    families the estimates are diverse already, and 1 halves the per-target cost (README)."""
+    initialisations and minibatches); the fit uses those of the families ``family_rule`` keeps.
+    With two families, 2 restarts took digits patch A2O ASR from 5.2% to 2.8%; with four the
+    estimates are diverse already, and 1 halves the per-target cost (README)."""
 
 
 SWEEP = ReverseSettings(steps=300, perturbation_step=0.04, blend_pixels=True, blend_steps=150)
@@ -230,10 +230,11 @@ class DetectSettings:
     pixels turn some digits into others as cheaply as a backdoor patch does, but not every
     digit (README, Detection)."""
     pooled_families: int = 2
-    """The pooled rule detects a target that is an outlier in at least this many of the
-    sweep's families (all of them when fewer are swept): on the clean small digits ResNet the
-    pooled patch to class 8 scored 8.7 (patch strokes draw an 8 cheaply from any digit) and
-    1.0 in the other families; the digits CNN's patch backdoor scored 8.2 and 9.2 in two."""
+    """The pooled and vote rules need a target in this many of the sweep's families (all when
+    fewer): patch strokes draw an 8 from any digit of the clean small ResNet (pooled 8.7, 1.0 in
+    the others); the digits CNN's patch backdoor scored 8.2 and 9.2 in two (README)."""
+    vote_rule: bool = True  # the vote rule (bna_export/target_rules.py; README, Detection)
+    vote_share: float = 2 / 3  # it needs this share of the sources' smallest triggers to name t
     all_to_all_rule: bool = True  # the all-to-all rule (bna_export/detect.py; README, Detection)
     all_to_all_bar: float = 0.5  # a source's best pair counts from this share of the threshold
     all_to_all_sources: float = 0.5  # it fires when this share of the sources keep one pair
@@ -242,10 +243,9 @@ class DetectSettings:
     screen_above: int = 15
     """Up to this many classes the sweep solves every ordered pair (K·(K−1) problems per
     family); above, it screens first (bna_export/sweep.py): about K·(1 + m + r) + k·(K − 1),
-    0.7× every pair at K = 10, 0.5× at 15, 0.08× at 100. At K = 10 the screen missed the
-    all-to-one target of the small digits ResNet (its columns of a few pairs each cannot
-    tell a backdoor from how unevenly easy the digits are to reach: target score 6.3, every
-    pair 9.2) and found 2 of 10 all-to-all pairs where every pair found 4 (README)."""
+    0.7× every pair at K = 10, 0.5× at 15, 0.08× at 100. At K = 10 the screen missed the small
+    digits ResNet's all-to-one target (columns of a few pairs cannot tell a backdoor from how
+    unevenly easy digits are to reach: 6.3, every pair 9.2) and 2 of 10 all-to-all pairs."""
     screen_candidates: int = 2
     """m: targets per source from its untargeted screen (the classes its way out reaches most)."""
     screen_references: int = 3

@@ -105,6 +105,7 @@ class Batch:
                     logits,
                     self.targets[chunk].repeat_interleave(pools.batch).to(dev),
                     self.away[chunk].repeat_interleave(pools.batch).to(dev),
+                    s.confidence,
                 )
                 norm = weight.sum(1)
                 loss = (ce.view(len(chunk), -1) * weight).sum(1) / norm

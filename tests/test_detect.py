@@ -3,7 +3,6 @@ import pytest
 
 from bna_export.detect import (
     detect_pairs,
-    intrinsic_check,
     large_side_scores,
     mad_scores,
     outliers,
@@ -131,13 +130,6 @@ def test_large_side_scores_keep_only_the_backdoor_side():
     side = large_side_scores(stats, scores)
     assert side[3] == scores[3] > 0 and side[4] == 0.0 < scores[4]  # 0.1: far, but small side
     assert side[5] == 0.0 and side[0] == 0.0
-
-
-def test_intrinsic_check_keeps_the_smallest_when_the_pooled_trigger_is_much_larger():
-    # the paper's example: per-pair 3.02 (class 0) and 7.95 (class 8), pooled 27.18
-    assert intrinsic_check({0: 3.02, 8: 7.95}, 27.18, 2.0) == [0]
-    assert intrinsic_check({0: 3.02, 8: 7.95}, 9.0, 2.0) == [0, 8]  # one shared trigger
-    assert intrinsic_check({4: 3.0}, 100.0, 2.0) == [4]  # a single source is kept
 
 
 A2A = (0.5, 0.5)  # the defaults of detect.all_to_all_bar and detect.all_to_all_sources

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from bna_export.problems import Pools, Problem
+from bna_export.problems import Pools, Problem, goal
 
 
 def test_pools_whole_or_sampled_from_the_problem_own_schedule(patch_scenario):
@@ -19,3 +19,13 @@ def test_pools_whole_or_sampled_from_the_problem_own_schedule(patch_scenario):
     flipped = problems[::-1]
     again = Pools(data, flipped, 32, 5, [torch.Generator().manual_seed(p.seed(0)) for p in flipped])
     assert torch.equal(again.step(torch.tensor([0]), 2)[0][0], index[1])
+
+
+def test_goal_counts_a_hit_only_at_the_required_confidence():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [5.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
+    target, away = torch.tensor([0, 0, 0]), torch.tensor([-1, -1, -1])
+    loss, hit = goal(logits, target, away)
+    assert hit.tolist() == [True, True, False]
+    assert torch.equal(goal(logits, target, away, 0.9)[0], loss)  # the loss is the same
+    # p = e²/(e² + 2) = 0.79 and e⁵/(e⁵ + 2) = 0.99
+    assert goal(logits, target, away, 0.9)[1].tolist() == [False, True, False]

@@ -111,3 +111,18 @@ def test_problems_of_much_larger_pools_are_solved_apart(model, patch_scenario):
     for p, e in zip(problems, mixed, strict=True):
         alone = reverse_engineer(model, data, [p], (0.0, 1.0), settings, seed=5)[0]
         assert alone.size == e.size and alone.steps == e.steps
+
+
+def test_a_confident_trigger_is_larger_and_gives_t_that_probability(model, patch_scenario):
+    """With ``confidence`` an image counts as sent to t only where f gives t that probability:
+    the trigger that does so is at least as large as the one that makes t f's answer."""
+    data, p = patch_scenario.defender, Problem("perturbation", 2, (1,))
+    plain, sure = (
+        reverse_engineer(model, data, [p], (0.0, 1.0), ReverseSettings(confidence=c), seed=0)[0]
+        for c in (0.0, 0.99)
+    )
+    assert plain.success >= 0.95 and sure.success >= 0.95 and sure.size > plain.size
+    x = torch.from_numpy(data.x[data.y == 1])
+    with torch.no_grad():
+        probs = model(sure.apply(x, 0.0, 1.0)).softmax(1)[:, 2]
+    assert (probs >= 0.99).float().mean() >= 0.95

@@ -1,0 +1,59 @@
+"""Rules that decide about a target from its sources' trigger sizes alone: the vote rule, which
+finds an all-to-one target, and the paper's intrinsic-backdoor check, which prunes its sources.
+
+Vote rule: an all-to-one backdoor's trigger is, for most sources, the cheapest way out of the
+source, while a natural easy target is the cheapest for a few (each class has its own nearest
+neighbours). Per family, each source's smallest trigger votes for its target; a target that gets
+at least a share of the votes of the sources that could give it one, in at least two families,
+is detected with every source (the intrinsic check then prunes). This holds where sizes alone do
+not separate: on the digits CNN a central 3×3 patch costs about what the few pixels that turn
+one digit into another cost, yet it is the cheapest way out of 7 of 9 sources (README,
+Detection). Exhaustive sweeps only, of more than :data:`VOTE_MIN_SOURCES` classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+VOTE_MIN_SOURCES = 5
+"""Fewer possible voters than this agree too easily by chance (two of two sources half the
+time with three classes), so the vote rule leaves such targets alone."""
+
+
+def row_minimum_votes(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per target ([K] each): how many sources' smallest trigger goes to it, and how many
+    sources could vote for it (every source but t with at least one solved pair)."""
+    z = np.asarray(sizes, dtype=np.float64)
+    solved = ~np.isnan(z)
+    has = solved.any(1)
+    best = np.where(solved, z, np.inf).argmin(1)
+    votes = np.bincount(best[has], minlength=len(z))
+    return votes, int(has.sum()) - has.astype(np.int64)
+
+
+def vote_targets(
+    sizes: Mapping[str, np.ndarray], share: float, families: int
+) -> dict[int, tuple[float, str]]:
+    """The vote rule (module docstring): targets that at least ``share`` of their possible
+    voters name as their smallest trigger in at least ``families`` of the families (all of
+    them when fewer are given); target -> (its largest share, the family that gave it)."""
+    shares: dict[int, list[tuple[float, str]]] = {}
+    for fam, z in sizes.items():
+        votes, voters = row_minimum_votes(z)
+        ok = (voters >= VOTE_MIN_SOURCES) & (votes >= share * np.maximum(voters, 1))
+        for t in np.flatnonzero(ok).tolist():
+            shares.setdefault(t, []).append((float(votes[t] / voters[t]), fam))
+    need = min(families, len(sizes))
+    return {t: max(v) for t, v in shares.items() if len(v) >= need}
+
+
+def intrinsic_check(pair_sizes: Mapping[int, float], pooled_size: float, ratio: float) -> list[int]:
+    """Sources of one target to keep (paper, appendix C). When the trigger re-estimated on the
+    pooled images of all detected sources is more than ``ratio`` times the largest per-pair
+    trigger, the sources do not share one backdoor: keep only the source with the smallest
+    trigger (the others' small triggers are intrinsic, natural features of their classes)."""
+    if len(pair_sizes) < 2 or not pooled_size > ratio * max(pair_sizes.values()):
+        return sorted(pair_sizes)
+    return [min(pair_sizes, key=lambda s: (pair_sizes[s], s))]
