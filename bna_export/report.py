@@ -234,7 +234,7 @@ def family_votes(
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Per target, the vote rule's count in ``family``: how many sources' smallest trigger
     names it, and how many sources could (None: no pair of an exhaustive sweep recorded)."""
-    pairs = [e for e in scores.get(family, ()) if e.source is not None and e.score is not None]
+    pairs = [e for e in scores.get(family, ()) if e.source is not None and math.isfinite(e.size)]
     if not pairs or any(e.weight is not None for e in pairs):
         return None
     k = 1 + max(max(e.source, e.target) for e in pairs if e.source is not None)
@@ -283,7 +283,7 @@ def inspect_lines(rec: FitRecord, path: str) -> list[str]:
             f"pooled rule, {fam} family: best target {t} (score {side[t]:.1f}, smaller "
             f"trigger than the median; threshold {det.threshold})"
         )
-    for fam in rec.scores:
+    for fam in rec.scores if det.scores_computed else ():
         counted = family_votes(rec.scores, fam)
         if counted is not None:
             t = int(np.argmax(counted[0]))

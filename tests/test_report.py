@@ -3,7 +3,13 @@ import pytest
 
 from bna_export.errors import BadInputError
 from bna_export.fitfile import Detection, PairScore
-from bna_export.report import detected_pairs, plot_scores, score_histograms, signed_scores
+from bna_export.report import (
+    detected_pairs,
+    family_votes,
+    plot_scores,
+    score_histograms,
+    signed_scores,
+)
 
 
 def records(scores, detected=(), threshold=7.0, computed=True):
@@ -65,3 +71,15 @@ def test_plot_needs_a_sweep(tmp_path):
         plot_scores(*records({"patch": ROWS}, computed=False), tmp_path / "x.png")
     plot_scores(*records({"patch": ROWS}, detected=[(2, 0)]), tmp_path / "x.png")
     assert (tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_family_votes_count_each_source_s_smallest_trigger():
+    """Sizes are 1 / statistic: source 0's smallest trigger goes to 2 (1/1.1 < 1/1.0) though
+    its score is infinite (None: MAD 0), sources 1 and 2 have only a pair to 0."""
+    rows = [((0, 1), 1.0, 0.2), ((0, 2), 1.1, None), ((1, 0), 0.9, 0.5), ((2, 0), 5.0, 9.5)]
+    entries, _ = records({"patch": rows})
+    votes, voters = family_votes(entries, "patch")
+    assert votes.tolist() == [2, 0, 1] and voters.tolist() == [2, 2, 2]
+    screened = [PairScore(0, 1, 1.0, 1.0, 0.0, False, 2.0)]
+    assert family_votes({"patch": screened}, "patch") is None  # a screen's weighted pairs
+    assert family_votes(entries, "blend") is None
