@@ -233,7 +233,7 @@ class DetectSettings:
     """The pooled and vote rules need a target in this many of the sweep's families (all when
     fewer): patch strokes draw an 8 from any digit of the clean small ResNet (pooled 8.7, 1.0 in
     the others); the digits CNN's patch backdoor scored 8.2 and 9.2 in two (README)."""
-    vote_rule: bool = True  # the vote rule (bna_export/target_rules.py; README, Detection)
+    vote_rule: bool = False  # the vote rule, off: a false target on a clean test model (README)
     vote_share: float = 2 / 3  # it needs this share of the sources' smallest triggers to name t
     all_to_all_rule: bool = True  # the all-to-all rule (bna_export/detect.py; README, Detection)
     all_to_all_bar: float = 0.5  # a source's best pair counts from this share of the threshold
