@@ -11,8 +11,10 @@ Run: ``python benchmarks/families.py --case cnn:blend:0 [--families patch,pertur
 [--union patch+perturbation --union patch+perturbation+blend] [--set sweep.blend_steps=300]
 [--save sizes.npz | --load sizes.npz] [--per-source] [--signals]``
 (case ARCH:ATTACK:SEED, attack as in the panel, e.g. ``patch-a2a`` or ``clean``, or
-``binary-a2o`` / ``binary-a2a``, the 10 synthetic classes of ``sweep_settings.py``; ``--set`` as
-in ``fit``, e.g. the sweep's solver settings).
+``binary-a2o`` / ``binary-a2a``, the 10 synthetic classes of ``sweep_settings.py``, or
+``equidistant:SEED``, the test suite's clean 8-class CNN on equidistant synthetic classes drawn
+with that data seed (1: the tests' own); ``--set`` as in ``fit``, e.g. the sweep's solver
+settings).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from panel import TARGET, panel_scenario, truth_of
 from sweep_settings import scenario, true_pairs
 
 from bna_export.detect import all_to_all_pairs, detect_pairs, large_side_scores
-from bna_export.lab.scenario import Scenario
+from bna_export.lab.scenario import Scenario, build_scenario, synthetic_scenario_data
 from bna_export.model import adapt_module
 from bna_export.reverse import reverse_engineer
 from bna_export.settings import Settings, with_overrides
@@ -67,7 +69,9 @@ def main() -> None:
     if args.signals and args.load:
         ap.error("--signals solves triggers again; it cannot be used with --load")
     k, target, truth = 10, TARGET, set()
-    if args.case.startswith("binary-"):  # the 10 synthetic classes of fit_scaling.py
+    if args.case.startswith("equidistant:"):
+        k, target = 8, 0
+    elif args.case.startswith("binary-"):  # the 10 synthetic classes of fit_scaling.py
         target = 0
         a2a_case = args.case.endswith("a2a")
         truth = {(s, (s + 1) % k) for s in range(k)} if a2a_case else {(s, 0) for s in range(1, k)}
@@ -91,11 +95,12 @@ def main() -> None:
     )
     print(
         "| families | problem-steps | sweep s | pairs right / wrong (of true) | best score "
-        f"true / other | all-to-one score of {target} | pooled score of {target} / best other | "
+        f"true / other | all-to-one score of {target} | effect of {target} / best other | "
+        f"pooled score of {target} / best other | "
         "all-to-all rule: pairs, sources over its bar with distinct targets | vote rule: each "
         "family's most-named target, votes of sources; targets found |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     found, cost = [], {}
     if args.load:
         saved = np.load(args.load)
@@ -121,6 +126,7 @@ def main() -> None:
             pooled_families=d.pooled_families,
             all_to_all=a2a,
             vote_share=d.vote_share if d.vote_rule else None,
+            min_effect=d.min_effect,
         )
         pairs = set(det.pairs)
         best = {True: 0.0, False: 0.0}
@@ -132,6 +138,8 @@ def main() -> None:
                 if vals.size:
                     best[key] = max(best[key], float(vals.max()))
         a2o = max(float(det.target_scores[f][target]) for f in group)
+        eff = np.stack([det.effects[f] for f in group])
+        eff_true, eff_other = np.nanmax(eff[:, target]), np.nanmax(np.delete(eff, target, 1))
         # pooled rule, detecting side only (a smaller trigger than the targets' median)
         ps = np.stack([large_side_scores(1 / pooled[f], det.pooled_scores[f]) for f in group])
         pooled_true = float(ps[:, target].max())
@@ -145,11 +153,17 @@ def main() -> None:
             votes, voters = row_minimum_votes(sizes[f])
             t = int(votes.argmax())
             named.append(f"{f} {t} ({votes[t]} of {voters[t]})")
-        voted = sorted(vote_targets({f: sizes[f] for f in group}, d.vote_share, d.pooled_families))
+        voted = sorted(
+            vote_targets(
+                {f: sizes[f] for f in group}, d.vote_share, d.pooled_families,
+                det.effects, d.min_effect,
+            )
+        )  # fmt: skip
         print(
             f"| {'+'.join(group)} | {steps} | {secs:.0f} | {len(pairs & truth)} / "
             f"{len(pairs - truth)} ({len(truth)}) | {best[True]:.1f} / {best[False]:.1f} | "
-            f"{a2o:.1f} | {pooled_true:.1f} / {other:.1f} | {rule} | {', '.join(named)}; "
+            f"{a2o:.1f} | {eff_true:.2f} / {eff_other:.2f} | {pooled_true:.1f} / {other:.1f} | "
+            f"{rule} | {', '.join(named)}; "
             f"{voted or 'none'} |",
             flush=True,
         )
@@ -163,6 +177,9 @@ def case_scenario(case: str) -> Scenario:
     """The case's poisoned model and data: a panel row (ARCH:ATTACK:SEED) or a synthetic set."""
     if case.startswith("binary-"):
         return scenario(case)
+    if case.startswith("equidistant:"):  # as tests/conftest.py's clean_scenario
+        x, y = synthetic_scenario_data(n_classes=8, equidistant=True, seed=int(case[12:]))
+        return build_scenario(x, y, attack=None, target=0, width=8, epochs=6, seed=0)
     arch, attack, seed = case.split(":")
     return panel_scenario(arch, attack, int(seed))
 

@@ -28,6 +28,7 @@ _API = {
     "Detection": ("detect", "Detection"),
     "DetectSettings": ("settings", "DetectSettings"),
     "divergence": ("histogram", "divergence"),
+    "effects": ("detect", "effects"),
     "Evidence": ("fitfile", "Evidence"),
     "fit_defence": ("defend", "fit_defence"),
     "fit_thetas": ("fit", "fit_thetas"),

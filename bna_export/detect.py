@@ -15,10 +15,11 @@ in *any* family (the defender does not know which family the trigger belongs to,
 of one family can be invisible to the other: an additive chessboard has no small patch).
 
 Sampled pairs: when the sweep solved only some pairs (the screen of :mod:`bna_export.sweep`),
-each solved pair carries a weight, the number of pairs of the population it stands for (1 for a
-pair the screen chose, the inverse of the sampling rate for a random reference pair), and every
-median (of all pairs, of a source's row, of a target's column) is the weighted median: the
-estimate of the median over all pairs. Equal weights give ``np.median`` exactly.
+each solved pair carries a weight, the number of pairs it stands for, and every median is the
+weighted median. Equal weights give ``np.median`` exactly.
+
+Effect floor: the pair, column and vote rules also need the trigger to be ``min_effect`` times
+smaller than its source's typical one (:func:`effects`): a score is relative to the spread.
 
 All-to-one rule: an all-to-one backdoor makes the trigger of *every* source to t small, each
 perhaps only a little, which a pair-by-pair test misses. The median over sources of a target's
@@ -30,9 +31,8 @@ other class; 1 / its size, scored by MAD across targets with the same threshold.
 can be as easy as a backdoor pair (a few pixels turn a 1 into a 7), but turning *every* class
 into t is not, unless t is an all-to-one target; such a target is detected with every source
 when it is an outlier in at least two families: one family alone can draw a naturally easy
-class cheaply (patch strokes that make any digit an 8), while a backdoor trigger is a feature
-the model takes as t whatever the image, small in more than one family (a patch is also a
-small L2 perturbation; a blend is also a small perturbation) (README, Detection).
+class cheaply (patch strokes that make any digit an 8), while a backdoor trigger is small in
+more than one family (README, Detection).
 
 All-to-all rule: an all-to-all backdoor gives every source one target of its own, each pair
 perhaps only a little anomalous. Each source's best pair (its largest score on the large side,
@@ -189,10 +189,8 @@ def pair_statistics(
 @dataclass
 class Detection:
     """What the pair statistics say: per family the [K, K] statistics and scores and the [K]
-    target scores; the detected pairs P, targets T and sources S(t); for each detected pair the
-    family that detected it; the targets found by the all-to-one rules (column or pooled) and the
-    family that found each; per family the [K] scores of the pooled rule (empty without it); and
-    the pairs of the all-to-all rule."""
+    target scores; the pairs P, targets T, sources S(t); each pair's family; the targets of the
+    all-to-one rules (column, pooled, vote) with their family; the pooled rule's scores."""
 
     statistics: dict[str, np.ndarray]
     scores: dict[str, np.ndarray]
@@ -203,6 +201,8 @@ class Detection:
     pooled_scores: dict[str, np.ndarray] = field(default_factory=dict)
     all_to_all: list[tuple[int, int]] = field(default_factory=list)
     """The pairs the all-to-all rule found (empty when it did not fire)."""
+    effects: dict[str, np.ndarray] = field(default_factory=dict)
+    """Per family the [K] target effects (:func:`effects`)."""
 
     @property
     def targets(self) -> list[int]:
@@ -232,6 +232,19 @@ def target_statistics(stats: np.ndarray, weights: np.ndarray | None = None) -> n
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmedian(np.asarray(stats, dtype=np.float64), axis=0)
+
+
+def effects(
+    sizes: Mapping[str, np.ndarray], weights: Mapping[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """Per family the [K] target effects: how many times smaller a target's triggers are than
+    their sources' typical one (median over sources of row median / size; NaN: none solved),
+    as :func:`detect_pairs` computes them for its effect floor (README, Detection)."""
+    out = {}
+    for fam, z in sizes.items():
+        w = None if weights is None else weights[fam]
+        out[fam] = target_statistics(pair_statistics(z, "source", w), w)
+    return out
 
 
 def target_scores(
@@ -290,6 +303,7 @@ def detect_pairs(
     pooled_families: int = 2,
     all_to_all: tuple[float, float] | None = None,
     vote_share: float | None = None,
+    min_effect: float = 1.5,
 ) -> Detection:
     """Score every pair in every family and take the union of the outliers.
 
@@ -304,20 +318,26 @@ def detect_pairs(
     rule (:func:`all_to_all_pairs`), applied when every pair was solved (None: off).
     ``vote_share``: the vote rule's share (:func:`bna_export.target_rules.vote_targets`, in
     ``pooled_families`` families), applied when every pair was solved (None: off).
+    ``min_effect``: the effect floor (module docstring) of the pair, column and vote rules, in
+    the family that finds the pair or target (one of those that vote for it).
     """
-    stats, scores, tscores, best, a2o, pscores = {}, {}, {}, {}, {}, {}
+    stats, scores, tscores, best, a2o, pscores, eff = {}, {}, {}, {}, {}, {}, {}
     for fam, z in sizes.items():
         w = None if weights is None else weights[fam]
         st = pair_statistics(z, normalise, w)
+        rel = st if normalise == "source" else pair_statistics(z, "source", w)
+        eff[fam] = target_statistics(rel, w)
         sc = mad_scores(st, consistency, w)
         stats[fam], scores[fam] = st, sc
-        for s, t in np.argwhere(outliers(st, sc, threshold, "large", w)).tolist():
+        big = outliers(st, sc, threshold, "large", w) & (np.nan_to_num(rel) >= min_effect)
+        for s, t in np.argwhere(big).tolist():
             if (s, t) not in best or sc[s, t] > scores[best[(s, t)]][s, t]:
                 best[(s, t)] = fam
         ts = target_statistics(st, w)
         tscores[fam] = target_scores(st, consistency, w)
         if target_rule:
-            for t in np.flatnonzero(outliers(ts, tscores[fam], threshold, "large")).tolist():
+            big = outliers(ts, tscores[fam], threshold, "large") & (eff[fam] >= min_effect)
+            for t in np.flatnonzero(big).tolist():
                 if t not in a2o or tscores[fam][t] > tscores[a2o[t]][t]:
                     a2o[t] = fam
     votes: dict[int, list[tuple[float, str]]] = {}
@@ -332,7 +352,9 @@ def detect_pairs(
         if len(v) >= min(pooled_families, len(pooled or {})):
             a2o.setdefault(t, max(v)[1])
     if vote_share is not None and weights is None:
-        for t, (_, fam) in vote_targets(sizes, vote_share, pooled_families).items():
+        for t, (_, fam) in vote_targets(
+            sizes, vote_share, pooled_families, eff, min_effect
+        ).items():
             a2o.setdefault(t, fam)
     for t, fam in a2o.items():
         for s in np.flatnonzero(~np.isnan(sizes[fam][:, t])).tolist():
@@ -342,9 +364,8 @@ def detect_pairs(
         a2a = all_to_all_pairs(stats, scores, all_to_all[0] * threshold, all_to_all[1])
         for pair, fam in a2a.items():
             best.setdefault(pair, fam)
-    return Detection(
-        stats, scores, tscores, sorted(best), best, dict(sorted(a2o.items())), pscores, sorted(a2a)
-    )
+    a2o = dict(sorted(a2o.items()))
+    return Detection(stats, scores, tscores, sorted(best), best, a2o, pscores, sorted(a2a), eff)
 
 
 def all_to_all_pairs(

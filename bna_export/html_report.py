@@ -185,7 +185,7 @@ HEAD_WHOLE = [
     "family",
     "column score (median pair)",
     "pooled score",
-    "sources whose smallest trigger goes to it",
+    "sources whose smallest trigger goes to it, effect",
 ]
 
 
@@ -200,7 +200,9 @@ def _whole(rec: FitRecord) -> str:
         column = det.target_scores.get(fam, ())
         pooled = pooled_side_scores(det, fam)
         counted = family_votes(rec.scores, fam)
-        votes = None if counted is None else f"{counted[0][t]} of {counted[1][t]}"
+        votes = (
+            None if counted is None else f"{counted[0][t]} of {counted[1][t]}, ×{counted[2][t]:.2f}"
+        )
         pooled_t = None if pooled is None or t >= len(pooled) else float(pooled[t])
         rows.append([t, fam, column[t] if t < len(column) else None, pooled_t, votes])
     return (

@@ -17,7 +17,7 @@ import numpy as np
 
 from .artifact import write_atomic
 from .audit import Audit
-from .detect import large_side_scores
+from .detect import effects, large_side_scores
 from .errors import BadInputError
 from .fitfile import Detection, FitRecord, PairScore, header_of
 from .target_rules import row_minimum_votes
@@ -231,9 +231,10 @@ def pooled_side_scores(det: Detection, family: str) -> np.ndarray | None:
 
 def family_votes(
     scores: Mapping[str, Sequence[PairScore]], family: str
-) -> tuple[np.ndarray, np.ndarray] | None:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Per target, the vote rule's count in ``family``: how many sources' smallest trigger
-    names it, and how many sources could (None: no pair of an exhaustive sweep recorded)."""
+    names it, how many sources could, and its effect (:func:`bna_export.detect.effects`; None:
+    no pair of an exhaustive sweep recorded)."""
     pairs = [e for e in scores.get(family, ()) if e.source is not None and math.isfinite(e.size)]
     if not pairs or any(e.weight is not None for e in pairs):
         return None
@@ -241,7 +242,7 @@ def family_votes(
     z = np.full((k, k), np.nan)
     for e in pairs:
         z[e.source, e.target] = e.size
-    return row_minimum_votes(z)
+    return (*row_minimum_votes(z), effects({family: z})[family])
 
 
 def inspect_lines(rec: FitRecord, path: str) -> list[str]:
@@ -289,7 +290,7 @@ def inspect_lines(rec: FitRecord, path: str) -> list[str]:
             t = int(np.argmax(counted[0]))
             out.append(
                 f"vote rule, {fam} family: target {t} is the smallest trigger of "
-                f"{counted[0][t]} of {counted[1][t]} sources"
+                f"{counted[0][t]} of {counted[1][t]} sources (effect ×{counted[2][t]:.2f})"
             )
     if det.all_to_all:
         out.append(

@@ -221,20 +221,20 @@ class DetectSettings:
     """Divide each pair's trigger size by the median size of its source's triggers before
     taking the reciprocal ('source'), or not ('none', the paper): see README, Detection."""
     target_rule: bool = True
-    """Also detect a target whose pair statistics are high as a column (all-to-one rule: the
-    median over sources, scored across targets); see bna_export/detect.py."""
+    """Also detect a target whose pair statistics are high as a column (all-to-one rule)."""
     pooled_rule: bool = True
     """Also solve, per family and target, one trigger on the pooled images of every other class
     and detect a target whose 1 / size is an outlier among the targets' (Neural Cleanse's own
-    test; K more problems per family, each seeing ``sweep.batch_size`` images per step): a few
-    pixels turn some digits into others as cheaply as a backdoor patch does, but not every
-    digit (README, Detection)."""
+    test; K more problems per family, each seeing ``sweep.batch_size`` images per step)."""
     pooled_families: int = 2
     """The pooled and vote rules need a target in this many of the sweep's families (all when
     fewer): patch strokes draw an 8 from any digit of the clean small ResNet (pooled 8.7, 1.0 in
     the others); the digits CNN's patch backdoor scored 8.2 and 9.2 in two (README)."""
-    vote_rule: bool = False  # the vote rule, off: a false target on a clean test model (README)
+    vote_rule: bool = True  # the vote rule (bna_export/target_rules.py; README, Detection)
     vote_share: float = 2 / 3  # it needs this share of the sources' smallest triggers to name t
+    min_effect: float = 1.5
+    """The pair, column and vote rules need the pair's or target's triggers this many times
+    smaller than their sources' typical one (bna_export.detect.effects; README, Detection)."""
     all_to_all_rule: bool = True  # the all-to-all rule (bna_export/detect.py; README, Detection)
     all_to_all_bar: float = 0.5  # a source's best pair counts from this share of the threshold
     all_to_all_sources: float = 0.5  # it fires when this share of the sources keep one pair

@@ -180,6 +180,7 @@ def _detect(
         d.pooled_families,
         (d.all_to_all_bar, d.all_to_all_sources) if d.all_to_all_rule else None,
         d.vote_share if d.vote_rule else None,
+        d.min_effect,
     )
 
 

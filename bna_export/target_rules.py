@@ -5,10 +5,13 @@ Vote rule: an all-to-one backdoor's trigger is, for most sources, the cheapest w
 source, while a natural easy target is the cheapest for a few (each class has its own nearest
 neighbours). Per family, each source's smallest trigger votes for its target; a target that gets
 at least a share of the votes of the sources that could give it one, in at least two families,
-is detected with every source (the intrinsic check then prunes). This holds where sizes alone do
-not separate: on the digits CNN a central 3×3 patch costs about what the few pixels that turn
-one digit into another cost, yet it is the cheapest way out of 7 of 9 sources (README,
-Detection). Exhaustive sweeps only, of more than :data:`VOTE_MIN_SOURCES` classes.
+and whose triggers are clearly smaller than their sources' typical one in one of them (the
+effect floor: a clean model's *hub*, a class every source reaches a little more cheaply, gets
+the votes but not the effect), is detected with every source (the intrinsic check then
+prunes). This holds where sizes alone do not separate: on the digits CNN a central 3×3 patch
+costs about what the few pixels that turn one digit into another cost, yet it is the cheapest
+way out of 7 of 9 sources (README, Detection). Exhaustive sweeps only, of more than
+:data:`VOTE_MIN_SOURCES` classes.
 """
 
 from __future__ import annotations
@@ -34,11 +37,17 @@ def row_minimum_votes(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def vote_targets(
-    sizes: Mapping[str, np.ndarray], share: float, families: int
+    sizes: Mapping[str, np.ndarray],
+    share: float,
+    families: int,
+    effects: Mapping[str, np.ndarray] | None = None,
+    min_effect: float = 1.0,
 ) -> dict[int, tuple[float, str]]:
     """The vote rule (module docstring): targets that at least ``share`` of their possible
     voters name as their smallest trigger in at least ``families`` of the families (all of
-    them when fewer are given); target -> (its largest share, the family that gave it)."""
+    them when fewer are given) and, with ``effects`` (family -> [K], :func:`bna_export.detect.
+    effects`), whose effect reaches ``min_effect`` in one of those families; target -> (its
+    largest share, the family that gave it)."""
     shares: dict[int, list[tuple[float, str]]] = {}
     for fam, z in sizes.items():
         votes, voters = row_minimum_votes(z)
@@ -46,7 +55,11 @@ def vote_targets(
         for t in np.flatnonzero(ok).tolist():
             shares.setdefault(t, []).append((float(votes[t] / voters[t]), fam))
     need = min(families, len(sizes))
-    return {t: max(v) for t, v in shares.items() if len(v) >= need}
+    return {
+        t: max(v)
+        for t, v in shares.items()
+        if len(v) >= need and (effects is None or any(effects[f][t] >= min_effect for _, f in v))
+    }
 
 
 def intrinsic_check(pair_sizes: Mapping[int, float], pooled_size: float, ratio: float) -> list[int]:

@@ -1,13 +1,17 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from bna_export.detect import (
     detect_pairs,
+    effects,
     large_side_scores,
     mad_scores,
     outliers,
     pair_statistics,
 )
+from bna_export.settings import Settings
 
 
 def test_known_answer_even_count_uses_the_middle_mean():
@@ -80,6 +84,39 @@ def test_all_to_one_and_all_to_all_pairs_are_found():
     assert det.target_family(3) == "perturbation"
     clean = detect_pairs({"patch": sizes_with({}), "perturbation": sizes_with({}, seed=2)})
     assert clean.pairs == [] and clean.targets == []
+
+
+def alike_targets(easy: float, k: int = 8, seed: int = 0) -> np.ndarray:
+    """Sizes on a model whose targets are all alike (10 ± 10 %, times a source effect), but
+    for target 3, ``easy`` times cheaper from every source."""
+    rng = np.random.default_rng(seed)
+    z = rng.uniform(9.0, 11.0, (k, k)) * rng.uniform(0.5, 2.0, (k, 1))
+    z[:, 3] /= easy
+    np.fill_diagonal(z, np.nan)
+    return z
+
+
+def test_effects_known_answer_and_weights():
+    z = np.array([[np.nan, 4.0, 4.0, 1.0], [10.0, np.nan, 10.0, 2.0], [1.0, 1.0, np.nan, 0.5]])
+    z = np.vstack([z, [4.0, 2.0, 1.0, np.nan]])
+    # column 3: row medians 4, 10, 1 over sizes 1, 2, 0.5 -> median of 4, 5, 2
+    eff = effects({"patch": z})["patch"]
+    assert eff[3] == pytest.approx(4.0) and eff[1] == pytest.approx(1.0)
+    np.testing.assert_allclose(effects({"patch": alike_targets(1.4)})["patch"][3], 1.4, rtol=0.1)
+    weighted = effects({"patch": z}, {"patch": np.ones((4, 4))})["patch"]
+    assert weighted.shape == (4,) and np.isfinite(weighted).all()
+
+
+def test_a_column_needs_its_effect_not_only_its_score():
+    """Targets all alike: a class 1.3× easier to reach from everywhere is a huge outlier among
+    them, but not a backdoor's effect; 3× easier is detected."""
+    mild = {"patch": alike_targets(1.3), "blend": alike_targets(1.3, seed=1)}
+    det = detect_pairs(mild, min_effect=1.0)
+    assert list(det.all_to_one) == [3] and det.target_scores["patch"][3] > 10  # score alone
+    assert detect_pairs(mild).all_to_one == {}  # the default floor, 1.5
+    strong = detect_pairs({"patch": alike_targets(3.0)})
+    assert strong.targets == [3] and strong.sources == {3: [0, 1, 2, 4, 5, 6, 7]}
+    assert strong.effects["patch"][3] == pytest.approx(3.0, rel=0.1)
 
 
 def test_union_keeps_the_family_with_the_higher_score():
@@ -178,3 +215,42 @@ def test_the_all_to_all_rule_keeps_one_source_per_target():
     a2a[(3, 9)] = 4.0  # source 3's best pair now points at 9, which source 6 points at too
     found = detect_pairs({"patch": relative_sizes(a2a, seed=4)}, all_to_all=A2A).all_to_all
     assert (3, 9) in found and (6, 9) not in found and len({t for _, t in found}) == len(found)
+
+
+SWEEPS = Path(__file__).resolve().parents[1] / "benchmarks" / "sweep-sizes-2026-12-05"
+
+
+def saved_detection(name: str):
+    """The default rules on a sweep that ``benchmarks/families.py --save`` wrote."""
+    saved = np.load(SWEEPS / f"{name}.npz")
+    d = Settings().detect
+    fams = [k.removeprefix("pairs_") for k in saved.files if k.startswith("pairs_")]
+    return detect_pairs(
+        {f: saved[f"pairs_{f}"] for f in fams},
+        d.mad_threshold,
+        d.consistency,
+        d.normalise,
+        d.target_rule,
+        None,
+        {f: saved[f"pooled_{f}"] for f in fams},
+        d.pooled_families,
+        (d.all_to_all_bar, d.all_to_all_sources),
+        d.vote_share if d.vote_rule else None,
+        d.min_effect,
+    )
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in SWEEPS.glob("*.npz")))
+def test_saved_sweeps_of_real_models(name):
+    """Sizes the sweep measured on the panel's digits CNNs and on clean CNNs of 8 equidistant
+    synthetic classes (the test suite's own clean model is seed 1): every all-to-one backdoor
+    is found with all 9 sources (the seed-0 patch by the vote rule alone), no clean or
+    all-to-all model gets an all-to-one target, and a clean model keeps at most one natural
+    pair (README, Detection: the effect floor)."""
+    det = saved_detection(name)
+    if name.startswith("cnn-") and "clean" not in name and "a2a" not in name:
+        assert det.sources == {7: [0, 1, 2, 3, 4, 5, 6, 8, 9]}
+    elif name == "binary-a2a":
+        assert len(det.all_to_all) >= 8
+    else:
+        assert det.all_to_one == {} and len(det.pairs) <= 1

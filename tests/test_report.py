@@ -78,8 +78,11 @@ def test_family_votes_count_each_source_s_smallest_trigger():
     its score is infinite (None: MAD 0), sources 1 and 2 have only a pair to 0."""
     rows = [((0, 1), 1.0, 0.2), ((0, 2), 1.1, None), ((1, 0), 0.9, 0.5), ((2, 0), 5.0, 9.5)]
     entries, _ = records({"patch": rows})
-    votes, voters = family_votes(entries, "patch")
+    votes, voters, effect = family_votes(entries, "patch")
     assert votes.tolist() == [2, 0, 1] and voters.tolist() == [2, 2, 2]
+    # sizes 1 and 1 / 1.1 in row 0 (median m), 1 / 0.9 and 1 / 9.5 alone in rows 1 and 2
+    m = (1.0 + 1 / 1.1) / 2
+    np.testing.assert_allclose(effect, [1.0, m, m * 1.1])
     screened = [PairScore(0, 1, 1.0, 1.0, 0.0, False, 2.0)]
     assert family_votes({"patch": screened}, "patch") is None  # a screen's weighted pairs
     assert family_votes(entries, "blend") is None
