@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bna_export.detect import detect_pairs
-from bna_export.settings import DetectSettings, Settings, with_overrides
+from bna_export.settings import Settings, with_overrides
+from bna_export.sweep import detect_sizes
 from bna_export.target_rules import row_minimum_votes
 
 
@@ -30,21 +30,10 @@ def truth_of(name: str) -> str:
     return "none" if "clean" in name or name.startswith("equidistant") else "[7]"
 
 
-def detect(saved: np.lib.npyio.NpzFile, d: DetectSettings):
+def detect(saved: np.lib.npyio.NpzFile, settings: Settings):
     fams = [k.removeprefix("pairs_") for k in saved.files if k.startswith("pairs_")]
-    return detect_pairs(
-        {f: saved[f"pairs_{f}"] for f in fams},
-        d.mad_threshold,
-        d.consistency,
-        d.normalise,
-        d.target_rule,
-        None,
-        {f: saved[f"pooled_{f}"] for f in fams} if d.pooled_rule else None,
-        d.pooled_families,
-        (d.all_to_all_bar, d.all_to_all_sources) if d.all_to_all_rule else None,
-        d.vote_share if d.vote_rule else None,
-        d.min_effect,
-    )
+    sizes = {f: saved[f"pairs_{f}"] for f in fams}
+    return detect_sizes(sizes, None, {f: saved[f"pooled_{f}"] for f in fams}, settings)
 
 
 def found(det) -> str:
@@ -62,8 +51,10 @@ def main() -> None:
     )
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
-    shipped = with_overrides(Settings(), args.overrides).detect
-    before = dataclasses.replace(shipped, vote_rule=False, min_effect=0.0)
+    shipped = with_overrides(Settings(), args.overrides)
+    before = dataclasses.replace(
+        shipped, detect=dataclasses.replace(shipped.detect, vote_rule=False, min_effect=0.0)
+    )
     print(
         "| sweep | truth | each family's most-named target: votes, effect | shipped rules "
         "| before (no vote rule, no effect floor) |"

@@ -162,12 +162,14 @@ def _weights(solved: np.ndarray, references: dict[int, set[int]], n_classes: int
     return w
 
 
-def _detect(
+def detect_sizes(
     sizes: dict[str, np.ndarray],
     weights: dict[str, np.ndarray] | None,
     pooled: dict[str, np.ndarray],
     settings: Settings,
 ) -> Detection:
+    """The rules of ``settings.detect`` on a sweep's size matrices (family -> [K, K]), their
+    weights (None: exhaustive) and pooled sizes (family -> [K]; empty: no pooled rule)."""
     d = settings.detect
     return detect_pairs(
         sizes,
@@ -232,7 +234,7 @@ def run_sweep(
         sizes = size_matrices(found, n_classes, families, success)
         psizes = pooled_sizes(found, n_classes, families, success) if pooled else {}
         steps = sum(e.steps for e in found)
-        detection = _detect(sizes, None, psizes, settings)
+        detection = detect_sizes(sizes, None, psizes, settings)
         return SweepResult(found, sizes, None, detection, {}, psizes, len(found), steps)
     screen = [Problem(f, ANY, (s,)) for f in families for s in range(n_classes)]
     screened = solve(screen, "screen")
@@ -254,7 +256,7 @@ def run_sweep(
     sizes = size_matrices(found, n_classes, families, success)
     psizes = pooled_sizes(found, n_classes, families, success) if pooled else {}
     weights = {f: _weights(~np.isnan(sizes[f]), references[f], n_classes) for f in families}
-    detection = _detect(sizes, weights, psizes, settings)
+    detection = detect_sizes(sizes, weights, psizes, settings)
     several = [t for t, src in detection.sources.items() if len(src) > 1]
     solved = {e.problem for e in found}
     missing = [
@@ -270,7 +272,7 @@ def run_sweep(
         found += solve(missing, "sweep")
         sizes = size_matrices(found, n_classes, families, success)
         weights = {f: _weights(~np.isnan(sizes[f]), references[f], n_classes) for f in families}
-        detection = _detect(sizes, weights, psizes, settings)
+        detection = detect_sizes(sizes, weights, psizes, settings)
     record["problems"] = {"screen": len(screened), "pairs": len(found) - len(pooled)}
     record["problems"]["pooled"] = len(pooled)
     steps = sum(e.steps for e in screened) + sum(e.steps for e in found)

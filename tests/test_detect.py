@@ -12,6 +12,7 @@ from bna_export.detect import (
     pair_statistics,
 )
 from bna_export.settings import Settings
+from bna_export.sweep import detect_sizes
 
 
 def test_known_answer_even_count_uses_the_middle_mean():
@@ -221,23 +222,12 @@ SWEEPS = Path(__file__).resolve().parents[1] / "benchmarks" / "sweep-sizes-2026-
 
 
 def saved_detection(name: str):
-    """The default rules on a sweep that ``benchmarks/families.py --save`` wrote."""
+    """The default rules, as ``fit`` runs them, on a sweep ``benchmarks/families.py --save``
+    wrote."""
     saved = np.load(SWEEPS / f"{name}.npz")
-    d = Settings().detect
     fams = [k.removeprefix("pairs_") for k in saved.files if k.startswith("pairs_")]
-    return detect_pairs(
-        {f: saved[f"pairs_{f}"] for f in fams},
-        d.mad_threshold,
-        d.consistency,
-        d.normalise,
-        d.target_rule,
-        None,
-        {f: saved[f"pooled_{f}"] for f in fams},
-        d.pooled_families,
-        (d.all_to_all_bar, d.all_to_all_sources),
-        d.vote_share if d.vote_rule else None,
-        d.min_effect,
-    )
+    sizes = {f: saved[f"pairs_{f}"] for f in fams}
+    return detect_sizes(sizes, None, {f: saved[f"pooled_{f}"] for f in fams}, Settings())
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in SWEEPS.glob("*.npz")))
