@@ -7,14 +7,20 @@ which needs the model) against those the previous defaults found (no vote rule, 
 floor). The true targets follow from the file name
 (``cnn-ATTACK-SEED``: 7, all-to-all: every class; ``*clean*`` and ``equidistant-*``: none).
 
-Run: ``python benchmarks/saved_sweeps.py [benchmarks/sweep-sizes-2026-12-05] [--set
-detect.min_effect=1.3]`` (``--set`` as in ``fit``; it changes the "shipped" column).
+The last column lists the pairs whose own score passes the threshold (before the floor), with
+the smallest ratio among them. Panel row files (``benchmarks/panel.py``, which keep their sizes)
+are read too.
+
+Run: ``python benchmarks/saved_sweeps.py [FOLDER or FILE ...] [--set detect.min_effect=1.3]``
+(default: ``benchmarks/sweep-sizes-2026-12-05``; ``--set`` as in ``fit``; it changes the
+"shipped" column).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -30,24 +36,57 @@ def truth_of(name: str) -> str:
     return "none" if "clean" in name or name.startswith("equidistant") else "[7]"
 
 
-def detect(saved: np.lib.npyio.NpzFile, settings: Settings):
+def load(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Pair sizes and pooled sizes per family, from a ``families.py --save`` file or a panel
+    row file (``benchmarks/panel.py``: its ``sizes`` and ``pooled_sizes``, null for NaN)."""
+    if path.suffix == ".json":
+        row = json.loads(path.read_text())
+        arr = lambda v: np.array(v, dtype=np.float64)  # noqa: E731  (None -> NaN)
+        return (
+            {f: arr(z) for f, z in row["sizes"].items()},
+            {f: arr(z) for f, z in row["pooled_sizes"].items()},
+        )
+    saved = np.load(path)
     fams = [k.removeprefix("pairs_") for k in saved.files if k.startswith("pairs_")]
-    sizes = {f: saved[f"pairs_{f}"] for f in fams}
-    return detect_sizes(sizes, None, {f: saved[f"pooled_{f}"] for f in fams}, settings)
+    return {f: saved[f"pairs_{f}"] for f in fams}, {f: saved[f"pooled_{f}"] for f in fams}
 
 
 def found(det) -> str:
+    """Targets with their sources; ``column`` the column score of those the all-to-one rules
+    found, in their family."""
     if det.all_to_all:
         return f"all-to-all, {len(det.all_to_all)} pairs"
     if not det.targets:
         return "none"
-    return ", ".join(f"{t} ({len(s)} source{'s' * (len(s) > 1)})" for t, s in det.sources.items())
+    out = []
+    for t, s in det.sources.items():
+        fam = det.all_to_one.get(t)
+        column = f"; column {det.target_scores[fam][t]:.1f}" if fam else ""
+        out.append(f"{t} ({len(s)} source{'s' * (len(s) > 1)}{column})")
+    return ", ".join(out)
+
+
+def over_threshold(det, threshold: float) -> str:
+    """The pairs whose own score passes the threshold (large side), any family: how many, and
+    the smallest ratio (row median / size) among them with its score."""
+    best = []
+    for fam, st in det.statistics.items():
+        sc = det.scores[fam]
+        ok = (sc >= threshold) & (st > np.nanmedian(st))
+        best += [(float(st[p]), float(sc[p])) for p in zip(*np.nonzero(ok), strict=True)]
+    if not best:
+        return "none"
+    ratio, score = min(best)
+    return f"{len(best)}; smallest ×{ratio:.2f} ({score:.1f})"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "folder", nargs="?", default=str(Path(__file__).parent / "sweep-sizes-2026-12-05")
+        "paths",
+        nargs="*",
+        default=[str(Path(__file__).parent / "sweep-sizes-2026-12-05")],
+        help="folders of .npz sweeps, or single .npz / panel-row .json files",
     )
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
@@ -57,20 +96,25 @@ def main() -> None:
     )
     print(
         "| sweep | truth | each family's most-named target: votes, effect | shipped rules "
-        "| before (no vote rule, no effect floor) |"
+        "| before (no vote rule, no effect floor) | pairs over the threshold: count; smallest "
+        "ratio (score) |"
     )
-    print("|---|---|---|---|---|")
-    for path in sorted(Path(args.folder).glob("*.npz")):
-        saved = np.load(path)
-        det = detect(saved, shipped)
+    print("|---|---|---|---|---|---|")
+    files = []
+    for p in map(Path, args.paths):
+        files += sorted(p.glob("*.npz")) if p.is_dir() else [p]
+    for path in files:
+        sizes, pooled = load(path)
+        det = detect_sizes(sizes, None, pooled, shipped)
+        old = detect_sizes(sizes, None, pooled, before)
         cells = []
         for fam, eff in det.effects.items():
-            votes, voters = row_minimum_votes(saved[f"pairs_{fam}"])
+            votes, voters = row_minimum_votes(sizes[fam])
             t = int(votes.argmax())
             cells.append(f"{fam} {t}: {votes[t]} of {voters[t]}, ×{eff[t]:.2f}")
         print(
             f"| {path.stem} | {truth_of(path.stem)} | {'; '.join(cells)} | {found(det)} | "
-            f"{found(detect(saved, before))} |"
+            f"{found(old)} | {over_threshold(old, shipped.detect.mad_threshold)} |"
         )
 
 
