@@ -199,7 +199,7 @@ def _whole(rec: FitRecord) -> str:
     for t, fam in sorted(det.all_to_one.items()):
         column = det.target_scores.get(fam, ())
         pooled = pooled_side_scores(det, fam)
-        counted = family_votes(rec.scores, fam)
+        counted = family_votes(rec.scores, fam, rec.n_classes)
         votes = (
             None if counted is None else f"{counted[0][t]} of {counted[1][t]}, ×{counted[2][t]:.2f}"
         )

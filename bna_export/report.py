@@ -230,15 +230,15 @@ def pooled_side_scores(det: Detection, family: str) -> np.ndarray | None:
 
 
 def family_votes(
-    scores: Mapping[str, Sequence[PairScore]], family: str
+    scores: Mapping[str, Sequence[PairScore]], family: str, n_classes: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Per target, the vote rule's count in ``family``: how many sources' smallest trigger
-    names it, how many sources could, and its effect (:func:`bna_export.detect.effects`; None:
-    no pair of an exhaustive sweep recorded)."""
+    """Per target (at least ``n_classes`` of them), the vote rule's count in ``family``: how
+    many sources' smallest trigger names it, how many sources could, and its effect
+    (:func:`bna_export.detect.effects`; None: no pair of an exhaustive sweep recorded)."""
     pairs = [e for e in scores.get(family, ()) if e.source is not None and math.isfinite(e.size)]
     if not pairs or any(e.weight is not None for e in pairs):
         return None
-    k = 1 + max(max(e.source, e.target) for e in pairs if e.source is not None)
+    k = max(n_classes, 1 + max(max(e.source, e.target) for e in pairs if e.source is not None))
     z = np.full((k, k), np.nan)
     for e in pairs:
         z[e.source, e.target] = e.size
@@ -285,7 +285,7 @@ def inspect_lines(rec: FitRecord, path: str) -> list[str]:
             f"trigger than the median; threshold {det.threshold})"
         )
     for fam in rec.scores if det.scores_computed else ():
-        counted = family_votes(rec.scores, fam)
+        counted = family_votes(rec.scores, fam, rec.n_classes)
         if counted is not None:
             t = int(np.argmax(counted[0]))
             out.append(

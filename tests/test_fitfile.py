@@ -45,6 +45,10 @@ def test_a_record_writes_back_the_bytes_it_was_read_from(a2o_detected_file, fitt
         (lambda h, t: t.update({"divergence.before": np.zeros((2, 3), np.float32)}), "shape"),
         (lambda h, t: t.update({"probe.truth": np.zeros(1, np.int64)}), "disagree in length"),
         (lambda h, t: t.update({"probe.trigger_of": np.zeros((2, 2), np.int64)}), "wrong rank"),
+        (lambda h, t: h["detection"].update(all_to_one={"99": "patch"}), "class 99, outside"),
+        (lambda h, t: h["scores"]["patch"][0].update(source=-1), "scores name class -1"),
+        (lambda h, t: h["triggers"][0].update(sources=[0, 10]), "triggers name class 10"),
+        (lambda h, t: h.update(n_classes=0), "n_classes is not a positive number"),
     ],
 )
 def test_a_malformed_fit_file_is_one_error_naming_the_field(fitted, change, message):

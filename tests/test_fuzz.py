@@ -52,3 +52,14 @@ def mutated(draw):
 @given(buf=mutated())
 def test_mutated_valid_files(buf):
     one_input(buf)
+
+
+def test_every_number_of_the_fit_file_changed_to_every_digit():
+    """A class number changed by one digit (the mutation that found a target beyond the pairs'
+    classes in the report): every such file is read, reported or refused, one digit at a time."""
+    fit = SEEDS["fit"]
+    at = [i for i in range(1, len(fit)) if fit[i : i + 1].isdigit()]
+    assert len(at) > 50
+    for i in at:
+        for d in b"0123456789":
+            one_input(fit[:i] + bytes([d]) + fit[i + 1 :])

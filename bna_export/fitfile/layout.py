@@ -360,7 +360,31 @@ def read(fit: FitFile) -> FitRecord:
         )
     except ValueError as exc:  # e.g. input_range of the wrong length
         raise fail(str(exc)) from exc
+    _check_classes(rec)
     return rec
+
+
+def _check_classes(rec: FitRecord) -> None:
+    """Every class number the record names lies in [0, n_classes): the readers index
+    per-class arrays with them."""
+    d = rec.detection
+    named = {
+        "targets": [*rec.sources, *(s for v in rec.sources.values() for s in v)],
+        "scores": [c for v in rec.scores.values() for e in v for c in (e.source, e.target)],
+        "detection": [
+            *(c for p in (*d.pair_families, *d.detected_pairs, *d.all_to_all) for c in p),
+            *d.all_to_one,
+            *d.intrinsic,
+            *(c for i in d.intrinsic.values() for c in (*i.pair_sizes, *i.kept, *i.dropped)),
+        ],
+        "triggers": [c for tr in rec.triggers for c in (tr.target, *tr.sources)],
+    }
+    if rec.n_classes < 1:
+        raise fail("n_classes is not a positive number")
+    for what, classes in named.items():
+        bad = [c for c in classes if c is not None and not 0 <= c < rec.n_classes]
+        if bad:
+            raise fail(f"{what} name class {bad[0]}, outside 0..{rec.n_classes - 1}")
 
 
 def load(path: str | Path) -> FitRecord:
