@@ -35,6 +35,7 @@ from bna_export.reverse import reverse_engineer
 from bna_export.settings import Settings, with_overrides
 from bna_export.sweep import pair_problems, pooled_problems, pooled_sizes, size_matrices
 from bna_export.target_rules import row_minimum_votes, vote_targets
+from bna_export.universal import counted_pairs, map_pairs, universal_maps, universal_problems
 
 
 def main() -> None:
@@ -110,10 +111,13 @@ def main() -> None:
     for fam in [] if args.load else args.families.split(","):
         t0 = time.perf_counter()
         problems = pair_problems(k, [fam], 1) + pooled_problems(k, [fam], 1)
+        problems += universal_problems(k, [fam])
         mine = reverse_engineer(model, sc.defender, problems, (0, 1), solver)
         cost[fam] = (sum(e.steps for e in mine), time.perf_counter() - t0)
         found += mine
+    maps = {}
     if not args.load:
+        found, maps = universal_maps(model, sc.defender, found, (0, 1), k, solver.success)
         sizes = size_matrices(found, k, list(cost), solver.success)
         pooled = pooled_sizes(found, k, list(cost), solver.success)
     if args.save:
@@ -167,10 +171,36 @@ def main() -> None:
             f"{voted or 'none'} |",
             flush=True,
         )
+    if maps:
+        print_maps(maps, truth, d.map_share, d.all_to_all_sources)
     if args.per_source:
         per_source(sizes, list(cost), true_mask)
     if args.signals:
         signals(model, sc.defender, found, k, solver.success)
+
+
+def print_maps(maps: dict, truth: set, share: float, sources: float) -> None:
+    """Per family the universal trigger (one for every class's images) and where it sends each
+    class (its most frequent new class and the share of the class sent there), and the pairs
+    the all-to-all map rule takes from it (right / wrong against the truth)."""
+    print("\n| family | universal size | steps | class -> most frequent new class (share) | "
+          "classes onto one class, most | classes the rule counts | map rule: pairs right / "
+          "wrong |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for fam, m in maps.items():
+        if m["map"] is None:
+            print(f"| {fam} | {m['size']:.2f} | {m['steps']} | never succeeded | - | 0 | - |")
+            continue
+        moved = np.where(np.eye(len(m["map"]), dtype=bool), -np.inf, m["map"])
+        dest = moved.argmax(1)
+        cells = " ".join(f"{c}→{d} ({moved[c, d]:.2f})" for c, d in enumerate(dest))
+        pairs = set(map_pairs({fam: m["map"]}, share, sources))
+        crowd = np.bincount(dest, minlength=len(dest))
+        print(
+            f"| {fam} | {m['size']:.2f} | {m['steps']} | {cells} | {crowd.max()} of {len(dest)} "
+            f"to {crowd.argmax()} | {len(counted_pairs(m['map'], share))} | "
+            f"{len(pairs & truth)} / {len(pairs - truth)} |"
+        )
 
 
 def case_scenario(case: str) -> Scenario:

@@ -45,6 +45,7 @@ _API = {
     "load_model": ("model", "load_model"),
     "load_npz": ("data", "load_npz"),
     "mad_scores": ("detect", "mad_scores"),
+    "map_pairs": ("universal", "map_pairs"),
     "Mitigation": ("fitfile", "Mitigation"),
     "ModelError": ("errors", "ModelError"),
     "outliers": ("detect", "outliers"),

@@ -40,7 +40,7 @@ over the families) is taken when it reaches a share of the threshold, one source
 (the best-scoring: a backdoor maps each source to its own target); the pairs are detected when
 at least a share of the sources keep one. A clean model's best pairs are few above that bar and
 crowd onto a few easy targets; an all-to-one attack's all share one target. Exhaustive sweeps
-only (a screened one solves too few pairs per source).
+only; the sweep adds the map rule's pairs (:mod:`bna_export.universal`), which need no pair.
 """
 
 from __future__ import annotations

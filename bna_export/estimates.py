@@ -14,6 +14,7 @@ from .data import Dataset
 from .distributed import Shard, solve
 from .fit import Refresh
 from .norm import BnaModel
+from .problems import OWN
 from .reverse import Problem, TriggerEstimate, reverse_engineer
 from .settings import Settings
 from .sweep import SweepResult, run_sweep
@@ -28,7 +29,8 @@ def pairs_progress(
     problems: Sequence[Problem], progress: StageProgress | None, shard: Shard, stage: str
 ) -> Callable[[int, int, torch.Tensor], None] | None:
     """Turn the solver's per-problem progress into 'pairs done' (of this rank's problems'
-    source-target pairs; in the sweep, pooled targets counted apart) for the stage's bar."""
+    source-target pairs; in the sweep, pooled targets and the universal trigger counted apart)
+    for the stage's bar."""
     if progress is None:
         return None
     mine = shard.mine(len(problems))
@@ -37,15 +39,20 @@ def pairs_progress(
     pair_of = torch.tensor([slot[(problems[i].sources, problems[i].target)] for i in mine])
     index = torch.tensor(mine, dtype=torch.int64)
     what = "pairs" if stage == "sweep" else "problems"
+    universal = torch.tensor([k[1] == OWN for k in keys], dtype=torch.bool)
     pooled = torch.tensor([stage == "sweep" and len(k[0]) > 1 for k in keys], dtype=torch.bool)
-    n_pooled = int(pooled.sum())
+    pooled &= ~universal
+    n_pooled, n_universal = int(pooled.sum()), int(universal.sum())
 
     def report(done: int, total: int, finished: torch.Tensor) -> None:
         left = torch.zeros(len(keys)).index_add_(0, pair_of, (~finished[index]).float())
         ready = left == 0
-        text = f"{int((ready & ~pooled).sum())}/{len(keys) - n_pooled} {what}"
+        single = ~pooled & ~universal
+        text = f"{int((ready & single).sum())}/{int(single.sum())} {what}"
         if n_pooled:
             text += f", {int((ready & pooled).sum())}/{n_pooled} pooled targets"
+        if n_universal:
+            text += ", universal " + ("done" if bool(ready[universal].all()) else "running")
         progress(stage, done, total, text)
 
     return report

@@ -1,8 +1,8 @@
 """A batch of reverse-engineering problems as tensors: what a problem and its answer (a
 :class:`TriggerEstimate`) are, which images each sees at each step (:class:`Pools`), every
-problem's trigger parameters kept per family (:class:`Triggers`), its goal (reach t, or leave
-s) and its success on its whole pool (:func:`success`); mixed precision for f's passes where
-the hardware has native bfloat16."""
+problem's trigger parameters kept per family (:class:`Triggers`), its goal (reach t, leave s,
+or leave each image's own class) and its success on its whole pool (:func:`success`); mixed
+precision for f's passes where the hardware has native bfloat16."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ from .families import FAMILIES, Family, Trigger
 from .settings import ReverseSettings
 
 ANY = -1
+OWN = -2
+"""Target of a universal untargeted problem: every image must leave its own class (the sweep's
+all-to-all map, :mod:`bna_export.sweep`)."""
 """The target of an untargeted problem: any class but its (single) source."""
 Forward = Callable[[Tensor, Tensor], Tensor]
 """forward(x, problem): logits of images x [N, C, H, W], each belonging to problem [N] (its
@@ -131,6 +134,14 @@ def goal(
     return loss, hit
 
 
+def away_of(away: Tensor, index: Tensor, labels: Tensor) -> Tensor:
+    """Per image of ``index`` ((p, n) image indices of p problems), flattened: the class it
+    must leave, its problem's ``away`` ((p,); -1: a targeted problem) or, where that is
+    :data:`OWN`, the image's own label (``labels`` of every image)."""
+    a = away[:, None].expand(index.shape)
+    return torch.where(a == OWN, labels[index], a).flatten()
+
+
 class Pools:
     """Which images each problem sees at each step.
 
@@ -231,18 +242,19 @@ def success(
     which: Tensor,
     tr: Triggers,
     raw: dict[str, Trigger],
-    goals: tuple[Tensor, Tensor],
+    goals: tuple[Tensor, Tensor, Tensor],
     input_range: tuple[float, float],
     settings: ReverseSettings,
 ) -> Tensor:
     """Share of the whole pool that each problem in ``which`` moves to its goal (``goals``:
-    every problem's target and away class, see :func:`goal`) with its trigger (``raw``: every
+    every problem's target and away class, see :func:`goal`, and every image's label, see
+    :func:`away_of`) with its trigger (``raw``: every
     problem's raw parameters, per family): (len(which),) float64, on the CPU."""
     out = torch.zeros(len(which), dtype=torch.float64)  # 19/20 must compare >= 0.95
     per_forward = max(1, settings.images_per_forward // pools.width)
     dev = x_all.device
     lo, hi = input_range
-    targets, away = goals
+    targets, away, labels = goals
     position = torch.arange(len(which))
     with torch.no_grad():
         for name in tr.names:
@@ -260,7 +272,7 @@ def success(
                 _, hit = goal(
                     logits,
                     targets[chunk].repeat_interleave(n).to(dev),
-                    away[chunk].repeat_interleave(n).to(dev),
+                    away_of(away[chunk], index, labels).to(dev),
                     settings.confidence,
                 )
                 weight = weight.double().to(dev)

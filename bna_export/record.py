@@ -18,6 +18,7 @@ from .norm import BnaModel
 from .reverse import TriggerEstimate, relative_size
 from .settings import Settings
 from .sweep import SweepResult
+from .universal import universal_record
 
 PROBES_PER_CLASS = 2
 PROBES_PER_TARGET = 4
@@ -127,6 +128,7 @@ def _detection(settings: Settings, sweep: SweepResult | None) -> fitfile.Detecti
             "problems": sweep.problems,
             "problem_steps": sweep.problem_steps,
             "screen": sweep.screen,
+            "universal": universal_record(sweep.maps),
         },
     )
 

@@ -228,18 +228,18 @@ class DetectSettings:
     test; K more problems per family, each seeing ``sweep.batch_size`` images per step)."""
     pooled_families: int = 2
     """The pooled and vote rules need a target in this many of the sweep's families (all when
-    fewer): patch strokes draw an 8 from any digit of the clean small ResNet (pooled 8.7, 1.0 in
-    the others); the digits CNN's patch backdoor scored 8.2 and 9.2 in two (README)."""
+    fewer): patch strokes draw an 8 from any digit of the clean small ResNet (README)."""
     vote_rule: bool = True  # the vote rule (bna_export/target_rules.py; README, Detection)
     vote_share: float = 2 / 3  # it needs this share of the sources' smallest triggers to name t
+    map_share: float = 0.5  # in the map rule a class counts when this share of it goes to d(c)
     min_effect: float = 1.5
     """The pair, column and vote rules need the pair's or target's triggers this many times
     smaller than their sources' typical one (bna_export.detect.effects; README, Detection)."""
     all_to_all_rule: bool = True  # the all-to-all rule (bna_export/detect.py; README, Detection)
     all_to_all_bar: float = 0.5  # a source's best pair counts from this share of the threshold
-    all_to_all_sources: float = 0.5  # it fires when this share of the sources keep one pair
-    restarts: int = 1
-    """Trigger estimates per pair and family in the sweep (the smallest size is scored)."""
+    all_to_all_sources: float = 0.5  # it and the map rule fire when this share of sources count
+    map_rule: bool = True  # the all-to-all map rule (bna_export/universal.py; README, Detection)
+    restarts: int = 1  # trigger estimates per pair and family in the sweep (the smallest scored)
     screen_above: int = 15
     """Up to this many classes the sweep solves every ordered pair (K·(K−1) problems per
     family); above, it screens first (bna_export/sweep.py): about K·(1 + m + r) + k·(K − 1),

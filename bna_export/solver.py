@@ -16,6 +16,7 @@ from .families import FAMILIES, Trigger
 from .norm import BnaModel
 from .problems import (
     ANY,
+    OWN,
     TOLERANCE,
     Forward,
     Pools,
@@ -23,6 +24,7 @@ from .problems import (
     TriggerEstimate,
     Triggers,
     autocast,
+    away_of,
     goal,
     sizes,
     success,
@@ -59,7 +61,10 @@ class Batch:
         self.pools = Pools(data, problems, settings.batch_size, settings.steps, gens)
         self.x_all = torch.from_numpy(data.x).to(dev)
         self.targets = torch.tensor([p.target for p in problems])
-        self.away = torch.tensor([p.sources[0] if p.target == ANY else -1 for p in problems])
+        self.away = torch.tensor(
+            [p.sources[0] if p.target == ANY else OWN if p.target == OWN else -1 for p in problems]
+        )
+        self.labels = torch.from_numpy(np.asarray(data.y)).long()
         self.run = forward or (lambda x, _which: model(x))
         first = []
         for i, p in enumerate(problems):
@@ -104,7 +109,7 @@ class Batch:
                 ce, hit = goal(
                     logits,
                     self.targets[chunk].repeat_interleave(pools.batch).to(dev),
-                    self.away[chunk].repeat_interleave(pools.batch).to(dev),
+                    away_of(self.away[chunk], index, self.labels).to(dev),
                     s.confidence,
                 )
                 norm = weight.sum(1)
@@ -129,7 +134,7 @@ class Batch:
             which,
             self.tr,
             raw,
-            (self.targets, self.away),
+            (self.targets, self.away, self.labels),
             (self.lo, self.hi),
             self.settings,
         )

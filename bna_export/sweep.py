@@ -32,6 +32,10 @@ detected with several sources, against K·(K − 1): linear in K.
 Pooled problems (``detect.pooled_rule``, either sweep): per family and target one more problem,
 t's trigger on the pooled images of every other class (``sweep.batch_size`` of them per
 step), scored by the pooled rule of :mod:`bna_export.detect`: K problems per family.
+
+Universal problems (``detect.map_rule``, either sweep): per family one more problem, the smallest
+trigger that moves every class's images out of their own class; where it sends each class is
+the all-to-all map rule's input (:mod:`bna_export.universal`): one problem per family.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from .fitfile import Intrinsic
 from .norm import BnaModel
 from .reverse import ANY, Problem, TriggerEstimate, succeeds
 from .settings import DetectSettings, Settings
+from .universal import map_pairs, universal_maps, universal_problems
 
 Solve = Callable[[Sequence[Problem], str], list[TriggerEstimate]]
 """solve(problems, stage): the estimates of ``problems`` (stage names the progress bar)."""
@@ -71,6 +76,9 @@ class SweepResult:
     problem_steps: int = 0
     intrinsic: dict[int, Intrinsic] = field(default_factory=dict)
     """Filled by the intrinsic-backdoor check (:mod:`bna_export.defend`), per target."""
+    maps: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per family the universal trigger's size and class map (:mod:`bna_export.universal`;
+    empty without ``detect.map_rule``)."""
 
 
 def pair_problems(n_classes: int, families: Sequence[str], restarts: int) -> list[Problem]:
@@ -227,15 +235,18 @@ def run_sweep(
 ) -> SweepResult:
     """The sweep and the detection (design step 1, before the intrinsic check)."""
     d = settings.detect
-    success = settings.sweep.success
+    success, per = settings.sweep.success, settings.sweep.images_per_forward
     pooled = pooled_problems(n_classes, families, d.restarts) if d.pooled_rule else []
+    universal = universal_problems(n_classes, list(families)) if d.map_rule else []
     if n_classes <= d.screen_above:
-        found = solve(pair_problems(n_classes, families, d.restarts) + pooled, "sweep")
+        found = solve(pair_problems(n_classes, families, d.restarts) + pooled + universal, "sweep")
+        found, maps = universal_maps(model, data, found, input_range, n_classes, success, per)
         sizes = size_matrices(found, n_classes, families, success)
         psizes = pooled_sizes(found, n_classes, families, success) if pooled else {}
-        steps = sum(e.steps for e in found)
-        detection = detect_sizes(sizes, None, psizes, settings)
-        return SweepResult(found, sizes, None, detection, {}, psizes, len(found), steps)
+        steps = sum(e.steps for e in found) + sum(m["steps"] for m in maps.values())
+        detection = with_map(detect_sizes(sizes, None, psizes, settings), maps, d)
+        n = len(found) + len(maps)
+        return SweepResult(found, sizes, None, detection, {}, psizes, n, steps, maps=maps)
     screen = [Problem(f, ANY, (s,)) for f in families for s in range(n_classes)]
     screened = solve(screen, "screen")
     rng = np.random.default_rng(settings.seed)
@@ -252,11 +263,14 @@ def run_sweep(
         for s, t in sorted(chosen[f] | {(s, t) for s, ts in references[f].items() for t in ts})
         for r in range(d.restarts)
     ]
-    found = solve(problems + pooled, "sweep")
+    found, maps = universal_maps(
+        model, data, solve(problems + pooled + universal, "sweep"), input_range, n_classes,
+        success, per,
+    )  # fmt: skip
     sizes = size_matrices(found, n_classes, families, success)
     psizes = pooled_sizes(found, n_classes, families, success) if pooled else {}
     weights = {f: _weights(~np.isnan(sizes[f]), references[f], n_classes) for f in families}
-    detection = detect_sizes(sizes, weights, psizes, settings)
+    detection = with_map(detect_sizes(sizes, weights, psizes, settings), maps, d)
     several = [t for t, src in detection.sources.items() if len(src) > 1]
     solved = {e.problem for e in found}
     missing = [
@@ -272,9 +286,25 @@ def run_sweep(
         found += solve(missing, "sweep")
         sizes = size_matrices(found, n_classes, families, success)
         weights = {f: _weights(~np.isnan(sizes[f]), references[f], n_classes) for f in families}
-        detection = detect_sizes(sizes, weights, psizes, settings)
+        detection = with_map(detect_sizes(sizes, weights, psizes, settings), maps, d)
     record["problems"] = {"screen": len(screened), "pairs": len(found) - len(pooled)}
     record["problems"]["pooled"] = len(pooled)
+    record["problems"]["universal"] = len(maps)
     steps = sum(e.steps for e in screened) + sum(e.steps for e in found)
-    n = len(screened) + len(found)
-    return SweepResult(found, sizes, weights, detection, record, psizes, n, steps)
+    steps += sum(m["steps"] for m in maps.values())
+    n = len(screened) + len(found) + len(maps)
+    return SweepResult(found, sizes, weights, detection, record, psizes, n, steps, maps=maps)
+
+
+def with_map(detection: Detection, maps: dict[str, dict[str, Any]], d: DetectSettings) -> Detection:
+    """``detection`` with the pairs of the all-to-all map rule (:mod:`bna_export.universal`)
+    added to its pairs and its all-to-all pairs."""
+    given = {f: m["map"] for f, m in maps.items() if m["map"] is not None}
+    found = map_pairs(given, d.map_share, d.all_to_all_sources)
+    if not found:
+        return detection
+    for pair, fam in found.items():
+        detection.family.setdefault(pair, fam)
+    detection.pairs = sorted(set(detection.pairs) | set(found))
+    detection.all_to_all = sorted(set(detection.all_to_all) | set(found))
+    return detection

@@ -165,7 +165,8 @@ def test_all_to_all_pairs_are_found(a2a_scenario):
     events = []
     _, out = detect(a2a_scenario, progress=lambda *e: events.append(e))
     sweep = [e for e in events if e[0] == "sweep"]
-    assert sweep[-1][1] == sweep[-1][2] and sweep[-1][3] == "56/56 pairs, 8/8 pooled targets"
+    assert sweep[-1][1] == sweep[-1][2]
+    assert sweep[-1][3] == "56/56 pairs, 8/8 pooled targets, universal done"
     assert [e[1] for e in sweep] == sorted(e[1] for e in sweep)  # never goes back
     assert {e[0] for e in events} >= {"sweep", "fit"}
     found = {tuple(p) for p in out.fit.header["detection"]["detected_pairs"]}
@@ -176,6 +177,11 @@ def test_all_to_all_pairs_are_found(a2a_scenario):
     assert found <= true and len(found) >= 6, sorted(found)
     assert {tuple(p) for p in out.fit.header["detection"]["all_to_all"]} <= true
     assert out.detection is not None and not out.detection.all_to_one
+    # the all-to-all map: the perturbation family's universal trigger sends c to c + 1
+    universal = out.fit.header["detection"]["sweep"]["universal"]
+    assert set(universal) == {"patch", "perturbation", "blend"}
+    dest = universal["perturbation"]["destinations"]
+    assert sum(d == (c + 1) % 8 for c, d in enumerate(dest)) >= 6, dest
 
 
 def test_a_clean_model_gives_no_detection_and_an_unchanged_f(

@@ -1,0 +1,117 @@
+"""The all-to-all map: one universal untargeted trigger per family (the smallest that moves the
+pooled clean images of every class out of their own class), where it sends each class, and
+the rule that reads an all-to-all backdoor off that map.
+
+An all-to-all backdoor (c → π(c) for every class, one trigger) is a trigger that moves every
+class, each to a class of its own: the universal untargeted trigger finds it, and the classes
+it sends the images to form a permutation. On a clean model (or an all-to-one one) the cheapest
+trigger that moves every class crowds them onto a few easy classes (README, Detection). Rule:
+per family, each class's most frequent new class d(c) counts when it takes at least
+``min_share`` of the class's images and no other class counted goes to d(c); the pairs
+(c, d(c)) are detected when at least ``min_sources`` (a share) of the classes count, in any
+family.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import Dataset
+from .norm import BnaModel
+from .problems import OWN, Problem, TriggerEstimate
+from .reverse import succeeds
+
+
+def universal_problems(n_classes: int, families: list[str]) -> list[Problem]:
+    """Per family the universal untargeted problem on every class's images (none below 3
+    classes, where every trigger that moves both classes is a permutation)."""
+    if n_classes < 3:
+        return []
+    return [Problem(f, OWN, tuple(range(n_classes))) for f in families]
+
+
+def class_map(
+    model: BnaModel,
+    data: Dataset,
+    estimate: TriggerEstimate,
+    input_range: tuple[float, float],
+    n_classes: int,
+    images_per_pass: int = 512,
+) -> np.ndarray:
+    """[K, K]: the share of each class's clean images (rows) that f answers with each class
+    (columns) once the trigger is embedded."""
+    out = np.zeros((n_classes, n_classes))
+    y = np.asarray(data.y)
+    for start in range(0, len(y), images_per_pass):
+        x = torch.from_numpy(data.x[start : start + images_per_pass]).to(model.device)
+        with torch.no_grad():
+            got = model(estimate.apply(x, *input_range)).argmax(1).cpu().numpy()
+        np.add.at(out, (y[start : start + len(x)], np.minimum(got, n_classes - 1)), 1.0)
+    return out / np.maximum(out.sum(1, keepdims=True), 1.0)
+
+
+def universal_maps(
+    model: BnaModel,
+    data: Dataset,
+    found: list[TriggerEstimate],
+    input_range: tuple[float, float],
+    n_classes: int,
+    success: float,
+    images_per_pass: int = 512,
+) -> tuple[list[TriggerEstimate], dict[str, dict[str, Any]]]:
+    """The estimates ``found`` without the universal ones, and per family the universal
+    trigger's size, steps and class map (:func:`class_map`; None: it never succeeded)."""
+    maps: dict[str, dict[str, Any]] = {}
+    for e in found:
+        if e.problem.target == OWN:
+            m = None
+            if succeeds(e, success):
+                m = class_map(model, data, e, input_range, n_classes, images_per_pass)
+            maps[e.family] = {"size": float(e.size), "steps": e.steps, "map": m}
+    return [e for e in found if e.problem.target != OWN], maps
+
+
+def counted_pairs(shares: np.ndarray, min_share: float) -> set[tuple[int, int]]:
+    """The pairs (c, d(c)) of one family's class map ([K, K]) that the map rule counts: d(c),
+    c's most frequent new class, takes at least ``min_share`` of c's images, and no other class
+    counted goes to d(c)."""
+    k = len(shares)
+    moved = np.where(np.eye(k, dtype=bool), -np.inf, shares)
+    dest = moved.argmax(1)
+    counted = moved[np.arange(k), dest] >= min_share
+    named = np.bincount(dest[counted], minlength=k)
+    return {(c, int(dest[c])) for c in range(k) if counted[c] and named[dest[c]] == 1}
+
+
+def map_pairs(
+    maps: Mapping[str, np.ndarray], min_share: float, min_sources: float
+) -> dict[tuple[int, int], str]:
+    """The all-to-all map rule (module docstring) on each family's class map ([K, K]); pair ->
+    the family whose map holds the most pairs (empty: the rule did not fire)."""
+    best: dict[tuple[int, int], str] = {}
+    for fam, m in maps.items():
+        pairs = counted_pairs(m, min_share)
+        if pairs and len(pairs) >= math.ceil(min_sources * len(m)) and len(pairs) > len(best):
+            best = dict.fromkeys(sorted(pairs), fam)
+    return best
+
+
+def universal_record(maps: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """What the fit file keeps of each family's universal trigger: its size and steps, and per
+    class its most frequent new class and the share sent there (no map: it never succeeded)."""
+    out: dict[str, Any] = {}
+    for fam, m in maps.items():
+        row: dict[str, Any] = {"size": m["size"], "steps": m["steps"]}
+        if m["map"] is not None:
+            k = len(m["map"])
+            moved = np.where(np.eye(k, dtype=bool), -np.inf, m["map"])
+            dest = moved.argmax(1)
+            row["destinations"] = dest.tolist()
+            row["shares"] = [round(float(x), 4) for x in moved[np.arange(k), dest]]
+        out[fam] = row
+    return out

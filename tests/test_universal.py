@@ -1,0 +1,73 @@
+"""The all-to-all map (bna_export/universal.py): the rule on known maps, and the universal
+untargeted trigger solved on the tests' all-to-all and clean models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bna_export.model import adapt_module
+from bna_export.problems import OWN, away_of
+from bna_export.reverse import reverse_engineer, succeeds
+from bna_export.universal import class_map, map_pairs, universal_problems
+
+
+def shares(dest: list[int], share: float = 0.8) -> np.ndarray:
+    """A class map sending ``share`` of class c to dest[c] and the rest nowhere else."""
+    k = len(dest)
+    m = np.eye(k) * (1 - share)
+    m[np.arange(k), dest] += share
+    return m
+
+
+def test_the_map_rule_takes_a_permutation_and_nothing_that_crowds():
+    k = 10
+    perm = [(c + 1) % k for c in range(k)]
+    assert map_pairs({"perturbation": shares(perm)}, 0.5, 0.5) == {
+        (c, (c + 1) % k): "perturbation" for c in range(k)
+    }
+    hub = [8] * 8 + [2, 8]  # a clean model: most classes onto one easy class
+    hub[8] = 2
+    assert map_pairs({"perturbation": shares(hub)}, 0.5, 0.5) == {}
+    a2o = [7] * 7 + [0] + [7] * 2  # an all-to-one backdoor: every class to 7 (7 itself to 0)
+    assert map_pairs({"patch": shares(a2o)}, 0.5, 0.5) == {}
+    # a class counts only when enough of it moves, and only if no other class goes there too
+    half = [1, 2, 3, 4, 5, 6, 0, 0, 0, 0]
+    assert len(map_pairs({"blend": shares(half)}, 0.5, 0.5)) == 6
+    assert map_pairs({"blend": shares(half)}, 0.5, 0.7) == {}
+    assert map_pairs({"blend": shares(perm, 0.4)}, 0.5, 0.5) == {}
+    # the family whose map holds the most pairs names them
+    both = map_pairs({"patch": shares(half), "perturbation": shares(perm)}, 0.5, 0.5)
+    assert set(both.values()) == {"perturbation"} and len(both) == k
+
+
+def test_an_image_of_a_universal_problem_leaves_its_own_class():
+    labels = torch.tensor([3, 1, 4, 1, 5])
+    index = torch.tensor([[0, 1], [2, 3], [4, 0]])
+    away = torch.tensor([-1, 2, OWN])  # targeted, untargeted from class 2, universal
+    assert away_of(away, index, labels).tolist() == [-1, -1, 2, 2, 5, 3]
+    assert universal_problems(2, ["patch"]) == []
+    assert [p.sources for p in universal_problems(3, ["patch", "blend"])] == [(0, 1, 2)] * 2
+
+
+@pytest.mark.parametrize(("scenario", "truth"), [("a2a_scenario", True), ("clean_scenario", False)])
+def test_the_universal_trigger_maps_an_all_to_all_backdoor_and_not_a_clean_model(
+    scenario, truth, request
+):
+    """The tests' 8-class models: the all-to-all one (c -> c + 1) gives its permutation, the
+    clean one nothing."""
+    sc = request.getfixturevalue(scenario)
+    model = adapt_module(sc.net, torch.from_numpy(sc.test.x[:2]))
+    (est,) = reverse_engineer(model, sc.defender, universal_problems(8, ["perturbation"]), (0, 1))
+    assert est.problem.target == OWN and succeeds(est, 0.95)
+    m = class_map(model, sc.defender, est, (0.0, 1.0), 8)
+    np.testing.assert_allclose(m.sum(1), 1.0)
+    moved = 1 - np.diag(m)[sc.defender.y].mean()
+    assert moved >= 0.9  # what the solver's success says, on the whole pool
+    found = set(map_pairs({"perturbation": m}, 0.5, 0.5))
+    if truth:
+        true = {(c, (c + 1) % 8) for c in range(8)}
+        assert found <= true and len(found) >= 6, sorted(found)
+    else:
+        assert found == set(), sorted(found)
