@@ -35,7 +35,13 @@ from bna_export.reverse import reverse_engineer
 from bna_export.settings import Settings, with_overrides
 from bna_export.sweep import pair_problems, pooled_problems, pooled_sizes, size_matrices
 from bna_export.target_rules import row_minimum_votes, vote_targets
-from bna_export.universal import counted_pairs, map_pairs, universal_maps, universal_problems
+from bna_export.universal import (
+    counted_pairs,
+    destinations,
+    map_pairs,
+    universal_maps,
+    universal_problems,
+)
 
 
 def main() -> None:
@@ -191,9 +197,10 @@ def print_maps(maps: dict, truth: set, share: float, sources: float) -> None:
         if m["map"] is None:
             print(f"| {fam} | {m['size']:.2f} | {m['steps']} | never succeeded | - | 0 | - |")
             continue
-        moved = np.where(np.eye(len(m["map"]), dtype=bool), -np.inf, m["map"])
-        dest = moved.argmax(1)
-        cells = " ".join(f"{c}→{d} ({moved[c, d]:.2f})" for c, d in enumerate(dest))
+        dest, sent = destinations(m["map"])
+        cells = " ".join(
+            f"{c}→{d} ({x:.2f})" for c, (d, x) in enumerate(zip(dest, sent, strict=True))
+        )
         pairs = set(map_pairs({fam: m["map"]}, share, sources))
         crowd = np.bincount(dest, minlength=len(dest))
         print(

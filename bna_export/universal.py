@@ -76,14 +76,21 @@ def universal_maps(
     return [e for e in found if e.problem.target != OWN], maps
 
 
-def counted_pairs(shares: np.ndarray, min_share: float) -> set[tuple[int, int]]:
-    """The pairs (c, d(c)) of one family's class map ([K, K]) that the map rule counts: d(c),
-    c's most frequent new class, takes at least ``min_share`` of c's images, and no other class
-    counted goes to d(c)."""
+def destinations(shares: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per class of a class map ([K, K]) its most frequent new class d(c) and the share of the
+    class sent there ([K] each)."""
     k = len(shares)
     moved = np.where(np.eye(k, dtype=bool), -np.inf, shares)
     dest = moved.argmax(1)
-    counted = moved[np.arange(k), dest] >= min_share
+    return dest, moved[np.arange(k), dest]
+
+
+def counted_pairs(shares: np.ndarray, min_share: float) -> set[tuple[int, int]]:
+    """The pairs (c, d(c)) of one family's class map ([K, K]) that the map rule counts: d(c)
+    takes at least ``min_share`` of c's images, and no other class counted goes to d(c)."""
+    k = len(shares)
+    dest, share = destinations(shares)
+    counted = share >= min_share
     named = np.bincount(dest[counted], minlength=k)
     return {(c, int(dest[c])) for c in range(k) if counted[c] and named[dest[c]] == 1}
 
@@ -108,10 +115,8 @@ def universal_record(maps: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     for fam, m in maps.items():
         row: dict[str, Any] = {"size": m["size"], "steps": m["steps"]}
         if m["map"] is not None:
-            k = len(m["map"])
-            moved = np.where(np.eye(k, dtype=bool), -np.inf, m["map"])
-            dest = moved.argmax(1)
+            dest, share = destinations(m["map"])
             row["destinations"] = dest.tolist()
-            row["shares"] = [round(float(x), 4) for x in moved[np.arange(k), dest]]
+            row["shares"] = [round(float(x), 4) for x in share]
         out[fam] = row
     return out
