@@ -42,12 +42,12 @@ def pairs_progress(
     universal = torch.tensor([k[1] == OWN for k in keys], dtype=torch.bool)
     pooled = torch.tensor([stage == "sweep" and len(k[0]) > 1 for k in keys], dtype=torch.bool)
     pooled &= ~universal
+    single = ~pooled & ~universal
     n_pooled, n_universal = int(pooled.sum()), int(universal.sum())
 
     def report(done: int, total: int, finished: torch.Tensor) -> None:
         left = torch.zeros(len(keys)).index_add_(0, pair_of, (~finished[index]).float())
         ready = left == 0
-        single = ~pooled & ~universal
         text = f"{int((ready & single).sum())}/{int(single.sum())} {what}"
         if n_pooled:
             text += f", {int((ready & pooled).sum())}/{n_pooled} pooled targets"

@@ -20,10 +20,10 @@ from .families import FAMILIES, Family, Trigger
 from .settings import ReverseSettings
 
 ANY = -1
-OWN = -2
-"""Target of a universal untargeted problem: every image must leave its own class (the sweep's
-all-to-all map, :mod:`bna_export.sweep`)."""
 """The target of an untargeted problem: any class but its (single) source."""
+OWN = -2
+"""The target of a universal untargeted problem: every image must leave its own class (the
+all-to-all map, :mod:`bna_export.universal`)."""
 Forward = Callable[[Tensor, Tensor], Tensor]
 """forward(x, problem): logits of images x [N, C, H, W], each belonging to problem [N] (its
 index in the list solved)."""
@@ -248,8 +248,8 @@ def success(
 ) -> Tensor:
     """Share of the whole pool that each problem in ``which`` moves to its goal (``goals``:
     every problem's target and away class, see :func:`goal`, and every image's label, see
-    :func:`away_of`) with its trigger (``raw``: every
-    problem's raw parameters, per family): (len(which),) float64, on the CPU."""
+    :func:`away_of`) with its trigger (``raw``: every problem's raw parameters, per family):
+    (len(which),) float64, on the CPU."""
     out = torch.zeros(len(which), dtype=torch.float64)  # 19/20 must compare >= 0.95
     per_forward = max(1, settings.images_per_forward // pools.width)
     dev = x_all.device
