@@ -32,7 +32,7 @@ from bna_export.detect import all_to_all_pairs, detect_pairs, large_side_scores
 from bna_export.lab.scenario import Scenario, build_scenario, synthetic_scenario_data
 from bna_export.model import adapt_module
 from bna_export.reverse import reverse_engineer
-from bna_export.settings import Settings, with_overrides
+from bna_export.settings import DetectSettings, Settings, with_overrides
 from bna_export.sweep import pair_problems, pooled_problems, pooled_sizes, size_matrices
 from bna_export.target_rules import row_minimum_votes, vote_targets
 from bna_export.universal import (
@@ -178,17 +178,18 @@ def main() -> None:
             flush=True,
         )
     if maps:
-        print_maps(maps, truth, d.map_share, d.all_to_all_sources)
+        print_maps(maps, truth, d)
     if args.per_source:
         per_source(sizes, list(cost), true_mask)
     if args.signals:
         signals(model, sc.defender, found, k, solver.success)
 
 
-def print_maps(maps: dict, truth: set, share: float, sources: float) -> None:
+def print_maps(maps: dict, truth: set, d: DetectSettings) -> None:
     """Per family the universal trigger (one for every class's images) and where it sends each
     class (its most frequent new class and the share of the class sent there), and the pairs
-    the all-to-all map rule takes from it (right / wrong against the truth)."""
+    the all-to-all map rule takes from it, with the classes it left out (``detect.map_complete``;
+    right / wrong against the truth)."""
     print("\n| family | universal size | steps | class -> most frequent new class (share) | "
           "classes onto one class, most | classes the rule counts | map rule: pairs right / "
           "wrong |")  # fmt: skip
@@ -201,11 +202,11 @@ def print_maps(maps: dict, truth: set, share: float, sources: float) -> None:
         cells = " ".join(
             f"{c}→{d} ({x:.2f})" for c, (d, x) in enumerate(zip(dest, sent, strict=True))
         )
-        pairs = set(map_pairs({fam: m["map"]}, share, sources))
+        pairs = set(map_pairs({fam: m["map"]}, d.map_share, d.all_to_all_sources, d.map_complete))
         crowd = np.bincount(dest, minlength=len(dest))
         print(
             f"| {fam} | {m['size']:.2f} | {m['steps']} | {cells} | {crowd.max()} of {len(dest)} "
-            f"to {crowd.argmax()} | {len(counted_pairs(m['map'], share))} | "
+            f"to {crowd.argmax()} | {len(counted_pairs(m['map'], d.map_share))} | "
             f"{len(pairs & truth)} / {len(pairs - truth)} |"
         )
 

@@ -34,6 +34,7 @@ from .reverse import TriggerEstimate, choose_family, succeeds
 from .settings import Settings
 from .sweep import SweepResult
 from .target_rules import intrinsic_check
+from .universal import as_target, map_group
 
 
 def model_output_classes(model: BnaModel, x: np.ndarray) -> int:
@@ -136,20 +137,24 @@ def fit_defence(
     tlist = list(sources)
     chosen: dict[int, list[TriggerEstimate]] = {}
     for t in tlist:
-        mine = [e for e in estimates if e.problem.target == t]
-        best = choose_family(mine, (lo, hi), settings.reverse.success)
-        chosen[t] = [e for e in mine if e.family == best.family]
-        if settings.family_rule == "successful":
-            ok = [e for e in mine if succeeds(e, settings.reverse.success)]
-            chosen[t] = ok or chosen[t]
+        chosen[t] = _pick([e for e in estimates if e.problem.target == t], (lo, hi), settings)
+    group, fired = [], []
+    if sweep is not None and settings.fit.map_shared:
+        group, fired = map_group(sweep.maps, sources, settings.detect)
+    if group:  # one Θ for the all-to-all targets, fitted on the universal triggers whose map
+        # fired (the sweep's: a re-estimate with the per-target solver, smaller perturbation
+        # steps run longer, found another trigger that kept 2 of 10 pairs; README)
+        chosen[group[0]] = [sweep.maps[f]["estimate"] for f in fired]
+    pooled = tuple(sorted({s for t in group for s in sources[t]}))
     if tlist:
         # Θ's per-sample transforms and spatial sampling run faster on the default layout
         model.use_channels_last(torch.from_numpy(data.x[:8]), enable=False)
+        fitted = [t for t in tlist if t not in group[1:]]
         result = fit_thetas(
             model,
             data,
-            tlist,
-            sources,
+            fitted,
+            {**sources, **({group[0]: pooled} if group else {})},
             chosen,
             (lo, hi),
             settings.fit,
@@ -157,10 +162,15 @@ def fit_defence(
             seed=settings.seed,
             progress=None if progress is None else (lambda d, n: progress("fit", d, n, "")),
             refresh=refresher(job, sources),
+            keep={group[0]: group} if group else None,
         )
-        thetas, history = result.thetas, result.history
-        fresh = [e for t in tlist for e in result.triggers[t] if e.problem.restart >= ROUND]
-        estimates, chosen = estimates + fresh, result.triggers
+        row = [fitted.index(group[0] if t in group else t) for t in tlist]
+        thetas, history = [th[row] for th in result.thetas], result.history
+        chosen = {t: result.triggers[group[0] if t in group else t] for t in tlist}
+        for t in group:  # the universal trigger, recorded as each group target's own
+            chosen[t] = [as_target(e, t, sources[t]) for e in chosen[t]]
+        fresh = [e for t in tlist for e in chosen[t] if t in group or e.problem.restart >= ROUND]
+        estimates = estimates + fresh
     else:  # nothing detected: no Θ, f is served unchanged
         thetas = [torch.zeros((0, 4, la.channels)) for la in model.layers]
         history = []
@@ -185,6 +195,20 @@ def fit_defence(
         sweep=sweep,
     )
     return FitOutcome(fitfile.to_fit(record), record, chosen, sweep.detection if sweep else None)
+
+
+def _pick(
+    mine: list[TriggerEstimate], input_range: tuple[float, float], settings: Settings
+) -> list[TriggerEstimate]:
+    """The estimates of one target that Θ is fitted on: those of the family
+    :func:`~bna_export.reverse.choose_family` picks, or (``family_rule``: successful) every
+    one that succeeds."""
+    best = choose_family(mine, input_range, settings.reverse.success)
+    chosen = [e for e in mine if e.family == best.family]
+    if settings.family_rule == "successful":
+        ok = [e for e in mine if succeeds(e, settings.reverse.success)]
+        chosen = ok or chosen
+    return chosen
 
 
 def _check_data(

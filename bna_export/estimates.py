@@ -128,7 +128,10 @@ def refresher(job: Job, sources: dict[int, list[int]]) -> Refresh:
         for i, t in enumerate(targets):
             for e in base[t]:
                 r = round_ * ROUND + e.problem.restart % ROUND
-                problems.append(Problem(e.family, t, tuple(sources[t]), r))
+                # a shared group's universal trigger stays universal on its own sources
+                own = e.problem.target == OWN
+                srcs = e.problem.sources if own else tuple(sources[t])
+                problems.append(Problem(e.family, OWN if own else t, srcs, r))
                 start.append(e)
                 route.append(i)
         index = torch.tensor(route, device=job.model.device)
@@ -143,8 +146,8 @@ def refresher(job: Job, sources: dict[int, list[int]]) -> Refresh:
         )  # fmt: skip
         out: dict[int, list[TriggerEstimate]] = {}
         growth = s.fit.refresh_growth or float("inf")
-        for t in targets:
-            pairs = [(e, b) for e, b in zip(found, start, strict=True) if e.problem.target == t]
+        for i, t in enumerate(targets):
+            pairs = [(e, b) for e, b, j in zip(found, start, route, strict=True) if j == i]
             latest[t] = [e for e, _ in pairs]
             out[t] = [
                 e

@@ -131,10 +131,10 @@ def _keep_target(
     per_target: int,
     rng: np.random.Generator,
     settings: FitSettings,
-) -> Tensor:
-    """g_t's logits on ``per_target`` clean images of each target t, each plain or with one of
-    t's estimated triggers (``which`` indexes each target's (image, variant) pairs, image-major),
-    shifted by up to ``settings.jitter`` pixels."""
+) -> tuple[Tensor, Tensor]:
+    """g_t's logits on ``per_target`` of each target t's kept clean images, each plain or with
+    one of t's estimated triggers (``which`` indexes each target's (image, variant) pairs,
+    image-major), shifted by up to ``settings.jitter`` pixels; and the images' own classes."""
     n_keep = torch.tensor([len(k) for k in variants.keep])
     route = torch.arange(len(tgt)).repeat_interleave(per_target)
     image = which // n_keep[route]
@@ -144,9 +144,10 @@ def _keep_target(
     size = max(len(t) for t in tgt)
     pools = torch.tensor(np.stack([np.pad(t, (0, size - len(t))) for t in tgt]))
     dev = x_all.device
-    x = variants.apply(x_all[pools[route, image].to(dev)], var.to(dev))
+    sel = pools[route, image].to(dev)
+    x = variants.apply(x_all[sel], var.to(dev))
     with model.mitigated(thetas, route.to(dev)):
-        return model(jitter(x, settings.jitter, rng))
+        return model(jitter(x, settings.jitter, rng)), sel
 
 
 def _refreshing(settings: FitSettings, epoch: int) -> bool:
@@ -165,21 +166,21 @@ class _KeepWeight:
     defender can see."""
 
     def __init__(
-        self, model: BnaModel, data: Dataset, targets: Sequence[int], settings: FitSettings
+        self, model: BnaModel, data: Dataset, kept: Sequence[Sequence[int]], settings: FitSettings
     ) -> None:
-        dev, n_t = model.device, len(targets)
+        dev, n_t = model.device, len(kept)
         self.settings = settings
         self.weight = torch.full((n_t,), float(settings.target_ce_weight), device=dev)
         self.adaptive = settings.target_flag_budget > 0 and settings.target_ce_weight > 0
         self.flagged = torch.zeros(n_t, device=dev)  # share of routed clean t images flagged
         if not self.adaptive:
             return
-        idx = [data.of_classes([t]) for t in targets]
+        idx = [data.of_classes(list(k)) for k in kept]
         x = torch.from_numpy(data.x[np.concatenate(idx)]).to(dev)
         route = torch.arange(n_t, device=dev).repeat_interleave(
             torch.tensor([len(i) for i in idx], device=dev)
         )
-        label = torch.tensor(list(targets), device=dev)[route]
+        label = torch.from_numpy(data.y[np.concatenate(idx)]).to(dev)
         with torch.no_grad():
             routed = model(x).argmax(1) == label
         self.x, self.route, self.label = x[routed], route[routed], label[routed]
@@ -216,14 +217,16 @@ def fit_thetas(
     seed: int = 0,
     progress: Progress | None = None,
     refresh: Refresh | None = None,
+    keep: dict[int, Sequence[int]] | None = None,
 ) -> FitResult:
     """Fit Θ_t for every t in ``targets`` (sources S(t), triggers used to build q), at most
-    ``settings.targets_per_pass`` targets at a time (each group seeded by its place). With
+    ``settings.targets_per_pass`` targets at a time (each group seeded by its place); t's keep
+    term holds the clean images of ``keep[t]`` (default: t) at their own classes. With
     ``refresh``, every ``settings.refresh_every`` epochs the triggers that still work on the
     current g_t join each target's triggers."""
     group = settings.targets_per_pass
     parts = [list(targets[i : i + group]) for i in range(0, len(targets), group)]
-    args = (model, data, sources, triggers, input_range, settings, hist)
+    args = (model, data, sources, triggers, input_range, settings, hist, keep)
     if len(parts) <= 1:
         return _fit_group(*args, list(targets), seed, progress, refresh)
     out = []
@@ -253,9 +256,8 @@ class _Step:
     x_all: Tensor
     y_all: Tensor
     tgt: list[np.ndarray]
-    """Per target: the indices of its clean images (the keep-t term's pool)."""
-    target_label: Tensor
-    """[T] the targets' class numbers."""
+    """Per target: the indices of the clean images its keep term holds at their own class
+    (those of t, or of every target of a shared group)."""
     keep: _KeepWeight
     rng: np.random.Generator
     gen: torch.Generator
@@ -287,10 +289,10 @@ def _step_loss(
     if s.target_ce_weight > 0:
         tb = keep_pairs.shape[1]
         which = torch.from_numpy(keep_pairs.reshape(-1))
-        logits_t = _keep_target(model, thetas, st.x_all, variants, st.tgt, which, tb, st.rng, s)
-        ce = torch.nn.functional.cross_entropy(
-            logits_t, st.target_label.repeat_interleave(tb), reduction="none"
+        logits_t, kept = _keep_target(
+            model, thetas, st.x_all, variants, st.tgt, which, tb, st.rng, s
         )
+        ce = torch.nn.functional.cross_entropy(logits_t, st.y_all[kept], reduction="none")
         loss = loss + (st.keep.weight.repeat_interleave(tb) * ce).mean()
     if s.clean_ce_weight > 0:
         with model.mitigated(thetas, route):
@@ -307,6 +309,7 @@ def _fit_group(
     input_range: tuple[float, float],
     settings: FitSettings,
     hist: HistogramSettings,
+    keep: dict[int, Sequence[int]] | None,
     targets: list[int],
     seed: int,
     progress: Progress | None,
@@ -322,7 +325,8 @@ def _fit_group(
     opt = torch.optim.Adam(params.learned, lr=settings.lr)
     mine = {t: list(triggers[t]) for t in targets}
     variants = Variants(targets, mine, settings, input_range).to(dev)
-    tgt = [data.of_classes([t]) for t in targets]
+    kept = [list(keep[t]) if keep and t in keep else [t] for t in targets]
+    tgt = [data.of_classes(k) for k in kept]
     st = _Step(
         model,
         settings,
@@ -331,8 +335,7 @@ def _fit_group(
         torch.from_numpy(data.x).to(dev),
         torch.from_numpy(data.y).to(dev),
         tgt,
-        torch.tensor(list(targets), device=dev),
-        _KeepWeight(model, data, targets, settings),
+        _KeepWeight(model, data, kept, settings),
         rng,
         gen,
     )

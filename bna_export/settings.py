@@ -180,6 +180,11 @@ class FitSettings:
     45-90% ASR on digits; 0 = off)."""
     clean_ce_weight: float = 0.0
     """Weight of a cross-entropy keeping g_t's answers on clean source images (0 = off)."""
+    map_shared: bool = True
+    """The targets of the all-to-all map rule share one Θ, fitted on the universal trigger
+    re-estimated on their pooled sources, with every one's clean images kept at their own class:
+    one trigger moves every class, so one correction, learnt from all the classes' images
+    (a per-target Θ learns one source's look and flags its target's clean images; README)."""
     trigger_scales: tuple[float, ...] = (1.0, 2.0, 3.0)
     """Strengths at which each estimated trigger is embedded for q (mask, clipped to 1, or
     perturbation times the scale): a reverse-engineered trigger is the *smallest* that works,
@@ -239,6 +244,7 @@ class DetectSettings:
     all_to_all_bar: float = 0.5  # a source's best pair counts from this share of the threshold
     all_to_all_sources: float = 0.5  # it and the map rule fire when this share of sources count
     map_rule: bool = True  # the all-to-all map rule (bna_export/universal.py; README, Detection)
+    map_complete: bool = True  # a fired map's classes left out go where no counted class goes
     restarts: int = 1  # trigger estimates per pair and family in the sweep (the smallest scored)
     screen_above: int = 15
     """Up to this many classes the sweep solves every ordered pair (K·(K−1) problems per
@@ -303,21 +309,13 @@ class Settings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Settings:
-        parts = {
-            "histogram": HistogramSettings,
-            "reverse": ReverseSettings,
-            "sweep": ReverseSettings,
-            "refresh": ReverseSettings,
-            "fit": FitSettings,
-            "detect": DetectSettings,
-        }
-        known = {f.name for f in fields(cls)}
+        defaults = cls()
+        kinds = {f.name: type(getattr(defaults, f.name)) for f in fields(cls)}
         kwargs = {}
         for key, value in data.items():
-            if key not in known:
+            if key not in kinds:
                 continue
-            if key in parts:
-                sub = parts[key]
+            if is_dataclass(sub := kinds[key]):
                 sub_known = {f.name for f in fields(sub)}
                 value = sub(**{k: v for k, v in value.items() if k in sub_known})
             kwargs[key] = value

@@ -53,7 +53,7 @@ from .fitfile import Intrinsic
 from .norm import BnaModel
 from .reverse import ANY, Problem, TriggerEstimate, succeeds
 from .settings import DetectSettings, Settings
-from .universal import map_pairs, universal_maps, universal_problems
+from .universal import fired, universal_maps, universal_problems
 
 Solve = Callable[[Sequence[Problem], str], list[TriggerEstimate]]
 """solve(problems, stage): the estimates of ``problems`` (stage names the progress bar)."""
@@ -299,8 +299,7 @@ def run_sweep(
 def with_map(detection: Detection, maps: dict[str, dict[str, Any]], d: DetectSettings) -> Detection:
     """``detection`` with the pairs of the all-to-all map rule (:mod:`bna_export.universal`)
     added to its pairs and its all-to-all pairs."""
-    given = {f: m["map"] for f, m in maps.items() if m["map"] is not None}
-    found = map_pairs(given, d.map_share, d.all_to_all_sources)
+    found = fired(maps, d)
     if not found:
         return detection
     for pair, fam in found.items():

@@ -15,7 +15,8 @@ family.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from .data import Dataset
 from .norm import BnaModel
 from .problems import OWN, Problem, TriggerEstimate
 from .reverse import succeeds
+from .settings import DetectSettings
 
 
 def universal_problems(n_classes: int, families: list[str]) -> list[Problem]:
@@ -65,14 +67,15 @@ def universal_maps(
     images_per_pass: int = 512,
 ) -> tuple[list[TriggerEstimate], dict[str, dict[str, Any]]]:
     """The estimates ``found`` without the universal ones, and per family the universal
-    trigger's size, steps and class map (:func:`class_map`; None: it never succeeded)."""
+    trigger's size, steps, class map (:func:`class_map`; None: it never succeeded) and the
+    estimate itself (the shared Θ of :func:`map_group` is fitted on those whose map fires)."""
     maps: dict[str, dict[str, Any]] = {}
     for e in found:
         if e.problem.target == OWN:
             m = None
             if succeeds(e, success):
                 m = class_map(model, data, e, input_range, n_classes, images_per_pass)
-            maps[e.family] = {"size": float(e.size), "steps": e.steps, "map": m}
+            maps[e.family] = {"size": float(e.size), "steps": e.steps, "map": m, "estimate": e}
     return [e for e in found if e.problem.target != OWN], maps
 
 
@@ -95,17 +98,58 @@ def counted_pairs(shares: np.ndarray, min_share: float) -> set[tuple[int, int]]:
     return {(c, int(dest[c])) for c in range(k) if counted[c] and named[dest[c]] == 1}
 
 
+def completed(shares: np.ndarray, pairs: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    """A fired map's ``pairs`` with each class they leave out sent to its most frequent new
+    class d(c), where no counted class goes and no other class left out goes too: an
+    all-to-all backdoor is a permutation, and a class its trigger moved less than the bar
+    still moves to the one place left for it."""
+    dest, share = destinations(shares)
+    left = [c for c in range(len(shares)) if c not in {s for s, _ in pairs} and share[c] > 0]
+    free = [c for c in left if dest[c] not in {d for _, d in pairs}]
+    named = np.bincount(dest[free], minlength=len(shares)) if free else None
+    return pairs | {(c, int(dest[c])) for c in free if named[dest[c]] == 1}
+
+
 def map_pairs(
-    maps: Mapping[str, np.ndarray], min_share: float, min_sources: float
+    maps: Mapping[str, np.ndarray], min_share: float, min_sources: float, complete: bool = False
 ) -> dict[tuple[int, int], str]:
     """The all-to-all map rule (module docstring) on each family's class map ([K, K]); pair ->
-    the family whose map holds the most pairs (empty: the rule did not fire)."""
+    the family whose map holds the most pairs (empty: the rule did not fire); ``complete``:
+    with the classes the fired map left out (:func:`completed`)."""
     best: dict[tuple[int, int], str] = {}
     for fam, m in maps.items():
         pairs = counted_pairs(m, min_share)
         if pairs and len(pairs) >= math.ceil(min_sources * len(m)) and len(pairs) > len(best):
-            best = dict.fromkeys(sorted(pairs), fam)
+            best = dict.fromkeys(sorted(completed(m, pairs) if complete else pairs), fam)
     return best
+
+
+def fired(maps: Mapping[str, Mapping[str, Any]], d: DetectSettings) -> dict[tuple[int, int], str]:
+    """The map rule's pairs (:func:`map_pairs`, with ``d``'s settings) from the sweep's
+    universal maps (:func:`universal_maps`; a family whose trigger never succeeded has none)."""
+    given = {f: m["map"] for f, m in maps.items() if m["map"] is not None}
+    return map_pairs(given, d.map_share, d.all_to_all_sources, d.map_complete)
+
+
+def map_group(
+    maps: Mapping[str, Mapping[str, Any]], sources: Mapping[int, Sequence[int]], d: DetectSettings
+) -> tuple[list[int], list[str]]:
+    """The targets that share one Θ (``fit.map_shared``): those whose every source is a pair
+    of the map rule (none when fewer than two are), and the families whose map fires on its
+    own: their universal triggers are the backdoor's, as the map shows (another family's
+    may be a natural one that sends most classes to one class)."""
+    mapped = fired(maps, d)
+    group = [t for t, v in sorted(sources.items()) if v and all((s, t) in mapped for s in v)]
+    if len(group) < 2:
+        return [], []
+    return group, [f for f in maps if fired({f: maps[f]}, d)]
+
+
+def as_target(estimate: TriggerEstimate, target: int, sources: Sequence[int]) -> TriggerEstimate:
+    """A shared group's universal trigger recorded as one target's: the same trigger, its
+    problem named by that target and its sources (the fit file names real classes)."""
+    p = estimate.problem
+    return replace(estimate, problem=Problem(p.family, target, tuple(sources), p.restart))
 
 
 def universal_record(maps: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

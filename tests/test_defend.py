@@ -182,6 +182,19 @@ def test_all_to_all_pairs_are_found(a2a_scenario):
     assert set(universal) == {"patch", "perturbation", "blend"}
     dest = universal["perturbation"]["destinations"]
     assert sum(d == (c + 1) % 8 for c, d in enumerate(dest)) >= 6, dest
+    # the mapped targets share one Θ (fit.map_shared), fitted on one universal trigger that
+    # the fit file records as each one's own, from its source
+    h, theta = out.fit.header, out.fit.tensors["theta.0"]
+    shared = [i for i in range(len(theta)) if np.array_equal(theta[i], theta[0])]
+    assert len(shared) >= 6, shared
+    used = [tr for tr in h["triggers"] if tr["used"]]
+    for i in shared:
+        t = h["targets"][i]
+        mine = [tr for tr in used if tr["target"] == t]
+        assert mine and all(tr["sources"] == h["sources"][str(t)] for tr in mine)
+        assert {tr["size"] for tr in mine} == {
+            tr["size"] for tr in used if tr["target"] == h["targets"][0]
+        }
 
 
 def test_a_clean_model_gives_no_detection_and_an_unchanged_f(

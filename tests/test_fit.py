@@ -100,7 +100,7 @@ def test_the_keep_t_weight_follows_the_flags_on_clean_target_images(setup, patch
     data = patch_scenario.defender
     s = FitSettings(target_flag_budget=0.1, target_weight_step=2.0, target_weight_range=4.0)
     own = [la.f_theta()[None].clone() for la in model.layers]  # g_t = f: nothing flagged
-    keep = _KeepWeight(model, data, [0], s)
+    keep = _KeepWeight(model, data, [[0]], s)
     for _ in range(3):
         keep.update(model, own)
     assert float(keep.flagged[0]) == 0.0 and float(keep.weight[0]) == s.target_ce_weight / 4
@@ -118,6 +118,9 @@ def test_the_keep_t_weight_follows_the_flags_on_clean_target_images(setup, patch
         want = before * 2 if share > 0.1 else before / 2
         lo, hi = s.target_ce_weight / 4, s.target_ce_weight * 4
         assert float(keep.weight[0]) == pytest.approx(min(hi, max(lo, want)))
-    fixed = _KeepWeight(model, data, [0], FitSettings(target_flag_budget=0.0))
+    # a shared group's keep term holds every one of its classes' images at their own class
+    two = _KeepWeight(model, data, [[0, 1]], s)
+    assert set(two.label.tolist()) == {0, 1} and len(two.label) > len(keep.label)
+    fixed = _KeepWeight(model, data, [[0]], FitSettings(target_flag_budget=0.0))
     fixed.update(model, noisy)
     assert float(fixed.weight[0]) == FitSettings().target_ce_weight

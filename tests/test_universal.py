@@ -9,8 +9,9 @@ import torch
 
 from bna_export.model import adapt_module
 from bna_export.problems import OWN, away_of
-from bna_export.reverse import reverse_engineer, succeeds
-from bna_export.universal import class_map, map_pairs, universal_problems
+from bna_export.reverse import Problem, TriggerEstimate, reverse_engineer, succeeds
+from bna_export.settings import DetectSettings
+from bna_export.universal import as_target, class_map, map_group, map_pairs, universal_problems
 
 
 def shares(dest: list[int], share: float = 0.8) -> np.ndarray:
@@ -40,6 +41,47 @@ def test_the_map_rule_takes_a_permutation_and_nothing_that_crowds():
     # the family whose map holds the most pairs names them
     both = map_pairs({"patch": shares(half), "perturbation": shares(perm)}, 0.5, 0.5)
     assert set(both.values()) == {"perturbation"} and len(both) == k
+
+
+def test_a_fired_map_sends_the_classes_it_left_out_where_no_counted_class_goes():
+    k = 10
+    perm = shares([(c + 1) % k for c in range(k)])
+    perm[0] = 0
+    perm[0, [0, 1, 5]] = [0.35, 0.45, 0.2]  # class 0 moves less than the bar, to the free class
+    assert (0, 1) not in map_pairs({"perturbation": perm}, 0.5, 0.5)
+    full = map_pairs({"perturbation": perm}, 0.5, 0.5, complete=True)
+    assert set(full) == {(c, (c + 1) % k) for c in range(k)}
+    # a class left out whose new class is taken by a counted one, or shared, is not added
+    perm[0, [1, 5]] = [0.2, 0.45]
+    assert (0, 5) not in map_pairs({"perturbation": perm}, 0.5, 0.5, complete=True)
+    half = shares([1, 2, 3, 4, 5, 6, 0, 0, 0, 0])
+    assert len(map_pairs({"blend": half}, 0.5, 0.5, complete=True)) == 6
+    # the rule must fire first: completion never makes a map fire
+    assert map_pairs({"blend": shares([1, 0, 3, 2, 5, 4, 7, 6, 9, 8], 0.4)}, 0.5, 0.5, True) == {}
+
+
+def test_the_targets_whose_every_source_is_mapped_share_one_theta():
+    k = 10
+    maps = {
+        "patch": {"map": None},
+        "perturbation": {"map": shares([(c + 1) % k for c in range(k)])},
+    }
+    sources = {(c + 1) % k: [c] for c in range(k)}
+    assert map_group(maps, sources, DetectSettings()) == (list(range(k)), ["perturbation"])
+    both = {**maps, "blend": {"map": shares([(c + 1) % k for c in range(k)])}}
+    assert map_group(both, sources, DetectSettings())[1] == ["perturbation", "blend"]
+    # a target with a source the map does not send there is fitted on its own
+    sources[5] = [4, 8]
+    assert 5 not in map_group(maps, sources, DetectSettings())[0]
+    # one mapped target, or a map that did not fire, is no group
+    assert map_group(maps, {1: [0], 7: [3]}, DetectSettings()) == ([], [])
+    assert map_group({"patch": {"map": None}}, sources, DetectSettings()) == ([], [])
+    e = TriggerEstimate(
+        Problem("perturbation", OWN, tuple(range(k)), 2), 1.5, 0.9, 10, {}, (1, 4, 4)
+    )
+    mine = as_target(e, 3, [2])
+    assert mine.problem == Problem("perturbation", 3, (2,), 2) and mine.size == e.size
+    assert e.problem.target == OWN
 
 
 def test_an_image_of_a_universal_problem_leaves_its_own_class():
