@@ -142,8 +142,8 @@ def fit_defence(
     if sweep is not None and settings.fit.map_shared:
         group, fired = map_group(sweep.maps, sources, settings.detect)
     if group:  # one Θ for the all-to-all targets, fitted on the universal triggers whose map
-        # fired (the sweep's: a re-estimate with the per-target solver, smaller perturbation
-        # steps run longer, found another trigger that kept 2 of 10 pairs; README)
+        # fired (the sweep's: re-solved with the per-target solver, shorter perturbation steps
+        # run longer, one sent only 2 of 10 classes where the backdoor does; README)
         chosen[group[0]] = [sweep.maps[f]["estimate"] for f in fired]
     pooled = tuple(sorted({s for t in group for s in sources[t]}))
     if tlist:

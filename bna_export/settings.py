@@ -181,10 +181,10 @@ class FitSettings:
     clean_ce_weight: float = 0.0
     """Weight of a cross-entropy keeping g_t's answers on clean source images (0 = off)."""
     map_shared: bool = True
-    """The targets of the all-to-all map rule share one Θ, fitted on the universal trigger
-    re-estimated on their pooled sources, with every one's clean images kept at their own class:
-    one trigger moves every class, so one correction, learnt from all the classes' images
-    (a per-target Θ learns one source's look and flags its target's clean images; README)."""
+    """The targets of the all-to-all map rule share one Θ, fitted on the sweep's universal
+    triggers whose map fires on their pooled sources, every one's clean images kept at their
+    own class: one trigger moves every class, so one correction, learnt from all the classes'
+    images (a per-target Θ learns one source's look and flags its target's clean images)."""
     trigger_scales: tuple[float, ...] = (1.0, 2.0, 3.0)
     """Strengths at which each estimated trigger is embedded for q (mask, clipped to 1, or
     perturbation times the scale): a reverse-engineered trigger is the *smallest* that works,
