@@ -7,11 +7,16 @@ estimate's size, success and how many classes its map sends to c + 1 (``--restar
 many starts per family), then fits one shared Θ on each family's smallest successful one
 (every class kept) and prints ACC, ASR, SIA and FPR of the repaired model on the test
 images. ``--oracle`` fits it on the real trigger instead: the bound the estimate is measured
-against. README, Results (the all-to-all rows).
+against. ``--start-from S:T,...`` solves those pairs (sweep solver) and starts the universal
+problem from each pair's trigger instead of a random draw, as ``detect.map_starts`` does from
+the best-scoring pairs, and prints how many classes each map counts. README, Results (the
+all-to-all rows) and Detection (map rule).
 
     python benchmarks/universal_repair.py --seed 0 --families perturbation
     python benchmarks/universal_repair.py --seed 0 --families perturbation --solver reverse
     python benchmarks/universal_repair.py --seed 0 --oracle
+    python benchmarks/universal_repair.py --arch small-resnet --seed 0 --families patch \
+        --start-from 2:3,8:9,7:9,1:0
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from bna_export.model import adapt_module
 from bna_export.problems import OWN, Problem, TriggerEstimate
 from bna_export.reverse import reverse_engineer, succeeds
 from bna_export.settings import Settings
-from bna_export.universal import class_map, destinations
+from bna_export.universal import class_map, counted_pairs, destinations
 
 
 def real_patch(sc: Scenario, k: int) -> TriggerEstimate:
@@ -72,6 +77,7 @@ def main() -> None:
     ap.add_argument("--success", default="0.95", help="success bars, comma-separated")
     ap.add_argument("--restarts", type=int, default=1, help="starts per family (the smallest used)")
     ap.add_argument("--oracle", action="store_true", help="fit on the real trigger")
+    ap.add_argument("--start-from", default="", help="pairs S:T to start the universal from")
     args = ap.parse_args()
     torch.set_num_threads(2)
     sc = panel_scenario(args.arch, "patch-a2a", args.seed)
@@ -84,20 +90,32 @@ def main() -> None:
         return
     for bar in (float(b) for b in args.success.split(",")):
         solver = replace(s.sweep if args.solver == "sweep" else s.reverse, success=bar)
-        problems = [
-            Problem(f, OWN, tuple(range(k)), r)
-            for f in args.families.split(",")
-            for r in range(args.restarts)
-        ]
+        fams = args.families.split(",")
+        problems = [Problem(f, OWN, tuple(range(k)), r) for f in fams for r in range(args.restarts)]
         t0 = time.perf_counter()
-        found = reverse_engineer(model, sc.defender, problems, (0.0, 1.0), solver, s.seed)
-        for e in found:
-            dest, _ = destinations(class_map(model, sc.defender, e, (0.0, 1.0), k))
+        start, named = None, []
+        if args.start_from:
+            pairs = [tuple(int(v) for v in p.split(":")) for p in args.start_from.split(",")]
+            asked = [Problem(f, t, (a,)) for f in fams for a, t in pairs]
+            start = reverse_engineer(model, sc.defender, asked, (0.0, 1.0), solver, s.seed)
+            problems = [Problem(p.family, OWN, tuple(range(k)), i + 1) for i, p in enumerate(asked)]
+            named = [
+                f"from {p.sources[0]} → {p.target} (size {e.size:.2f})"
+                for p, e in zip(asked, start, strict=True)
+            ]
+        found = reverse_engineer(
+            model, sc.defender, problems, (0.0, 1.0), solver, s.seed, start=start
+        )
+        for i, e in enumerate(found):
+            m = class_map(model, sc.defender, e, (0.0, 1.0), k)
+            dest, _ = destinations(m)
             right = sum(int(dest[c]) == (c + 1) % k for c in range(k))
+            counted = len(counted_pairs(m, s.detect.map_share))
+            how = named[i] if named else f"start {e.problem.restart}"
             print(
-                f"| {args.solver} solver, success {bar} | {e.family} start {e.problem.restart} | "
-                f"size {e.size:.2f} | "
-                f"success {e.success:.2f} | {right} of {k} classes to c + 1 |"
+                f"| {args.solver} solver, success {bar} | {e.family} {how} | "
+                f"size {e.size:.2f} | success {e.success:.2f} | {right} of {k} classes to "
+                f"c + 1 | {counted} counted by the map rule |"
             )
         ok = [e for e in found if succeeds(e, bar)] or found
         used = [  # per family its smallest successful start

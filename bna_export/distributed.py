@@ -93,12 +93,16 @@ def solve(
     seed: int,
     shard: Shard = Shard(),
     progress: Progress | None = None,
+    start: Sequence[TriggerEstimate] | None = None,
 ) -> list[TriggerEstimate]:
     """:func:`reverse_engineer` on this rank's share of ``problems``; every rank returns the
     estimates of all problems, in order. ``progress`` sees this rank's problem-steps and a
-    finished mask over all problems (other ranks' problems count as finished)."""
+    finished mask over all problems (other ranks' problems count as finished); ``start``: per
+    problem an estimate to start from."""
     if shard.world <= 1:
-        return reverse_engineer(model, data, problems, input_range, settings, seed, progress)
+        return reverse_engineer(
+            model, data, problems, input_range, settings, seed, progress, start=start
+        )
     mine = shard.mine(len(problems))
     report = None
     if progress is not None:
@@ -109,9 +113,11 @@ def solve(
             every[index] = finished
             progress(done, total, every)
 
+    mine_start = None if start is None else [start[i] for i in mine]
     local = reverse_engineer(
-        model, data, [problems[i] for i in mine], input_range, settings, seed, report
-    )
+        model, data, [problems[i] for i in mine], input_range, settings, seed, report,
+        start=mine_start,
+    )  # fmt: skip
     n = len(problems)
     numbers = torch.zeros((n, 3), dtype=torch.float64)  # size, success, steps
     shape = tuple(int(d) for d in data.x.shape[1:])

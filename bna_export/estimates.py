@@ -21,8 +21,9 @@ from .sweep import SweepResult, run_sweep
 
 StageProgress = Callable[[str, int, int, str], None]
 """progress(stage, done, total, note); stages: 'screen' (one untargeted problem per source, many
-classes only), 'sweep' (class pairs), 'reverse' (per target), 'fit' (Θ); ``note`` says what is
-done in words (e.g. '37/90 pairs')."""
+classes only), 'sweep' (class pairs), 'universal' (the universal triggers started from the best
+pairs), 'reverse' (per target), 'fit' (Θ); ``note`` says what is done in words (e.g. '37/90
+pairs')."""
 
 
 def pairs_progress(
@@ -48,12 +49,14 @@ def pairs_progress(
     def report(done: int, total: int, finished: torch.Tensor) -> None:
         left = torch.zeros(len(keys)).index_add_(0, pair_of, (~finished[index]).float())
         ready = left == 0
-        text = f"{int((ready & single).sum())}/{int(single.sum())} {what}"
+        parts = []
+        if single.any():
+            parts.append(f"{int((ready & single).sum())}/{int(single.sum())} {what}")
         if n_pooled:
-            text += f", {int((ready & pooled).sum())}/{n_pooled} pooled targets"
+            parts.append(f"{int((ready & pooled).sum())}/{n_pooled} pooled targets")
         if n_universal:
-            text += ", universal " + ("done" if bool(ready[universal].all()) else "running")
-        progress(stage, done, total, text)
+            parts.append("universal " + ("done" if bool(ready[universal].all()) else "running"))
+        progress(stage, done, total, ", ".join(parts))
 
     return report
 
@@ -75,9 +78,10 @@ class Job:
         problems: Sequence[Problem],
         progress: Callable[[int, int, torch.Tensor], None] | None,
         sweep: bool = False,
+        start: Sequence[TriggerEstimate] | None = None,
     ) -> list[TriggerEstimate]:
         """Estimates of ``problems`` with the sweep's solver settings (``sweep``) or the
-        per-target ones."""
+        per-target ones (``start``: an estimate per problem to start from)."""
         s = self.settings
         return solve(
             self.model,
@@ -88,6 +92,7 @@ class Job:
             s.seed,
             self.shard,
             progress,
+            start,
         )
 
     def per_target(
@@ -164,8 +169,10 @@ def refresher(job: Job, sources: dict[int, list[int]]) -> Refresh:
 def find_backdoors(job: Job, n_classes: int, families: list[str]) -> SweepResult:
     """The pair sweep (or its screen) and the detection, before the intrinsic check."""
 
-    def solve(problems: Sequence[Problem], stage: str) -> list[TriggerEstimate]:
+    def solve(
+        problems: Sequence[Problem], stage: str, start: Sequence[TriggerEstimate] | None = None
+    ) -> list[TriggerEstimate]:
         report = pairs_progress(problems, job.progress, job.shard, stage)
-        return job.solve(problems, report, sweep=True)
+        return job.solve(problems, report, sweep=True, start=start)
 
     return run_sweep(job.model, job.data, n_classes, families, job.input_range, job.settings, solve)

@@ -245,6 +245,7 @@ class DetectSettings:
     all_to_all_sources: float = 0.5  # it and the map rule fire when this share of sources count
     map_rule: bool = True  # the all-to-all map rule (bna_export/universal.py; README, Detection)
     map_complete: bool = True  # a fired map's classes left out go where no counted class goes
+    map_starts: int = 2  # the universal problem also starts from each family's n best pairs
     restarts: int = 1  # trigger estimates per pair and family in the sweep (the smallest scored)
     screen_above: int = 15
     """Up to this many classes the sweep solves every ordered pair (K·(K−1) problems per

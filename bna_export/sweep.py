@@ -35,14 +35,17 @@ step), scored by the pooled rule of :mod:`bna_export.detect`: K problems per fam
 
 Universal problems (``detect.map_rule``, either sweep): per family one more problem, the smallest
 trigger that moves every class's images out of their own class; where it sends each class is
-the all-to-all map rule's input (:mod:`bna_export.universal`): one problem per family.
+the all-to-all map rule's input (:mod:`bna_export.universal`). Once the pairs are scored, the
+same problem is solved again from the triggers of the family's ``detect.map_starts`` best pairs,
+and the start whose map counts the most classes is kept: at most 1 + ``map_starts`` problems
+per family, at any K.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -53,10 +56,19 @@ from .fitfile import Intrinsic
 from .norm import BnaModel
 from .reverse import ANY, Problem, TriggerEstimate, succeeds
 from .settings import DetectSettings, Settings
-from .universal import fired, universal_maps, universal_problems
+from .universal import fired, universal_maps, universal_problems, warm_starts
 
-Solve = Callable[[Sequence[Problem], str], list[TriggerEstimate]]
-"""solve(problems, stage): the estimates of ``problems`` (stage names the progress bar)."""
+
+class Solve(Protocol):
+    """solve(problems, stage, start): the estimates of ``problems`` (stage names the progress
+    bar; ``start``: per problem an estimate to start from instead of a random draw)."""
+
+    def __call__(
+        self,
+        problems: Sequence[Problem],
+        stage: str,
+        start: Sequence[TriggerEstimate] | None = None,
+    ) -> list[TriggerEstimate]: ...
 
 
 @dataclass
@@ -243,9 +255,11 @@ def run_sweep(
         found, maps = universal_maps(model, data, found, input_range, n_classes, success, per)
         sizes = size_matrices(found, n_classes, families, success)
         psizes = pooled_sizes(found, n_classes, families, success) if pooled else {}
+        raw = detect_sizes(sizes, None, psizes, settings)
+        maps, more = _from_pairs(model, data, found, maps, raw.scores, solve, input_range, settings)
         steps = sum(e.steps for e in found) + sum(m["steps"] for m in maps.values())
-        detection = with_map(detect_sizes(sizes, None, psizes, settings), maps, d)
-        n = len(found) + len(maps)
+        detection = with_map(raw, maps, d)
+        n = len(found) + len(universal) + more
         return SweepResult(found, sizes, None, detection, {}, psizes, n, steps, maps=maps)
     screen = [Problem(f, ANY, (s,)) for f in families for s in range(n_classes)]
     screened = solve(screen, "screen")
@@ -270,7 +284,9 @@ def run_sweep(
     sizes = size_matrices(found, n_classes, families, success)
     psizes = pooled_sizes(found, n_classes, families, success) if pooled else {}
     weights = {f: _weights(~np.isnan(sizes[f]), references[f], n_classes) for f in families}
-    detection = with_map(detect_sizes(sizes, weights, psizes, settings), maps, d)
+    raw = detect_sizes(sizes, weights, psizes, settings)
+    maps, more = _from_pairs(model, data, found, maps, raw.scores, solve, input_range, settings)
+    detection = with_map(raw, maps, d)
     several = [t for t, src in detection.sources.items() if len(src) > 1]
     solved = {e.problem for e in found}
     missing = [
@@ -289,21 +305,62 @@ def run_sweep(
         detection = with_map(detect_sizes(sizes, weights, psizes, settings), maps, d)
     record["problems"] = {"screen": len(screened), "pairs": len(found) - len(pooled)}
     record["problems"]["pooled"] = len(pooled)
-    record["problems"]["universal"] = len(maps)
+    record["problems"]["universal"] = len(universal) + more
     steps = sum(e.steps for e in screened) + sum(e.steps for e in found)
     steps += sum(m["steps"] for m in maps.values())
-    n = len(screened) + len(found) + len(maps)
+    n = len(screened) + len(found) + len(universal) + more
     return SweepResult(found, sizes, weights, detection, record, psizes, n, steps, maps=maps)
+
+
+def _from_pairs(
+    model: BnaModel,
+    data: Dataset,
+    found: list[TriggerEstimate],
+    maps: dict[str, dict[str, Any]],
+    scores: dict[str, np.ndarray],
+    solve: Solve,
+    input_range: tuple[float, float],
+    settings: Settings,
+) -> tuple[dict[str, dict[str, Any]], int]:
+    """The universal maps with each family's problem also solved from its best pairs' triggers
+    (``detect.map_starts``, :func:`~bna_export.universal.warm_starts`; pairs scoring at least
+    ``detect.all_to_all_bar`` × the threshold, as the all-to-all rule counts a source's best
+    pair), and how many more problems that took."""
+    d, success = settings.detect, settings.sweep.success
+    floor = d.all_to_all_bar * d.mad_threshold
+    starts = warm_starts(scores, found, d.map_starts, success, floor) if maps else []
+    if not starts:
+        return maps, 0
+    solved = solve([p for p, _ in starts], "universal", [e for _, e in starts])
+    earlier = [m["estimate"] for m in maps.values()]
+    k, per = len(next(iter(scores.values()))), settings.sweep.images_per_forward
+    _, out = universal_maps(
+        model, data, earlier + solved, input_range, k, success, per, d.map_share
+    )
+    came = {p: (e.problem.sources[0], e.problem.target) for p, e in starts}
+    for m in out.values():
+        if m["estimate"].problem in came:
+            m["from"] = came[m["estimate"].problem]
+    return out, len(solved)
 
 
 def with_map(detection: Detection, maps: dict[str, dict[str, Any]], d: DetectSettings) -> Detection:
     """``detection`` with the pairs of the all-to-all map rule (:mod:`bna_export.universal`)
-    added to its pairs and its all-to-all pairs."""
+    added to its pairs and its all-to-all pairs. A source the map sends to its own new class
+    keeps no other pair: an all-to-all trigger names one destination per class, and the other
+    rules' pairs of a mapped source (an easy class that every digit's strokes reach, named an
+    all-to-one target by the pooled rule) would route that target's clean images through a Θ
+    fitted for a backdoor that is not there (README, Detection, map rule)."""
     found = fired(maps, d)
     if not found:
         return detection
     for pair, fam in found.items():
         detection.family.setdefault(pair, fam)
-    detection.pairs = sorted(set(detection.pairs) | set(found))
-    detection.all_to_all = sorted(set(detection.all_to_all) | set(found))
+    mapped = {s: t for s, t in found}
+    pairs = set(detection.pairs) | set(found)
+    detection.pairs = sorted(p for p in pairs if mapped.get(p[0], p[1]) == p[1])
+    left = {t for s, t in detection.pairs if (s, t) not in found}
+    detection.all_to_one = {t: f for t, f in detection.all_to_one.items() if t in left}
+    both = set(detection.all_to_all) | set(found)
+    detection.all_to_all = sorted(p for p in both if mapped.get(p[0], p[1]) == p[1])
     return detection

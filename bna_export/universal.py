@@ -65,18 +65,66 @@ def universal_maps(
     n_classes: int,
     success: float,
     images_per_pass: int = 512,
+    share: float = 0.5,
 ) -> tuple[list[TriggerEstimate], dict[str, dict[str, Any]]]:
     """The estimates ``found`` without the universal ones, and per family the universal
-    trigger's size, steps, class map (:func:`class_map`; None: it never succeeded) and the
-    estimate itself (the shared Θ of :func:`map_group` is fitted on those whose map fires)."""
+    trigger's size, steps (of all its starts), class map (:func:`class_map`; None: it never
+    succeeded) and the estimate itself (the shared Θ of :func:`map_group` is fitted on those
+    whose map fires). A family solved from several starts (:func:`warm_starts`) keeps the
+    successful trigger whose map the rule counts the most classes of (``share``: the rule's
+    ``detect.map_share``), the smaller of equals: a smaller trigger from another start can be
+    another, natural one (the digits CNN's all-to-all, seed 0: 6 pairs instead of 10)."""
     maps: dict[str, dict[str, Any]] = {}
     for e in found:
-        if e.problem.target == OWN:
-            m = None
-            if succeeds(e, success):
-                m = class_map(model, data, e, input_range, n_classes, images_per_pass)
-            maps[e.family] = {"size": float(e.size), "steps": e.steps, "map": m, "estimate": e}
+        if e.problem.target != OWN:
+            continue
+        was = maps.get(e.family)
+        steps = e.steps + (was["steps"] if was else 0)
+        m = None
+        if succeeds(e, success):
+            m = class_map(model, data, e, input_range, n_classes, images_per_pass)
+        row = {"size": float(e.size), "steps": steps, "map": m, "estimate": e}
+        if was is None or _rank(row, share) < _rank(was, share):
+            maps[e.family] = row
+        else:
+            was["steps"] = steps
     return [e for e in found if e.problem.target != OWN], maps
+
+
+def _rank(row: Mapping[str, Any], share: float) -> tuple[int, float]:
+    """A universal trigger's place among its family's starts: successful ones first, the most
+    classes the map rule counts, then the smallest."""
+    if row["map"] is None:
+        return (1, row["size"])
+    return (-len(counted_pairs(row["map"], share)), row["size"])
+
+
+def warm_starts(
+    scores: Mapping[str, np.ndarray],
+    found: Sequence[TriggerEstimate],
+    n: int,
+    success: float,
+    floor: float = -np.inf,
+) -> list[tuple[Problem, TriggerEstimate]]:
+    """Per family the universal problem again from each of its ``n`` best-scoring successful
+    pair triggers that score at least ``floor`` (``scores``: family -> [K, K] pair scores):
+    from a random start the untargeted problem can settle on a model's natural strokes, and
+    from one pair of an all-to-all backdoor it finds the backdoor's trigger (README,
+    Detection)."""
+    out: list[tuple[Problem, TriggerEstimate]] = []
+    for fam, sc in scores.items():
+        k = len(sc)
+        pairs = {
+            (e.problem.sources[0], e.problem.target): e
+            for e in found
+            if e.family == fam and len(e.problem.sources) == 1 and e.problem.target != OWN
+            and e.problem.restart == 0 and succeeds(e, success)
+        }  # fmt: skip
+        ranked = sorted((p for p in pairs if sc[p] >= floor), key=lambda p: -sc[p])
+        out += [
+            (Problem(fam, OWN, tuple(range(k)), i + 1), pairs[p]) for i, p in enumerate(ranked[:n])
+        ]
+    return out
 
 
 def destinations(shares: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -153,11 +201,15 @@ def as_target(estimate: TriggerEstimate, target: int, sources: Sequence[int]) ->
 
 
 def universal_record(maps: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """What the fit file keeps of each family's universal trigger: its size and steps, and per
-    class its most frequent new class and the share sent there (no map: it never succeeded)."""
+    """What the fit file keeps of each family's universal trigger: its size, the steps of all
+    its starts, the pair whose trigger it started from (``from``; absent: a random start), and
+    per class its most frequent new class and the share sent there (no map: it never
+    succeeded)."""
     out: dict[str, Any] = {}
     for fam, m in maps.items():
         row: dict[str, Any] = {"size": m["size"], "steps": m["steps"]}
+        if "from" in m:  # started from this pair's trigger (warm_starts)
+            row["from"] = [int(v) for v in m["from"]]
         if m["map"] is not None:
             dest, share = destinations(m["map"])
             row["destinations"] = dest.tolist()

@@ -40,6 +40,7 @@ class Progress:
     LABELS: ClassVar[dict[str, str]] = {
         "screen": "screening every source and target",
         "sweep": "reverse-engineering class pairs",
+        "universal": "reverse-engineering universal triggers",
         "reverse": "reverse-engineering per target",
         "fit": "fitting Θ",
         "run": "running the graph",

@@ -12,6 +12,7 @@ import torch
 
 from bna_export.defend import fit_defence
 from bna_export.detect import (
+    Detection,
     detect_pairs,
     mad_scores,
     pair_statistics,
@@ -21,8 +22,15 @@ from bna_export.detect import (
 from bna_export.lab.scenario import build_scenario, synthetic_scenario_data
 from bna_export.model import adapt_module
 from bna_export.reverse import ANY, Problem, TriggerEstimate, reverse_engineer
-from bna_export.settings import Settings
-from bna_export.sweep import _weights, pair_problems, pooled_problems, pooled_sizes, size_matrices
+from bna_export.settings import DetectSettings, Settings
+from bna_export.sweep import (
+    _weights,
+    pair_problems,
+    pooled_problems,
+    pooled_sizes,
+    size_matrices,
+    with_map,
+)
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 10, 11])
@@ -176,7 +184,8 @@ def test_screen_finds_the_all_to_one_target_with_fewer_problems(twelve):
     h = out.fit.header
     sweep = h["detection"]["sweep"]
     assert not sweep["exhaustive"]
-    assert sweep["problems"] < 12 * 11 * 2  # fewer than every ordered pair
+    solved = sweep["screen"]["problems"]
+    assert solved["screen"] + solved["pairs"] < 12 * 11 * 2  # fewer than every ordered pair
     assert h["targets"] == [0]
     assert h["sources"]["0"] == [c for c in range(1, 12)]
 
@@ -227,3 +236,27 @@ def test_target_scores_of_an_exhaustive_sweep_use_the_larger_of_spread_and_sampl
     sigma = 1.4826 * np.median(np.abs(pairs - np.median(pairs)))
     se = math.sqrt(math.pi / 2) * sigma / np.sqrt(k - 1)
     np.testing.assert_allclose(target_scores(st), dev / max(spread, se))
+
+
+def test_a_fired_map_keeps_no_other_pair_of_a_source_it_maps():
+    """The pooled rule names 3 an all-to-all model's all-to-one target (an easy class): once the
+    map sends every class to c + 1, the mapped sources keep only their map pairs; a source the
+    map leaves out keeps its own."""
+    k = 10
+    perm = np.zeros((k, k))
+    perm[np.arange(k), (np.arange(k) + 1) % k] = 0.9
+    perm[9] = 0.0  # class 9 is not moved: the map leaves it out
+    perm[9, 9] = 1.0
+    pooled = [(s, 3) for s in range(k) if s != 3]
+    det = Detection(
+        {}, {}, {}, sorted([*pooled, (0, 1)]), {p: "patch" for p in pooled}, {3: "patch"}
+    )
+    out = with_map(det, {"patch": {"map": perm}}, DetectSettings(map_complete=False))
+    mapped = {(c, c + 1) for c in range(9)}
+    assert set(out.pairs) == mapped | {(9, 3)}
+    assert out.all_to_one == {3: "patch"}  # 9 -> 3 is still the pooled rule's
+    assert set(out.all_to_all) == mapped
+    det = Detection({}, {}, {}, sorted(pooled[:-1]), {}, {3: "patch"})  # without 9 -> 3
+    assert (
+        with_map(det, {"patch": {"map": perm}}, DetectSettings(map_complete=False)).all_to_one == {}
+    )

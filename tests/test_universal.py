@@ -3,6 +3,8 @@ untargeted trigger solved on the tests' all-to-all and clean models."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,15 @@ from bna_export.model import adapt_module
 from bna_export.problems import OWN, away_of
 from bna_export.reverse import Problem, TriggerEstimate, reverse_engineer, succeeds
 from bna_export.settings import DetectSettings
-from bna_export.universal import as_target, class_map, map_group, map_pairs, universal_problems
+from bna_export.universal import (
+    as_target,
+    class_map,
+    map_group,
+    map_pairs,
+    universal_maps,
+    universal_problems,
+    warm_starts,
+)
 
 
 def shares(dest: list[int], share: float = 0.8) -> np.ndarray:
@@ -113,3 +123,58 @@ def test_the_universal_trigger_maps_an_all_to_all_backdoor_and_not_a_clean_model
         assert found <= true and len(found) >= 6, sorted(found)
     else:
         assert found == set(), sorted(found)
+
+
+def _estimate(fam: str, target: int, sources: tuple[int, ...], size: float, success: float):
+    return TriggerEstimate(Problem(fam, target, sources), size, success, 100, {}, (1, 4, 4))
+
+
+def test_the_universal_problem_starts_again_from_each_family_s_best_pairs():
+    k = 4
+    scores = {"patch": np.full((k, k), np.nan), "blend": np.full((k, k), np.nan)}
+    scores["patch"][[0, 1, 2, 3], [1, 2, 3, 0]] = [9.0, 2.0, 5.0, 7.0]
+    scores["blend"][0, 1] = 3.0
+    found = [
+        _estimate("patch", 1, (0,), 2.0, 1.0),
+        _estimate("patch", 2, (1,), 3.0, 1.0),
+        _estimate("patch", 3, (2,), 3.0, 1.0),
+        _estimate("patch", 0, (3,), 3.0, 0.5),  # never succeeded: no start
+        _estimate("patch", 1, (0, 2, 3), 1.0, 1.0),  # pooled: not a pair
+        _estimate("blend", 1, (0,), 0.1, 1.0),
+    ]
+    starts = warm_starts(scores, found, 2, 0.95)
+    assert [(p, (e.problem.sources, e.problem.target)) for p, e in starts] == [
+        (Problem("patch", OWN, (0, 1, 2, 3), 1), ((0,), 1)),
+        (Problem("patch", OWN, (0, 1, 2, 3), 2), ((2,), 3)),
+        (Problem("blend", OWN, (0, 1, 2, 3), 1), ((0,), 1)),
+    ]
+    assert warm_starts(scores, found, 0, 0.95) == []
+    floored = warm_starts(scores, found, 2, 0.95, floor=6.0)  # 2 -> 3 scores 5: no start
+    assert [p for p, _ in floored] == [Problem("patch", OWN, (0, 1, 2, 3), 1)]
+
+
+def test_a_universal_trigger_started_from_a_backdoor_pair_keeps_the_map(a2a_scenario):
+    """The tests' all-to-all model: the universal problem started from the 0 -> 1 pair's trigger
+    maps the backdoor; of a family's starts the one whose map counts the most classes is kept
+    (the smaller of equals), its steps counted with the others'."""
+    sc, k = a2a_scenario, 8
+    model = adapt_module(sc.net, torch.from_numpy(sc.test.x[:2]))
+    (pair,) = reverse_engineer(model, sc.defender, [Problem("perturbation", 1, (0,))], (0, 1))
+    universal = universal_problems(k, ["perturbation"])
+    started = [Problem("perturbation", OWN, tuple(range(k)), 1)]
+    (warm,) = reverse_engineer(model, sc.defender, started, (0, 1), start=[pair])
+    (cold,) = reverse_engineer(model, sc.defender, universal, (0, 1))
+    assert succeeds(warm, 0.95)
+    counted = {}
+    for e in (cold, warm):
+        _, alone = universal_maps(model, sc.defender, [e], (0.0, 1.0), k, 0.95)
+        counted[id(e)] = set(map_pairs({"perturbation": alone["perturbation"]["map"]}, 0.5, 0.5))
+    assert counted[id(warm)] <= {(c, (c + 1) % k) for c in range(k)} and counted[id(warm)]
+    _, maps = universal_maps(model, sc.defender, [cold, warm], (0.0, 1.0), k, 0.95)
+    best = min((cold, warm), key=lambda e: (-len(counted[id(e)]), e.size))
+    assert maps["perturbation"]["estimate"] is best
+    assert maps["perturbation"]["steps"] == cold.steps + warm.steps
+    # a start that never succeeded is not kept over one that did
+    failed = dataclasses.replace(warm, size=0.01, success=0.1)
+    _, maps = universal_maps(model, sc.defender, [warm, failed], (0.0, 1.0), k, 0.95)
+    assert maps["perturbation"]["estimate"] is warm
