@@ -103,9 +103,11 @@ def main() -> None:
                 f"from {p.sources[0]} → {p.target} (size {e.size:.2f})"
                 for p, e in zip(asked, start, strict=True)
             ]
+        t1 = time.perf_counter()
         found = reverse_engineer(
             model, sc.defender, problems, (0.0, 1.0), solver, s.seed, start=start
         )
+        print(f"{len(problems)} universal problems solved in {time.perf_counter() - t1:.1f} s")
         for i, e in enumerate(found):
             m = class_map(model, sc.defender, e, (0.0, 1.0), k)
             dest, _ = destinations(m)
