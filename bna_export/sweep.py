@@ -332,10 +332,9 @@ def _from_pairs(
     if not starts:
         return maps, 0
     solved = solve([p for p, _ in starts], "universal", [e for _, e in starts])
-    earlier = [m["estimate"] for m in maps.values()]
     k, per = len(next(iter(scores.values()))), settings.sweep.images_per_forward
     _, out = universal_maps(
-        model, data, earlier + solved, input_range, k, success, per, d.map_share
+        model, data, solved, input_range, k, success, per, d.map_share, earlier=maps
     )
     came = {p: (e.problem.sources[0], e.problem.target) for p, e in starts}
     for m in out.values():

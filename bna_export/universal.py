@@ -66,6 +66,7 @@ def universal_maps(
     success: float,
     images_per_pass: int = 512,
     share: float = 0.5,
+    earlier: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> tuple[list[TriggerEstimate], dict[str, dict[str, Any]]]:
     """The estimates ``found`` without the universal ones, and per family the universal
     trigger's size, steps (of all its starts), class map (:func:`class_map`; None: it never
@@ -73,8 +74,9 @@ def universal_maps(
     whose map fires). A family solved from several starts (:func:`warm_starts`) keeps the
     successful trigger whose map the rule counts the most classes of (``share``: the rule's
     ``detect.map_share``), the smaller of equals: a smaller trigger from another start can be
-    another, natural one (the digits CNN's all-to-all, seed 0: 6 pairs instead of 10)."""
-    maps: dict[str, dict[str, Any]] = {}
+    another, natural one (the digits CNN's all-to-all, seed 0: 6 pairs instead of 10).
+    ``earlier``: maps of other starts, already measured, to choose among too."""
+    maps = {f: dict(row) for f, row in (earlier or {}).items()}
     for e in found:
         if e.problem.target != OWN:
             continue

@@ -174,6 +174,11 @@ def test_a_universal_trigger_started_from_a_backdoor_pair_keeps_the_map(a2a_scen
     best = min((cold, warm), key=lambda e: (-len(counted[id(e)]), e.size))
     assert maps["perturbation"]["estimate"] is best
     assert maps["perturbation"]["steps"] == cold.steps + warm.steps
+    _, first = universal_maps(model, sc.defender, [cold], (0.0, 1.0), k, 0.95)
+    _, merged = universal_maps(model, sc.defender, [warm], (0.0, 1.0), k, 0.95, earlier=first)
+    assert merged["perturbation"]["estimate"] is best  # the same choice from measured maps
+    assert merged["perturbation"]["steps"] == cold.steps + warm.steps
+    assert first["perturbation"]["steps"] == cold.steps  # the earlier maps are not changed
     # a start that never succeeded is not kept over one that did
     failed = dataclasses.replace(warm, size=0.01, success=0.1)
     _, maps = universal_maps(model, sc.defender, [warm, failed], (0.0, 1.0), k, 0.95)
