@@ -7,14 +7,16 @@ estimate's size, success and how many classes its map sends to c + 1 (``--restar
 many starts per family), then fits one shared Θ on each family's smallest successful one
 (every class kept) and prints ACC, ASR, SIA and FPR of the repaired model on the test
 images. ``--oracle`` fits it on the real trigger instead: the bound the estimate is measured
-against. ``--start-from S:T,...`` solves those pairs (sweep solver) and starts the universal
-problem from each pair's trigger instead of a random draw, as ``detect.map_starts`` does from
-the best-scoring pairs, and prints how many classes each map counts. README, Results (the
-all-to-all rows) and Detection (map rule).
+against. ``--set SECTION.FIELD=VALUE`` changes a setting (as in ``fit``; the Θ fit's, e.g.).
+``--start-from S:T,...`` solves those pairs (sweep solver) and starts the universal problem
+from each pair's trigger instead of a random draw, as ``detect.map_starts`` does from the
+best-scoring pairs, and prints how many classes each map counts. README, Results (the
+all-to-all rows), Detection (map rule) and Θ objective (a Θ fit long enough).
 
     python benchmarks/universal_repair.py --seed 0 --families perturbation
     python benchmarks/universal_repair.py --seed 0 --families perturbation --solver reverse
     python benchmarks/universal_repair.py --seed 0 --oracle
+    python benchmarks/universal_repair.py --arch small-resnet --seed 0 --oracle --set fit.epochs=30
     python benchmarks/universal_repair.py --arch small-resnet --seed 0 --families patch \
         --start-from 2:3,8:9,7:9,1:0
 """
@@ -35,7 +37,7 @@ from bna_export.mitigated import predict_mitigated
 from bna_export.model import adapt_module
 from bna_export.problems import OWN, Problem, TriggerEstimate
 from bna_export.reverse import reverse_engineer, succeeds
-from bna_export.settings import Settings
+from bna_export.settings import Settings, with_overrides
 from bna_export.universal import class_map, counted_pairs, destinations
 
 
@@ -78,11 +80,12 @@ def main() -> None:
     ap.add_argument("--restarts", type=int, default=1, help="starts per family (the smallest used)")
     ap.add_argument("--oracle", action="store_true", help="fit on the real trigger")
     ap.add_argument("--start-from", default="", help="pairs S:T to start the universal from")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="SECTION.FIELD=V")
     args = ap.parse_args()
     torch.set_num_threads(2)
     sc = panel_scenario(args.arch, "patch-a2a", args.seed)
     model = adapt_module(sc.net, torch.from_numpy(sc.test.x[:2]))
-    k, s = int(sc.test.y.max()) + 1, Settings()
+    k, s = int(sc.test.y.max()) + 1, with_overrides(Settings(), args.overrides)
     f_acc = (predict_mitigated(model, [], None, sc.test.x).label == sc.test.y).mean()
     print(f"{args.arch} patch-a2a seed {args.seed}: f's ACC {f_acc:.3f}")
     if args.oracle:
