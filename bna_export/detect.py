@@ -100,8 +100,7 @@ def mad_scores(
     by ``weights`` of the same shape when given).
 
     NaN entries are left out of the median and score NaN. When MAD = 0 (more than half the
-    statistics equal), a statistic equal to the median scores 0 and any other scores +inf: it is
-    infinitely far out by this scale.
+    statistics equal), a statistic equal to the median scores 0 and any other scores +inf.
     """
     s = np.asarray(stats, dtype=np.float64)
     finite = ~np.isnan(s)
@@ -317,11 +316,12 @@ def detect_pairs(
     rule). ``all_to_all``: (bar as a share of ``threshold``, share of sources) of the all-to-all
     rule (:func:`all_to_all_pairs`), applied when every pair was solved (None: off).
     ``vote_share``: the vote rule's share (:func:`bna_export.target_rules.vote_targets`, in
-    ``pooled_families`` families), applied when every pair was solved (None: off).
+    ``pooled_families`` families or one with a pair over the threshold), applied when every
+    pair was solved (None: off).
     ``min_effect``: the effect floor (module docstring) of the pair, column and vote rules, in
     the family that finds the pair or target (one of those that vote for it).
     """
-    stats, scores, tscores, best, a2o, pscores, eff = {}, {}, {}, {}, {}, {}, {}
+    stats, scores, tscores, best, a2o, pscores, eff, paired = {}, {}, {}, {}, {}, {}, {}, {}
     for fam, z in sizes.items():
         w = None if weights is None else weights[fam]
         st = pair_statistics(z, normalise, w)
@@ -330,6 +330,7 @@ def detect_pairs(
         sc = mad_scores(st, consistency, w)
         stats[fam], scores[fam] = st, sc
         big = outliers(st, sc, threshold, "large", w) & (np.nan_to_num(rel) >= min_effect)
+        paired[fam] = set(np.flatnonzero(big.any(0)).tolist())
         for s, t in np.argwhere(big).tolist():
             if (s, t) not in best or sc[s, t] > scores[best[(s, t)]][s, t]:
                 best[(s, t)] = fam
@@ -352,9 +353,8 @@ def detect_pairs(
         if len(v) >= min(pooled_families, len(pooled or {})):
             a2o.setdefault(t, max(v)[1])
     if vote_share is not None and weights is None:
-        for t, (_, fam) in vote_targets(
-            sizes, vote_share, pooled_families, eff, min_effect
-        ).items():
+        voted = vote_targets(sizes, vote_share, pooled_families, eff, min_effect, paired)
+        for t, (_, fam) in voted.items():
             a2o.setdefault(t, fam)
     for t, fam in a2o.items():
         for s in np.flatnonzero(~np.isnan(sizes[fam][:, t])).tolist():

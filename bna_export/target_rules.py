@@ -8,7 +8,8 @@ at least a share of the votes of the sources that could give it one, in at least
 and whose triggers are clearly smaller than their sources' typical one in one of them (the
 effect floor: a clean model's *hub*, a class every source reaches a little more cheaply, gets
 the votes but not the effect), is detected with every source (the intrinsic check then
-prunes). This holds where sizes alone do not separate: on the digits CNN a central 3×3 patch
+prunes). A pair over the threshold in a family stands for the second family there. This holds
+where sizes alone do not separate: on the digits CNN a central 3×3 patch
 costs about what the few pixels that turn one digit into another cost, yet it is the cheapest
 way out of 7 of 9 sources (README, Detection). Exhaustive sweeps only, of more than
 :data:`VOTE_MIN_SOURCES` classes.
@@ -42,12 +43,16 @@ def vote_targets(
     families: int,
     effects: Mapping[str, np.ndarray] | None = None,
     min_effect: float = 1.0,
+    paired: Mapping[str, set[int]] | None = None,
 ) -> dict[int, tuple[float, str]]:
     """The vote rule (module docstring): targets that at least ``share`` of their possible
     voters name as their smallest trigger in at least ``families`` of the families (all of
     them when fewer are given) and, with ``effects`` (family -> [K], :func:`bna_export.detect.
     effects`), whose effect reaches ``min_effect`` in one of those families; target -> (its
-    largest share, the family that gave it)."""
+    largest share, the family that gave it). ``paired`` (family -> the targets with a pair
+    over the threshold in it): such a pair stands for the second family, so one family's
+    votes do when the target has a detected pair in that family and reaches the floor there
+    (README, Detection: a warp found by the blend family alone, three pairs of nine)."""
     shares: dict[int, list[tuple[float, str]]] = {}
     for fam, z in sizes.items():
         votes, voters = row_minimum_votes(z)
@@ -55,10 +60,15 @@ def vote_targets(
         for t in np.flatnonzero(ok).tolist():
             shares.setdefault(t, []).append((float(votes[t] / voters[t]), fam))
     need = min(families, len(sizes))
+
+    def floor(t: int, f: str) -> bool:
+        return effects is None or bool(effects[f][t] >= min_effect)
+
     return {
         t: max(v)
         for t, v in shares.items()
-        if len(v) >= need and (effects is None or any(effects[f][t] >= min_effect for _, f in v))
+        if (len(v) >= need and any(floor(t, f) for _, f in v))
+        or any(t in (paired or {}).get(f, ()) and floor(t, f) for _, f in v)
     }
 
 

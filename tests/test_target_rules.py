@@ -116,3 +116,25 @@ def test_a_hub_that_is_every_sources_cheapest_by_a_little_gets_no_vote():
     backdoor = {"patch": sizes(planted, 0, 1), "perturbation": sizes(planted, 0, 2)}
     assert min(v[4] for v in effects(backdoor).values()) > 2.5
     assert detect_pairs(backdoor, vote_share=SHARE).targets == [4]
+
+
+def test_one_familys_votes_complete_a_target_that_has_a_pair_over_the_threshold_there():
+    """A warp found by the blend family alone (README, Detection): every source's cheapest
+    blend goes to 7, three blend pairs pass the threshold, no other family votes. The pairs
+    stand for the second family: 7 gets every source. Without a pair in the voting family,
+    or with the pairs in another family, one family's votes do not."""
+    planted = {(s, 4): 2.6 for s in range(10) if s != 4}
+    strong = {**planted, **{(s, 4): 0.6 for s in (0, 1, 2)}}
+    voting, other = sizes(strong, 0, 1), sizes({}, 0, 2)
+    det = detect_pairs({"blend": voting, "patch": other}, vote_share=SHARE)
+    assert det.targets == [4] and det.all_to_one == {4: "blend"}
+    assert det.sources[4] == [s for s in range(10) if s != 4]
+    pairs_only = detect_pairs({"blend": voting, "patch": other})  # the rule off: the pairs
+    assert pairs_only.sources == {4: [0, 1, 2]}
+    quiet = detect_pairs({"blend": sizes(planted, 0, 1), "patch": other}, vote_share=SHARE)
+    assert quiet.pairs == []  # the same votes, no pair over the threshold
+    three = {(s, 4): 0.6 for s in (0, 1, 2)}
+    elsewhere = {"blend": sizes(planted, 0, 1), "patch": sizes(three, 0, 2)}
+    votes = row_minimum_votes(elsewhere["patch"])[0][4]
+    assert votes < SHARE * 9  # the pairs' family does not vote
+    assert detect_pairs(elsewhere, vote_share=SHARE).sources == {4: [0, 1, 2]}
