@@ -53,7 +53,7 @@ from typing import Literal
 
 import numpy as np
 
-from .target_rules import vote_targets
+from .target_rules import VOTE_PAIRS, vote_targets
 
 Side = Literal["large", "small", "both"]
 _MEDIAN_SE = math.sqrt(math.pi / 2)  # sd of a sample median = 1.2533·σ/√n (normal samples)
@@ -316,8 +316,8 @@ def detect_pairs(
     rule). ``all_to_all``: (bar as a share of ``threshold``, share of sources) of the all-to-all
     rule (:func:`all_to_all_pairs`), applied when every pair was solved (None: off).
     ``vote_share``: the vote rule's share (:func:`bna_export.target_rules.vote_targets`, in
-    ``pooled_families`` families or one with a pair over the threshold), applied when every
-    pair was solved (None: off).
+    ``pooled_families`` families, or one with ``VOTE_PAIRS`` pairs over the threshold),
+    applied when every pair was solved (None: off).
     ``min_effect``: the effect floor (module docstring) of the pair, column and vote rules, in
     the family that finds the pair or target (one of those that vote for it).
     """
@@ -330,7 +330,7 @@ def detect_pairs(
         sc = mad_scores(st, consistency, w)
         stats[fam], scores[fam] = st, sc
         big = outliers(st, sc, threshold, "large", w) & (np.nan_to_num(rel) >= min_effect)
-        paired[fam] = set(np.flatnonzero(big.any(0)).tolist())
+        paired[fam] = set(np.flatnonzero(big.sum(0) >= VOTE_PAIRS).tolist())
         for s, t in np.argwhere(big).tolist():
             if (s, t) not in best or sc[s, t] > scores[best[(s, t)]][s, t]:
                 best[(s, t)] = fam

@@ -8,10 +8,10 @@ at least a share of the votes of the sources that could give it one, in at least
 and whose triggers are clearly smaller than their sources' typical one in one of them (the
 effect floor: a clean model's *hub*, a class every source reaches a little more cheaply, gets
 the votes but not the effect), is detected with every source (the intrinsic check then
-prunes). A pair over the threshold in a family stands for the second family there. This holds
-where sizes alone do not separate: on the digits CNN a central 3×3 patch
-costs about what the few pixels that turn one digit into another cost, yet it is the cheapest
-way out of 7 of 9 sources (README, Detection). Exhaustive sweeps only, of more than
+prunes). Pairs over the threshold from :data:`VOTE_PAIRS` sources in a family stand for the
+second family there. This holds where sizes alone do not separate: on the digits CNN a central
+3×3 patch costs about what the few pixels that turn one digit into another cost, yet it is the
+cheapest way out of 7 of 9 sources (README, Detection). Exhaustive sweeps only, of more than
 :data:`VOTE_MIN_SOURCES` classes.
 """
 
@@ -24,6 +24,13 @@ import numpy as np
 VOTE_MIN_SOURCES = 5
 """Fewer possible voters than this agree too easily by chance (two of two sources half the
 time with three classes), so the vote rule leaves such targets alone."""
+
+
+VOTE_PAIRS = 2
+"""Sources whose pair to a target passes the threshold in a family for that family's votes
+alone to detect the target (``paired`` of :func:`vote_targets`). One such pair is what a natural
+neighbour gives: on the small digits ResNet the blend family's cheap pairs 0 → 8, 6 → 0 and
+1 → 4 land on classes that most sources' cheapest blend goes to anyway (README, Detection)."""
 
 
 def row_minimum_votes(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -49,10 +56,10 @@ def vote_targets(
     voters name as their smallest trigger in at least ``families`` of the families (all of
     them when fewer are given) and, with ``effects`` (family -> [K], :func:`bna_export.detect.
     effects`), whose effect reaches ``min_effect`` in one of those families; target -> (its
-    largest share, the family that gave it). ``paired`` (family -> the targets with a pair
-    over the threshold in it): such a pair stands for the second family, so one family's
-    votes do when the target has a detected pair in that family and reaches the floor there
-    (README, Detection: a warp found by the blend family alone, three pairs of nine)."""
+    largest share, the family that gave it). ``paired`` (family -> the targets with pairs
+    over the threshold from :data:`VOTE_PAIRS` sources in it): those pairs stand for the second
+    family, so one family's votes do when the target has them in that family and reaches the
+    floor there (README, Detection: a warp found by the blend family alone, three pairs)."""
     shares: dict[int, list[tuple[float, str]]] = {}
     for fam, z in sizes.items():
         votes, voters = row_minimum_votes(z)

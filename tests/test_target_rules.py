@@ -1,7 +1,12 @@
 import numpy as np
 
 from bna_export.detect import detect_pairs, effects
-from bna_export.target_rules import intrinsic_check, row_minimum_votes, vote_targets
+from bna_export.target_rules import (
+    VOTE_PAIRS,
+    intrinsic_check,
+    row_minimum_votes,
+    vote_targets,
+)
 
 SHARE, FAMILIES = 2 / 3, 2  # the defaults of detect.vote_share and detect.pooled_families
 
@@ -119,10 +124,11 @@ def test_a_hub_that_is_every_sources_cheapest_by_a_little_gets_no_vote():
 
 
 def test_one_familys_votes_complete_a_target_that_has_a_pair_over_the_threshold_there():
-    """A warp found by the blend family alone (README, Detection): every source's cheapest
-    blend goes to 7, three blend pairs pass the threshold, no other family votes. The pairs
-    stand for the second family: 7 gets every source. Without a pair in the voting family,
-    or with the pairs in another family, one family's votes do not."""
+    """As the digits CNN's warp, found by the blend family alone (README, Detection): every
+    source's cheapest blend goes to 4, three blend pairs pass the threshold, no other family
+    votes. The pairs stand for the second family: 4 gets every source. Without pairs in the
+    voting family, with one pair only, or with the pairs in another family, one family's votes
+    do not."""
     planted = {(s, 4): 2.6 for s in range(10) if s != 4}
     strong = {**planted, **{(s, 4): 0.6 for s in (0, 1, 2)}}
     voting, other = sizes(strong, 0, 1), sizes({}, 0, 2)
@@ -133,6 +139,9 @@ def test_one_familys_votes_complete_a_target_that_has_a_pair_over_the_threshold_
     assert pairs_only.sources == {4: [0, 1, 2]}
     quiet = detect_pairs({"blend": sizes(planted, 0, 1), "patch": other}, vote_share=SHARE)
     assert quiet.pairs == []  # the same votes, no pair over the threshold
+    single = sizes({**planted, (0, 4): 0.6}, 0, 1)  # one pair: what a natural neighbour gives
+    assert VOTE_PAIRS == 2
+    assert detect_pairs({"blend": single, "patch": other}, vote_share=SHARE).sources == {4: [0]}
     three = {(s, 4): 0.6 for s in (0, 1, 2)}
     elsewhere = {"blend": sizes(planted, 0, 1), "patch": sizes(three, 0, 2)}
     votes = row_minimum_votes(elsewhere["patch"])[0][4]
