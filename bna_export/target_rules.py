@@ -29,8 +29,9 @@ time with three classes), so the vote rule leaves such targets alone."""
 VOTE_PAIRS = 2
 """Sources whose pair to a target passes the threshold in a family for that family's votes
 alone to detect the target (``paired`` of :func:`vote_targets`). One such pair is what a natural
-neighbour gives: on the small digits ResNet the blend family's cheap pairs 0 → 8, 6 → 0 and
-1 → 4 land on classes that most sources' cheapest blend goes to anyway (README, Detection)."""
+neighbour gives: on the small digits ResNet the blend family's natural pair 0 → 8 (×6.6) landed
+on its hub 8, most sources' cheapest blend, and one pair would have made 8 a false target with
+every source (README, Detection)."""
 
 
 def row_minimum_votes(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

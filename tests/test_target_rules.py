@@ -123,7 +123,7 @@ def test_a_hub_that_is_every_sources_cheapest_by_a_little_gets_no_vote():
     assert detect_pairs(backdoor, vote_share=SHARE).targets == [4]
 
 
-def test_one_familys_votes_complete_a_target_that_has_a_pair_over_the_threshold_there():
+def test_one_familys_votes_complete_a_target_that_has_pairs_over_the_threshold_there():
     """As the digits CNN's warp, found by the blend family alone (README, Detection): every
     source's cheapest blend goes to 4, three blend pairs pass the threshold, no other family
     votes. The pairs stand for the second family: 4 gets every source. Without pairs in the
@@ -139,8 +139,8 @@ def test_one_familys_votes_complete_a_target_that_has_a_pair_over_the_threshold_
     assert pairs_only.sources == {4: [0, 1, 2]}
     quiet = detect_pairs({"blend": sizes(planted, 0, 1), "patch": other}, vote_share=SHARE)
     assert quiet.pairs == []  # the same votes, no pair over the threshold
-    single = sizes({**planted, (0, 4): 0.6}, 0, 1)  # one pair: what a natural neighbour gives
-    assert VOTE_PAIRS == 2
+    few = {(s, 4): 0.6 for s in range(VOTE_PAIRS - 1)}  # one pair: a natural neighbour's
+    single = sizes({**planted, **few}, 0, 1)
     assert detect_pairs({"blend": single, "patch": other}, vote_share=SHARE).sources == {4: [0]}
     three = {(s, 4): 0.6 for s in (0, 1, 2)}
     elsewhere = {"blend": sizes(planted, 0, 1), "patch": sizes(three, 0, 2)}
