@@ -28,11 +28,12 @@ from torch import Tensor
 
 from .data import Dataset
 from .histogram import divergence, normalise, soft_histogram
+from .keep import KeepWeight, keep_budgets, keep_target_logits
 from .norm import BnaModel
 from .reverse import TriggerEstimate
 from .settings import FitSettings, HistogramSettings
 from .statistics import CleanStatistics, Table, clean_statistics, sample_blocks
-from .variants import Variants, draws, jitter
+from .variants import Variants, draws
 
 Progress = Callable[[int, int], None]
 Refresh = Callable[
@@ -121,88 +122,11 @@ def _q_divergence(
     return divergence(table.p, q, settings.divergence, settings.kl_eps).sum()
 
 
-def _keep_target(
-    model: BnaModel,
-    thetas: list[Tensor],
-    x_all: Tensor,
-    variants: Variants,
-    tgt: Sequence[np.ndarray],
-    which: Tensor,
-    per_target: int,
-    rng: np.random.Generator,
-    settings: FitSettings,
-) -> tuple[Tensor, Tensor]:
-    """g_t's logits on ``per_target`` of each target t's kept clean images, each plain or with
-    one of t's estimated triggers (``which`` indexes each target's (image, variant) pairs,
-    image-major), shifted by up to ``settings.jitter`` pixels; and the images' own classes."""
-    n_keep = torch.tensor([len(k) for k in variants.keep])
-    route = torch.arange(len(tgt)).repeat_interleave(per_target)
-    image = which // n_keep[route]
-    width = max(len(k) for k in variants.keep)
-    keep = torch.tensor([list(k) + [0] * (width - len(k)) for k in variants.keep])
-    var = keep[route, which % n_keep[route]]
-    size = max(len(t) for t in tgt)
-    pools = torch.tensor(np.stack([np.pad(t, (0, size - len(t))) for t in tgt]))
-    dev = x_all.device
-    sel = pools[route, image].to(dev)
-    x = variants.apply(x_all[sel], var.to(dev))
-    with model.mitigated(thetas, route.to(dev)):
-        return model(jitter(x, settings.jitter, rng)), sel
-
-
 def _refreshing(settings: FitSettings, epoch: int) -> bool:
     """Whether the triggers are refreshed before ``epoch`` (every ``refresh_every`` epochs,
     never before the first)."""
     every = settings.refresh_every
     return every > 0 and epoch > 0 and epoch % every == 0
-
-
-class _KeepWeight:
-    """The weight of the keep-t term per target: ``fit.target_ce_weight``; with
-    ``fit.target_flag_budget``, after every step it is multiplied by ``fit.target_weight_step``
-    while more than that share of t's clean images (those f answers t for, as routing would) are
-    flagged by g_t, and divided by it otherwise, within [1/r, r]× the start (r:
-    ``fit.target_weight_range``): Neural Cleanse's adaptive λ, applied to the false flags the
-    defender can see."""
-
-    def __init__(
-        self, model: BnaModel, data: Dataset, kept: Sequence[Sequence[int]], settings: FitSettings
-    ) -> None:
-        dev, n_t = model.device, len(kept)
-        self.settings = settings
-        self.weight = torch.full((n_t,), float(settings.target_ce_weight), device=dev)
-        self.adaptive = settings.target_flag_budget > 0 and settings.target_ce_weight > 0
-        self.flagged = torch.zeros(n_t, device=dev)  # share of routed clean t images flagged
-        if not self.adaptive:
-            return
-        idx = [data.of_classes(list(k)) for k in kept]
-        x = torch.from_numpy(data.x[np.concatenate(idx)]).to(dev)
-        route = torch.arange(n_t, device=dev).repeat_interleave(
-            torch.tensor([len(i) for i in idx], device=dev)
-        )
-        label = torch.from_numpy(data.y[np.concatenate(idx)]).to(dev)
-        with torch.no_grad():
-            routed = model(x).argmax(1) == label
-        self.x, self.route, self.label = x[routed], route[routed], label[routed]
-        ones = torch.ones_like(self.route, dtype=torch.float32)
-        self.n = torch.zeros_like(self.weight).index_add_(0, self.route, ones).clamp_min(1)
-        self.adaptive = bool(routed.any())
-
-    def update(self, model: BnaModel, thetas: list[Tensor]) -> None:
-        """One step of the rule, with g_t's current Θ (call under ``torch.no_grad``)."""
-        s = self.settings
-        if not self.adaptive:
-            return
-        with model.mitigated(thetas, self.route):
-            flag = (model(self.x).argmax(1) != self.label).float()
-        self.flagged = torch.zeros_like(self.weight).index_add_(0, self.route, flag) / self.n
-        step = torch.where(
-            self.flagged > s.target_flag_budget, s.target_weight_step, 1 / s.target_weight_step
-        )
-        w0 = s.target_ce_weight
-        self.weight = torch.clamp(
-            self.weight * step, w0 / s.target_weight_range, w0 * s.target_weight_range
-        )
 
 
 def fit_thetas(
@@ -258,7 +182,7 @@ class _Step:
     tgt: list[np.ndarray]
     """Per target: the indices of the clean images its keep term holds at their own class
     (those of t, or of every target of a shared group)."""
-    keep: _KeepWeight
+    keep: KeepWeight
     rng: np.random.Generator
     gen: torch.Generator
 
@@ -289,7 +213,7 @@ def _step_loss(
     if s.target_ce_weight > 0:
         tb = keep_pairs.shape[1]
         which = torch.from_numpy(keep_pairs.reshape(-1))
-        logits_t, kept = _keep_target(
+        logits_t, kept = keep_target_logits(
             model, thetas, st.x_all, variants, st.tgt, which, tb, st.rng, s
         )
         ce = torch.nn.functional.cross_entropy(logits_t, st.y_all[kept], reduction="none")
@@ -335,7 +259,7 @@ def _fit_group(
         torch.from_numpy(data.x).to(dev),
         torch.from_numpy(data.y).to(dev),
         tgt,
-        _KeepWeight(model, data, kept, settings),
+        KeepWeight(model, data, kept, settings, keep_budgets(settings, targets, sources, keep)),
         rng,
         gen,
     )

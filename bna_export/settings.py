@@ -63,9 +63,8 @@ class ReverseSettings:
     steps to 2 px, 2.5 % success)."""
     warp_limit: float = 3.0
     """A warp trigger that has not succeeded by this RMS displacement (pixels) is given up: a
-    backdoor warp is imperceptible (WaNet's s = 0.5-1 is 0.3-0.7 px here) and larger ones are
-    the shapes of other classes; without it the warp problems of a model without a warp
-    backdoor ran to the step cap."""
+    backdoor warp is imperceptible (WaNet's s = 0.5-1 is 0.3-0.7 px here), larger ones are other
+    classes' shapes; without it a model without a warp backdoor ran its warps to the step cap."""
     blend_pixels: bool = False
     """Whether λ multiplies a blend's α·H·W (the mass of a patch mask of α at every pixel, on
     the patch family's scale) instead of α. The sweep uses it: with α alone λ is H·W times
@@ -169,6 +168,9 @@ class FitSettings:
     """Factor of each step of the adaptive keep-t weight."""
     target_weight_range: float = 4.0
     """The adaptive keep-t weight stays within target_ce_weight / range and · range."""
+    single_source_budget: float = 0.05
+    """``target_flag_budget`` of the targets with one source (0: theirs): fitted on one class,
+    g_t learns its look and flags clean images of t (README, Θ fit: one-source targets)."""
     target_triggered: bool = True
     """Also keep g_t's answer t on clean target images with t's estimated trigger embedded:
     the trigger alone must not flip an image away from its true class."""
@@ -300,10 +302,9 @@ class Settings:
     seed: int = 0
     """Seed of every random choice (sampling, initialisation)."""
     channels_last: bool = True
-    """Run f's convolutions in channels-last memory layout when f allows it (checked on the
-    clean images: the same logits to 1e-4): oneDNN's fast path, 1.2-1.5x faster forward and
-    backward passes of the conv nets here on 2 CPU cores; no result changes beyond float
-    rounding."""
+    """Run f's convolutions channels-last when f allows it (checked on the clean images: the
+    same logits to 1e-4): oneDNN's fast path, 1.2-1.5x faster passes of the conv nets here on
+    2 CPU cores; results change by float rounding only."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -88,39 +88,3 @@ def test_refresh_adds_the_triggers_that_still_work_on_g_t(setup, patch_scenario)
     assert [c[0] for c in calls] == [[0], [0]]  # after epochs 3 and 6
     assert calls[0][1] == [(1, 4, 8), (1, 4, 16), (1, 4, 64)] and calls[1][2] == len(ests) + 1
     assert res.triggers[0][: len(ests)] == ests and len(res.triggers[0]) == len(ests) + 2
-
-
-def test_the_keep_t_weight_follows_the_flags_on_clean_target_images(setup, patch_scenario):
-    """With a flag budget, the keep-t weight grows while g_t flags more than the budget of the
-    defender's clean target images (those f routes to g_t), shrinks otherwise, and stays
-    within its range; with budget 0 it is fixed."""
-    from bna_export.fit import _KeepWeight
-
-    model, _ = setup
-    data = patch_scenario.defender
-    s = FitSettings(target_flag_budget=0.1, target_weight_step=2.0, target_weight_range=4.0)
-    own = [la.f_theta()[None].clone() for la in model.layers]  # g_t = f: nothing flagged
-    keep = _KeepWeight(model, data, [[0]], s)
-    for _ in range(3):
-        keep.update(model, own)
-    assert float(keep.flagged[0]) == 0.0 and float(keep.weight[0]) == s.target_ce_weight / 4
-    gen = torch.Generator().manual_seed(0)
-    for scale in (0.5, 1.0, 2.0, 4.0):  # ever more disturbed Θ: the weight follows the flags
-        noisy = [t + scale * torch.randn(t.shape, generator=gen) * t.abs().mean() for t in own]
-        noisy = [torch.cat([t[:, :2], t[:, 2:].sort(1).values], 1) for t in noisy]  # υ <= ω
-        before = float(keep.weight[0])
-        keep.update(model, noisy)
-        x = data.x[data.y == 0]
-        pred = predict_mitigated(model, [0], noisy, x)
-        routed = model(torch.from_numpy(x)).argmax(1).numpy() == 0
-        share = pred.triggered[routed].mean()
-        assert float(keep.flagged[0]) == pytest.approx(share)
-        want = before * 2 if share > 0.1 else before / 2
-        lo, hi = s.target_ce_weight / 4, s.target_ce_weight * 4
-        assert float(keep.weight[0]) == pytest.approx(min(hi, max(lo, want)))
-    # a shared group's keep term holds every one of its classes' images at their own class
-    two = _KeepWeight(model, data, [[0, 1]], s)
-    assert set(two.label.tolist()) == {0, 1} and len(two.label) > len(keep.label)
-    fixed = _KeepWeight(model, data, [[0]], FitSettings(target_flag_budget=0.0))
-    fixed.update(model, noisy)
-    assert float(fixed.weight[0]) == FitSettings().target_ce_weight
