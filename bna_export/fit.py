@@ -259,7 +259,7 @@ def _fit_group(
         torch.from_numpy(data.x).to(dev),
         torch.from_numpy(data.y).to(dev),
         tgt,
-        KeepWeight(model, data, kept, settings, keep_budgets(settings, targets, sources, keep)),
+        KeepWeight(model, data, kept, settings, *keep_budgets(settings, targets, sources, keep)),
         rng,
         gen,
     )

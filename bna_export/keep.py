@@ -49,17 +49,18 @@ def keep_budgets(
     targets: Sequence[int],
     sources: dict[int, Sequence[int]],
     keep: dict[int, Sequence[int]] | None = None,
-) -> list[float]:
-    """Each target's flag budget of the adaptive keep-t weight: ``fit.single_source_budget``
-    for a target with one source and no shared keep group (when set), else
-    ``fit.target_flag_budget``."""
-    one = settings.single_source_budget
-    return [
-        one
-        if one > 0 and len(sources[t]) == 1 and not (keep and t in keep)
-        else settings.target_flag_budget
-        for t in targets
-    ]
+) -> tuple[list[float], list[float]]:
+    """Each target's flag budget of the adaptive keep-t weight and the least weight it may
+    fall to: ``fit.single_source_budget`` for a target with one source and no shared keep
+    group (when set), whose weight only grows (a defender's image flagged by g_t is one of
+    20; none flagged is no licence to weaken the term: on the small digits ResNet's warp a
+    falling weight flagged more unseen clean images of a false target); else
+    ``fit.target_flag_budget``, whose weight may fall to 1/``fit.target_weight_range``."""
+    one, w0 = settings.single_source_budget, settings.target_ce_weight
+    single = [one > 0 and len(sources[t]) == 1 and not (keep and t in keep) for t in targets]
+    budgets = [one if x else settings.target_flag_budget for x in single]
+    floors = [w0 if x else w0 / settings.target_weight_range for x in single]
+    return budgets, floors
 
 
 class KeepWeight:
@@ -68,7 +69,8 @@ class KeepWeight:
     while more than that share of t's clean images (those f answers t for, as routing would) are
     flagged by g_t, and divided by it otherwise, within [1/r, r]× the start (r:
     ``fit.target_weight_range``): Neural Cleanse's adaptive λ, applied to the false flags the
-    defender can see. ``budgets``: each target's own budget (default: the setting's)."""
+    defender can see. ``budgets``, ``floors``: each target's own budget and least weight
+    (default: the settings')."""
 
     def __init__(
         self,
@@ -77,6 +79,7 @@ class KeepWeight:
         kept: Sequence[Sequence[int]],
         settings: FitSettings,
         budgets: Sequence[float] | None = None,
+        floors: Sequence[float] | None = None,
     ) -> None:
         dev, n_t = model.device, len(kept)
         self.settings = settings
@@ -86,6 +89,9 @@ class KeepWeight:
             dtype=torch.float32,
             device=dev,
         )
+        w0, r = settings.target_ce_weight, settings.target_weight_range
+        least = [w0 / r] * n_t if floors is None else list(floors)
+        self.floor = torch.tensor(least, dtype=torch.float32, device=dev)
         self.adaptive = bool((self.budget > 0).any()) and settings.target_ce_weight > 0
         self.flagged = torch.zeros(n_t, device=dev)  # share of routed clean t images flagged
         if not self.adaptive:
@@ -115,7 +121,7 @@ class KeepWeight:
             self.flagged > self.budget, s.target_weight_step, 1 / s.target_weight_step
         )
         step = torch.where(self.budget > 0, step, 1.0)  # a budget of 0: a fixed weight
-        w0 = s.target_ce_weight
-        self.weight = torch.clamp(
-            self.weight * step, w0 / s.target_weight_range, w0 * s.target_weight_range
+        top = s.target_ce_weight * s.target_weight_range
+        self.weight = torch.minimum(
+            torch.maximum(self.weight * step, self.floor), self.floor.new_tensor(top)
         )

@@ -169,8 +169,8 @@ class FitSettings:
     target_weight_range: float = 4.0
     """The adaptive keep-t weight stays within target_ce_weight / range and · range."""
     single_source_budget: float = 0.05
-    """``target_flag_budget`` of the targets with one source (0: theirs): fitted on one class,
-    g_t learns its look and flags clean images of t (README, Θ fit: one-source targets)."""
+    """``target_flag_budget`` of the targets with one source, whose keep-t weight only grows (0:
+    off): fitted on one class, g_t learns its look and flags clean t (README, one-source targets)"""
     target_triggered: bool = True
     """Also keep g_t's answer t on clean target images with t's estimated trigger embedded:
     the trigger alone must not flip an image away from its true class."""

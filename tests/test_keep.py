@@ -49,14 +49,17 @@ def test_the_keep_t_weight_follows_the_flags_on_clean_target_images(setup, patch
 
 
 def test_a_target_with_one_source_gets_the_one_source_budget():
-    """The one-source budget goes to a target with one source outside a shared keep group;
-    every other target keeps ``target_flag_budget``; 0 turns it off."""
-    s = FitSettings(single_source_budget=0.05, target_flag_budget=0.0)
+    """The one-source budget goes to a target with one source outside a shared keep group,
+    whose weight may not fall below the set weight; every other target keeps
+    ``target_flag_budget`` and may fall to 1/range of it; 0 turns it off."""
+    s = FitSettings(single_source_budget=0.05, target_flag_budget=0.0, target_weight_range=4.0)
+    w0 = s.target_ce_weight
     sources = {3: [1], 7: [0, 1, 2], 5: [4]}
-    assert keep_budgets(s, [3, 7, 5], sources) == [0.05, 0.0, 0.05]
-    assert keep_budgets(s, [3, 7, 5], sources, keep={5: [4, 5]}) == [0.05, 0.0, 0.0]
+    assert keep_budgets(s, [3, 7, 5], sources) == ([0.05, 0.0, 0.05], [w0, w0 / 4, w0])
+    grouped = keep_budgets(s, [3, 7, 5], sources, keep={5: [4, 5]})
+    assert grouped == ([0.05, 0.0, 0.0], [w0, w0 / 4, w0 / 4])
     off = FitSettings(single_source_budget=0.0, target_flag_budget=0.1)
-    assert keep_budgets(off, [3, 7], sources) == [0.1, 0.1]
+    assert keep_budgets(off, [3, 7], sources)[0] == [0.1, 0.1]
     assert FitSettings().single_source_budget > 0 == FitSettings().target_flag_budget
 
 
@@ -82,3 +85,11 @@ def test_each_target_follows_its_own_budget(setup, patch_scenario):
             assert float(keep.weight[i]) == pytest.approx(want)
     none = KeepWeight(model, data, [[0], [1]], s, budgets=[0.0, 0.0])
     assert not none.adaptive
+    # g_t = f flags nothing: a weight with a floor at the set weight stays there, one without
+    # falls to 1/range of it
+    own = [torch.cat([la.f_theta()[None]] * 2) for la in model.layers]
+    keep = KeepWeight(model, data, [[0], [1]], s, budgets=[0.1, 0.1], floors=[w0, w0 / 4])
+    for _ in range(3):
+        keep.update(model, own)
+    assert float(keep.flagged.max()) == 0.0
+    assert keep.weight.tolist() == pytest.approx([w0, w0 / 4])
