@@ -60,7 +60,8 @@ def test_a_target_with_one_source_gets_the_one_source_budget():
     assert grouped == ([0.05, 0.0, 0.0], [w0, w0 / 4, w0 / 4])
     off = FitSettings(single_source_budget=0.0, target_flag_budget=0.1)
     assert keep_budgets(off, [3, 7], sources)[0] == [0.1, 0.1]
-    assert FitSettings().single_source_budget > 0 == FitSettings().target_flag_budget
+    assert FitSettings().single_source_budget > 0  # on by default, for one-source targets
+    assert FitSettings().target_flag_budget == 0  # off for the others
 
 
 def test_each_target_follows_its_own_budget(setup, patch_scenario):
