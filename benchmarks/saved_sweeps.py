@@ -7,9 +7,11 @@ which needs the model) against those the previous defaults found (no vote rule, 
 floor). The true targets follow from the file name
 (``cnn-ATTACK-SEED``: 7, all-to-all: every class; ``*clean*`` and ``equidistant-*``: none).
 
-The last column lists the pairs whose own score passes the threshold (before the floor), with
-the smallest ratio among them. Panel row files (``benchmarks/panel.py``, which keep their sizes)
-are read too.
+The next column lists the pairs whose own score passes the threshold (before the floor), with
+the smallest ratio among them; the last, how universal each target found by the shipped rules
+is: its pooled trigger over the median of its pairs' (the smallest over families; about 1 when
+one trigger moves every source), and the lowest of that among the targets not found. Panel
+row files (``benchmarks/panel.py``, which keep their sizes) are read too.
 
 Run: ``python benchmarks/saved_sweeps.py [FOLDER or FILE ...] [--set detect.min_effect=1.3]``
 (default: ``benchmarks/sweep-sizes-2026-12-05``; ``--set`` as in ``fit``; it changes the
@@ -80,6 +82,29 @@ def over_threshold(det, threshold: float) -> str:
     return f"{len(best)}; smallest ×{ratio:.2f} ({score:.1f})"
 
 
+def universality(sizes: dict, pooled: dict, t: int) -> float:
+    """Target t's pooled size over the median of its pairs' sizes, the smallest over the
+    families that have both (inf when none has)."""
+    k = next(iter(sizes.values())).shape[0]
+    ratios = [
+        pooled[f][t] / np.nanmedian(np.delete(z[:, t], t))
+        for f, z in sizes.items()
+        if f in pooled and np.isfinite(pooled[f][t]) and np.isfinite(np.delete(z[:, t], t)).any()
+    ]
+    return min(ratios, default=float("inf")) if k > 1 else float("inf")
+
+
+def universal_cell(det, sizes: dict, pooled: dict) -> str:
+    """The last column: each found target's universality, and the lowest of the others'."""
+    if det.all_to_all:
+        return "-"
+    k = next(iter(sizes.values())).shape[0]
+    u = {t: universality(sizes, pooled, t) for t in range(k)}
+    rest = [v for t, v in u.items() if t not in det.sources and np.isfinite(v)]
+    mine = ", ".join(f"{t}: {u[t]:.2f}" for t in det.sources) or "none found"
+    return f"{mine}; others from {min(rest):.2f}" if rest else mine
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -97,9 +122,9 @@ def main() -> None:
     print(
         "| sweep | truth | each family's most-named target: votes, effect | shipped rules "
         "| before (no vote rule, no effect floor) | pairs over the threshold: count; smallest "
-        "ratio (score) |"
+        "ratio (score) | pooled / median pair: targets found; the others |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     files = []
     for p in map(Path, args.paths):
         files += sorted(p.glob("*.npz")) if p.is_dir() else [p]
@@ -114,7 +139,8 @@ def main() -> None:
             cells.append(f"{fam} {t}: {votes[t]} of {voters[t]}, ×{eff[t]:.2f}")
         print(
             f"| {path.stem} | {truth_of(path.stem)} | {'; '.join(cells)} | {found(det)} | "
-            f"{found(old)} | {over_threshold(old, shipped.detect.mad_threshold)} |"
+            f"{found(old)} | {over_threshold(old, shipped.detect.mad_threshold)} | "
+            f"{universal_cell(det, sizes, pooled)} |"
         )
 
 
