@@ -85,13 +85,12 @@ def over_threshold(det, threshold: float) -> str:
 def universality(sizes: dict, pooled: dict, t: int) -> float:
     """Target t's pooled size over the median of its pairs' sizes, the smallest over the
     families that have both (inf when none has)."""
-    k = next(iter(sizes.values())).shape[0]
-    ratios = [
-        pooled[f][t] / np.nanmedian(np.delete(z[:, t], t))
-        for f, z in sizes.items()
-        if f in pooled and np.isfinite(pooled[f][t]) and np.isfinite(np.delete(z[:, t], t)).any()
-    ]
-    return min(ratios, default=float("inf")) if k > 1 else float("inf")
+    ratios = []
+    for f, z in sizes.items():
+        pairs = np.delete(z[:, t], t)  # the column without its diagonal
+        if f in pooled and np.isfinite(pooled[f][t]) and np.isfinite(pairs).any():
+            ratios.append(pooled[f][t] / np.nanmedian(pairs))
+    return min(ratios, default=float("inf"))
 
 
 def universal_cell(det, sizes: dict, pooled: dict) -> str:
