@@ -49,18 +49,24 @@ def keep_budgets(
     targets: Sequence[int],
     sources: dict[int, Sequence[int]],
     keep: dict[int, Sequence[int]] | None = None,
-) -> tuple[list[float], list[float]]:
-    """Each target's flag budget of the adaptive keep-t weight and the least weight it may
-    fall to: ``fit.single_source_budget`` for a target with one source and no shared keep
+) -> tuple[list[float], list[float], list[float]]:
+    """Each target's flag budget of the adaptive keep-t weight and the least and most weight it
+    may take: ``fit.single_source_budget`` for a target with one source and no shared keep
     group (when set), whose weight only grows (none of 20 images flagged is no licence to
     weaken the term: free to fall, it cost the small digits ResNet's seed-1 warp row 1.2 more
-    points of accuracy; README, one-source targets); else ``fit.target_flag_budget``, whose
-    weight may fall to 1/``fit.target_weight_range``."""
-    one, w0 = settings.single_source_budget, settings.target_ce_weight
+    points of accuracy; README, one-source targets), up to ``fit.single_source_range`` times
+    the set weight; else ``fit.target_flag_budget``, within 1/r and r times it (r:
+    ``fit.target_weight_range``)."""
+    one, w0, r = (
+        settings.single_source_budget,
+        settings.target_ce_weight,
+        settings.target_weight_range,
+    )
     single = [one > 0 and len(sources[t]) == 1 and not (keep and t in keep) for t in targets]
     budgets = [one if x else settings.target_flag_budget for x in single]
-    floors = [w0 if x else w0 / settings.target_weight_range for x in single]
-    return budgets, floors
+    floors = [w0 if x else w0 / r for x in single]
+    ceilings = [w0 * (settings.single_source_range if x else r) for x in single]
+    return budgets, floors, ceilings
 
 
 class KeepWeight:
@@ -69,8 +75,9 @@ class KeepWeight:
     while more than that share of t's clean images (those f answers t for, as routing would) are
     flagged by g_t, and divided by it otherwise, within [1/r, r]× the start (r:
     ``fit.target_weight_range``): Neural Cleanse's adaptive λ, applied to the false flags the
-    defender can see. ``budgets``, ``floors``: each target's own budget and least weight
-    (default: the settings')."""
+    defender can see, an image counting as flagged while g_t's margin for its class is below
+    ``fit.keep_margin``. ``budgets``, ``floors``, ``ceilings``: each target's own budget, least
+    and most weight (default: the settings')."""
 
     def __init__(
         self,
@@ -80,6 +87,7 @@ class KeepWeight:
         settings: FitSettings,
         budgets: Sequence[float] | None = None,
         floors: Sequence[float] | None = None,
+        ceilings: Sequence[float] | None = None,
     ) -> None:
         dev, n_t = model.device, len(kept)
         self.settings = settings
@@ -92,6 +100,8 @@ class KeepWeight:
         w0, r = settings.target_ce_weight, settings.target_weight_range
         least = [w0 / r] * n_t if floors is None else list(floors)
         self.floor = torch.tensor(least, dtype=torch.float32, device=dev)
+        most = [w0 * r] * n_t if ceilings is None else list(ceilings)
+        self.ceiling = torch.tensor(most, dtype=torch.float32, device=dev)
         self.adaptive = bool((self.budget > 0).any()) and settings.target_ce_weight > 0
         self.flagged = torch.zeros(n_t, device=dev)  # share of routed clean t images flagged
         if not self.adaptive:
@@ -115,13 +125,13 @@ class KeepWeight:
         if not self.adaptive:
             return
         with model.mitigated(thetas, self.route):
-            flag = (model(self.x).argmax(1) != self.label).float()
+            logits = model(self.x)
+        own = logits.gather(1, self.label[:, None])[:, 0]
+        others = logits.scatter(1, self.label[:, None], float("-inf")).amax(1)
+        flag = (own - others < s.keep_margin).float()
         self.flagged = torch.zeros_like(self.weight).index_add_(0, self.route, flag) / self.n
         step = torch.where(
             self.flagged > self.budget, s.target_weight_step, 1 / s.target_weight_step
         )
         step = torch.where(self.budget > 0, step, 1.0)  # a budget of 0: a fixed weight
-        top = s.target_ce_weight * s.target_weight_range
-        self.weight = torch.minimum(
-            torch.maximum(self.weight * step, self.floor), self.floor.new_tensor(top)
-        )
+        self.weight = torch.minimum(torch.maximum(self.weight * step, self.floor), self.ceiling)

@@ -53,10 +53,9 @@ class ReverseSettings:
     perturbation_init: float = 0.001
     """Standard deviation of v's random start, as a share of hi - lo."""
     warp_step: float = 0.3
-    """Length (L2 over its 2·4·4 pixel offsets) of each normalised gradient step of a warp
-    trigger's control grid, which grows from near 0 until the trigger succeeds, as a
-    perturbation does: about 0.03 px of RMS displacement per step (0.05 took 665 steps to
-    reach 3 px)."""
+    """Length (L2 over its 2·4·4 pixel offsets) of each normalised step of a warp trigger's
+    control grid, which grows from near 0 until the trigger succeeds, as a perturbation does:
+    about 0.03 px of RMS displacement per step (0.05 took 665 steps to reach 3 px)."""
     warp_steps: int = 300
     """The most steps of a warp problem: a backdoor warp succeeds within tens of steps, and on
     models without one the flow wanders below ``warp_limit`` (MobileNetV2 test model: 1,000
@@ -66,13 +65,11 @@ class ReverseSettings:
     backdoor warp is imperceptible (WaNet's s = 0.5-1 is 0.3-0.7 px here), larger ones are other
     classes' shapes; without it a model without a warp backdoor ran its warps to the step cap."""
     blend_pixels: bool = False
-    """Whether λ multiplies a blend's α·H·W (the mass of a patch mask of α at every pixel, on
-    the patch family's scale) instead of α. The sweep uses it: with α alone λ is H·W times
-    weaker than a patch's, α grows after the first success and every blend problem runs to the
-    cap; with α·H·W it falls to the success boundary within about 100 steps (README,
-    Detection). The per-target estimates keep α: a blend fitted at the boundary is a weaker
-    trigger to fit Θ on (the DenseNet test model fitted from ONNX: ASR 12-14 % instead of
-    ≤ 10 %)."""
+    """Whether λ multiplies a blend's α·H·W (a patch mask's mass, α at every pixel) instead of
+    α. The sweep uses it: with α alone λ is H·W times weaker than a patch's and every blend
+    problem runs to the cap; with α·H·W it reaches the success boundary within about 100 steps
+    (README, Detection). Per-target estimates keep α: a blend at the boundary is a weaker
+    trigger to fit Θ on (DenseNet test model from ONNX: ASR 12-14 % instead of ≤ 10 %)."""
     blend_steps: int = 1000
     """The most steps of a blend problem (rounded up to a success check); the sweep's is 150:
     on six digits models (blend, SIG, chessboard, single pixel, patch, clean) its blend scores
@@ -92,20 +89,17 @@ class ReverseSettings:
     """λ grows by this factor while the trigger succeeds and shrinks by its 1.5th power when not."""
     check_every: int = 10
     """Steps between success checks, λ updates and early-stop checks of patch problems."""
-    patience: int = 5
-    """Early stop after this many checks without a 1% smaller successful trigger."""
+    patience: int = 5  # early stop after this many checks without a 1% smaller success
     min_steps: int = 100  # never stop a patch problem before this many steps
     precision: Literal["float32", "bfloat16", "auto"] = "float32"
-    """Arithmetic of f's forward and backward passes: float32, bfloat16 (autocast: weights,
-    triggers and their updates stay float32), or auto (bfloat16 where the hardware computes it
-    natively: a CPU with AVX512-BF16/AMX or a GPU with bf16; float32 elsewhere). bfloat16 makes
-    the sweep about 2.4× faster on such a CPU but the patch family's sizes noisier: it lost one
-    of 8 all-to-all pairs and added a false pair on the 12-class test sets (README)."""
+    """f's passes in float32, bfloat16 (autocast; weights and triggers stay float32), or auto
+    (bfloat16 where native: AVX512-BF16/AMX CPUs, bf16 GPUs). bfloat16: the sweep 2.4× faster on
+    such a CPU, the patch sizes noisier (12-class test sets: one of 8 all-to-all pairs lost, a
+    false pair added; README)."""
     restarts: int = 1
-    """Independent trigger estimates per target and family for fitting (different
-    initialisations and minibatches); the fit uses those of the families ``family_rule`` keeps.
-    With two families, 2 restarts took digits patch A2O ASR from 5.2% to 2.8%; with four the
-    estimates are diverse already, and 1 halves the per-target cost (README)."""
+    """Independent trigger estimates per target and family for fitting; the fit uses those of
+    the families ``family_rule`` keeps. With two families, 2 took digits patch A2O ASR from
+    5.2% to 2.8%; with four the estimates are diverse already, and 1 halves the cost (README)."""
 
 
 SWEEP = ReverseSettings(steps=300, perturbation_step=0.04, blend_pixels=True, blend_steps=150)
@@ -171,6 +165,12 @@ class FitSettings:
     single_source_budget: float = 0.05
     """``target_flag_budget`` of the targets with one source, whose keep-t weight only grows (0:
     off): fitted on one class, g_t learns its look and flags clean t (README, one-source targets)"""
+    single_source_range: float = 16.0
+    """... and their keep-t weight grows to at most this many times ``target_ce_weight``."""
+    keep_margin: float = 3.0
+    """For the flag budgets a kept image counts as flagged while g_t's logit of its class leads
+    the next by less than this (0: when g_t's answer differs): g_t keeps all 20 seen images of t
+    and flags unseen ones, so its answer alone gives the budget nothing to act on (README)."""
     target_triggered: bool = True
     """Also keep g_t's answer t on clean target images with t's estimated trigger embedded:
     the trigger alone must not flip an image away from its true class."""

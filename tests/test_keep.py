@@ -20,7 +20,9 @@ def test_the_keep_t_weight_follows_the_flags_on_clean_target_images(setup, patch
     within its range; with budget 0 it is fixed."""
     model, _ = setup
     data = patch_scenario.defender
-    s = FitSettings(target_flag_budget=0.1, target_weight_step=2.0, target_weight_range=4.0)
+    s = FitSettings(
+        target_flag_budget=0.1, target_weight_step=2.0, target_weight_range=4.0, keep_margin=0.0
+    )
     own = [la.f_theta()[None].clone() for la in model.layers]  # g_t = f: nothing flagged
     keep = KeepWeight(model, data, [[0]], s)
     for _ in range(3):
@@ -52,12 +54,19 @@ def test_a_target_with_one_source_gets_the_one_source_budget():
     """The one-source budget goes to a target with one source outside a shared keep group,
     whose weight may not fall below the set weight; every other target keeps
     ``target_flag_budget`` and may fall to 1/range of it; 0 turns it off."""
-    s = FitSettings(single_source_budget=0.05, target_flag_budget=0.0, target_weight_range=4.0)
+    s = FitSettings(
+        single_source_budget=0.05,
+        target_flag_budget=0.0,
+        target_weight_range=4.0,
+        single_source_range=16.0,
+    )
     w0 = s.target_ce_weight
     sources = {3: [1], 7: [0, 1, 2], 5: [4]}
-    assert keep_budgets(s, [3, 7, 5], sources) == ([0.05, 0.0, 0.05], [w0, w0 / 4, w0])
+    budgets, floors, ceilings = keep_budgets(s, [3, 7, 5], sources)
+    assert (budgets, floors) == ([0.05, 0.0, 0.05], [w0, w0 / 4, w0])
+    assert ceilings == [16 * w0, 4 * w0, 16 * w0]
     grouped = keep_budgets(s, [3, 7, 5], sources, keep={5: [4, 5]})
-    assert grouped == ([0.05, 0.0, 0.0], [w0, w0 / 4, w0 / 4])
+    assert grouped == ([0.05, 0.0, 0.0], [w0, w0 / 4, w0 / 4], [16 * w0, 4 * w0, 4 * w0])
     off = FitSettings(single_source_budget=0.0, target_flag_budget=0.1)
     assert keep_budgets(off, [3, 7], sources)[0] == [0.1, 0.1]
     assert FitSettings().single_source_budget > 0  # on by default, for one-source targets
@@ -70,7 +79,7 @@ def test_each_target_follows_its_own_budget(setup, patch_scenario):
     own flags, one with budget 0 keeps the set weight."""
     model, _ = setup
     data = patch_scenario.defender
-    s = FitSettings(target_weight_step=2.0, target_weight_range=4.0)
+    s = FitSettings(target_weight_step=2.0, target_weight_range=4.0, keep_margin=0.0)
     flat = [la.f_theta()[None].clone() for la in model.layers]
     for t in flat:
         t[:, 2:] = 0.0  # υ = ω = 0
@@ -94,3 +103,29 @@ def test_each_target_follows_its_own_budget(setup, patch_scenario):
         keep.update(model, own)
     assert float(keep.flagged.max()) == 0.0
     assert keep.weight.tolist() == pytest.approx([w0, w0 / 4])
+
+
+def test_an_image_kept_by_a_thin_margin_counts_as_flagged(setup, patch_scenario):
+    """With ``keep_margin`` a kept image counts as flagged while g_t's logit of its class leads
+    the next by less than the margin (g_t = f here: f's own margins), so the weight grows,
+    up to its ceiling, on images g_t still answers right; with margin 0 only a changed answer
+    counts."""
+    model, _ = setup
+    data = patch_scenario.defender
+    own = [la.f_theta()[None].clone() for la in model.layers]
+    x = torch.from_numpy(data.x[data.y == 0])
+    with torch.no_grad():
+        logits = model(x)
+    routed = logits.argmax(1) == 0
+    top2 = logits[routed].topk(2, dim=1).values
+    margins = (top2[:, 0] - top2[:, 1]).sort().values
+    half = len(margins) // 2
+    cut = float(margins[half - 1] + margins[half]) / 2  # half of them below it, none near it
+    w0 = FitSettings().target_ce_weight
+    for margin, share in ((0.0, 0.0), (cut, float((margins < cut).float().mean()))):
+        s = FitSettings(target_flag_budget=0.1, target_weight_step=2.0, keep_margin=margin)
+        keep = KeepWeight(model, data, [[0]], s, floors=[w0], ceilings=[3 * w0])
+        for _ in range(3):
+            keep.update(model, own)
+        assert float(keep.flagged[0]) == pytest.approx(share)
+        assert float(keep.weight[0]) == (3 * w0 if share > 0.1 else w0)
