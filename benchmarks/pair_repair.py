@@ -66,7 +66,7 @@ def main() -> None:
     t_rates, acc0, acc = flag_rates(model, m.targets, m.thetas, sc.test.x, sc.test.y)
     for t, (dr, dn), (tr, tn) in zip(m.targets, d_rates, t_rates, strict=True):
         print(f"| {t} | {list(sources[t])} | {dr:.3f} (of {dn}) | {tr:.3f} (of {tn}) |")
-    trig = predict_mitigated(model, m.targets, m.thetas, sc.triggered["x"])
+    trig = predict_mitigated(model, m.targets, m.thetas, sc.triggered["x"], answers=m.answers)
     asr = float((trig.label == sc.triggered["attack_label"]).mean())
     print(
         f"ACC {acc0:.3f} -> {acc:.3f} (defender's images: {d_acc:.3f}), ASR {asr:.3f}, "

@@ -193,6 +193,7 @@ def fit_defence(
         mode=mode,
         divergence=moved,
         sweep=sweep,
+        source_routed=group if settings.fit.map_routing else (),
     )
     return FitOutcome(fitfile.to_fit(record), record, chosen, sweep.detection if sweep else None)
 

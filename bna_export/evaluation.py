@@ -155,9 +155,12 @@ def evaluate_reference(
     results = {}
     for name, fit_targets, thetas in variants:
         mitigated = thetas is not None
-        pc = predict_mitigated(model, fit_targets, thetas, clean.x, batch)
+        answers = mitigation.answers if mitigation is not None and mitigated else None
+        pc = predict_mitigated(model, fit_targets, thetas, clean.x, batch, answers)
         pt = (
-            predict_mitigated(model, fit_targets, thetas, triggered.x, batch) if triggered else None
+            predict_mitigated(model, fit_targets, thetas, triggered.x, batch, answers)
+            if triggered
+            else None
         )
         results[name] = compute_metrics(
             pc.label,

@@ -1,6 +1,6 @@
 """The PyTorch reference of the mitigated classifier (design step 3): f first, g_t on the samples
-f sends to a target t, flagged where g_t disagrees; and every g_t's logits (the fit file's
-probes)."""
+f sends to a target t, flagged where g_t disagrees (or, for a target routed among its sources,
+where g_t prefers one of them to t); and every g_t's logits (the fit file's probes)."""
 
 from __future__ import annotations
 
@@ -29,14 +29,18 @@ def predict_mitigated(
     thetas: Sequence[Tensor] | None,
     x: np.ndarray,
     batch: int = 256,
+    answers: Sequence[Sequence[int] | None] | None = None,
 ) -> Prediction:
     """The mitigated classifier (design step 3), in PyTorch: f first; samples that f sends to a
-    target t run g_t; a sample whose g_t answer differs from t is flagged and answered by g_t."""
+    target t run g_t; a sample whose g_t answer differs from t is flagged and answered by g_t.
+    ``answers``: per target, None (g_t's answer is its argmax) or the classes besides t that
+    g_t may answer (its argmax over t and those; its logits are the output's where flagged)."""
     labels, flags, logits = [], [], []
     dev = model.device
     lut = torch.full((max([*targets, 0]) + 1,), -1, dtype=torch.int64, device=dev)
     for ti, t in enumerate(targets):
         lut[t] = ti
+    chosen = answers is not None and any(a is not None for a in answers)
     thetas = None if thetas is None else [t.to(dev) for t in thetas]
     with torch.no_grad():
         for xb in torch.split(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), batch):
@@ -49,15 +53,35 @@ def predict_mitigated(
             if targets and thetas is not None and routed.numel():
                 with model.mitigated(thetas, route[routed]):
                     lg = model(xb[routed])
-                changed = lg.argmax(1) != y[routed]
+                pick = lg
+                if chosen:
+                    allowed = answer_mask(targets, answers, lg.shape[1]).to(dev)
+                    pick = lg.masked_fill(~allowed[route[routed]], -np.inf)
+                y_g = pick.argmax(1)
+                changed = y_g != y[routed]
                 flag[routed] = changed
                 out[routed[changed]] = lg[changed]
-            labels.append(out.argmax(1).cpu())
+                y = y.clone()
+                y[routed] = y_g
+            labels.append(y.cpu())
             flags.append(flag.cpu())
             logits.append(out.cpu())
     return Prediction(
         torch.cat(labels).numpy(), torch.cat(flags).numpy(), torch.cat(logits).numpy()
     )
+
+
+def answer_mask(
+    targets: Sequence[int], answers: Sequence[Sequence[int] | None], n_classes: int
+) -> Tensor:
+    """[T, K] bool: the classes g_t may answer, t itself and ``answers[j]`` (every class where
+    that is None)."""
+    mask = torch.ones((len(targets), n_classes), dtype=torch.bool)
+    for j, (t, a) in enumerate(zip(targets, answers, strict=True)):
+        if a is not None:
+            mask[j] = False
+            mask[j, [t, *a]] = True
+    return mask
 
 
 def g_logits(

@@ -147,10 +147,13 @@ def make_record(
     mode: str,
     divergence: tuple[np.ndarray, np.ndarray, np.ndarray],
     sweep: SweepResult | None = None,
+    source_routed: Sequence[int] = (),
 ) -> fitfile.FitRecord:
     """The record of a fit (``divergence``: :func:`~bna_export.layer_divergence.layer_divergence`
-    of the fitted Θ, [targets, layers]: floor, before and after)."""
+    of the fitted Θ, [targets, layers]: floor, before and after; ``source_routed``: the targets
+    whose g_t answers only t or one of its sources)."""
     targets = list(sources)
+    answers = [tuple(sources[t]) if t in source_routed else None for t in targets]
     triggers = tuple(
         fitfile.Trigger(
             index=j,
@@ -191,7 +194,7 @@ def make_record(
         )
         for i, la in enumerate(model.layers)
     )
-    pred = predict_mitigated(model, targets, thetas, probes)
+    pred = predict_mitigated(model, targets, thetas, probes, answers=answers)
     return fitfile.FitRecord(
         tool_version=__version__,
         mode=mode,
@@ -222,4 +225,5 @@ def make_record(
         evidence=fitfile.Evidence(
             model.sha256, model.audit, settings.fit.divergence, *map(np.asarray, divergence)
         ),
+        source_routed=tuple(t for t in targets if t in source_routed),
     )

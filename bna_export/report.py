@@ -135,7 +135,7 @@ def fit_lines(rec: FitRecord, output: str, seconds: float) -> list[str]:
 def fit_summary(rec: FitRecord) -> dict[str, Any]:
     """The fit's part of ``fit --json``."""
     h = header_of(rec)
-    keys = ("mode", "attacked", "targets", "pairs", "sources", "families")
+    keys = ("mode", "attacked", "targets", "pairs", "sources", "source_routed", "families")
     return {
         **{k: h[k] for k in keys},
         "detected_pairs": h["detection"]["detected_pairs"],
@@ -147,8 +147,9 @@ def summary(rec: FitRecord, path: str) -> dict[str, Any]:
     """``inspect --json``: the header's parts a reader wants, and the detected pairs."""
     h = header_of(rec)
     keys = (
-        "tool_version", "mode", "attacked", "targets", "pairs", "sources", "families", "scores",
-        "detection", "triggers", "settings", "layers", "n_classes", "input_shape", "input_range",
+        "tool_version", "mode", "attacked", "targets", "pairs", "sources", "source_routed",
+        "families", "scores", "detection", "triggers", "settings", "layers", "n_classes",
+        "input_shape", "input_range",
     )  # fmt: skip
     return {
         "file": path,
@@ -252,7 +253,8 @@ def inspect_lines(rec: FitRecord, path: str) -> list[str]:
     out = [f"{path}: made by bna-export {rec.tool_version} ({rec.mode} mode)"]
     out.append(f"attacked: {'yes' if rec.attacked else 'no'}; targets: {rec.targets}")
     for t, src in rec.sources.items():
-        out.append(f"  target {t} <- sources {list(src)} ({rec.families.get(t)} trigger)")
+        among = ", answered among them" if t in rec.source_routed else ""
+        out.append(f"  target {t} <- sources {list(src)} ({rec.families.get(t)} trigger{among})")
     for h in score_histograms(rec.scores, det):
         out.append(
             f"anomaly scores, {h.family} family ({h.pairs} pairs; threshold {h.threshold:g}; "

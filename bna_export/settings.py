@@ -24,8 +24,7 @@ class HistogramSettings:
     window: int = 2
     """Bins on each side of a sample's own bin that it may touch; with τ·Δb = 15 the mass it
     leaves out is below σ(-15·window) ≈ 1e-13 per sample."""
-    chunk: int = 1 << 20
-    """Samples per chunk of the windowed scatter, to bound memory."""
+    chunk: int = 1 << 20  # samples per chunk of the windowed scatter, to bound memory
 
 
 @dataclass(frozen=True)
@@ -85,10 +84,8 @@ class ReverseSettings:
     in Neural Cleanse). Neural Cleanse's 1e-3 needs ~300 more steps to reach the boundary; 1e-2
     converged on digits and the synthetic sets within the step budget to similar sizes."""
     cost_patience: int = 3  # checks in a row with (without) success before λ grows (shrinks)
-    cost_multiplier: float = 1.5
-    """λ grows by this factor while the trigger succeeds and shrinks by its 1.5th power when not."""
-    check_every: int = 10
-    """Steps between success checks, λ updates and early-stop checks of patch problems."""
+    cost_multiplier: float = 1.5  # λ's growth factor on success (its 1.5th power shrinks it)
+    check_every: int = 10  # steps between success checks, λ updates and patch early stops
     patience: int = 5  # early stop after this many checks without a 1% smaller success
     min_steps: int = 100  # never stop a patch problem before this many steps
     precision: Literal["float32", "bfloat16", "auto"] = "float32"
@@ -187,6 +184,9 @@ class FitSettings:
     triggers whose map fires on their pooled sources, every one's clean images kept at their
     own class: one trigger moves every class, so one correction, learnt from all the classes'
     images (a per-target Θ learns one source's look and flags its target's clean images)."""
+    map_routing: bool = True
+    """Their g_t answers t or its map source, whichever it prefers (design step 3 over those
+    two classes), not any class: a clean t it doubts stays t (README, all-to-all routing)."""
     trigger_scales: tuple[float, ...] = (1.0, 2.0, 3.0)
     """Strengths at which each estimated trigger is embedded for q (mask, clipped to 1, or
     perturbation times the scale): a reverse-engineered trigger is the *smallest* that works,

@@ -2,13 +2,15 @@ import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
-from bna_export import artifact
+from bna_export import artifact, fitfile
 from bna_export.data import Dataset, load_npz
 from bna_export.defend import fit_defence, resolve_sources
 from bna_export.errors import BadInputError, FitFileError
+from bna_export.export import build_graph
 from bna_export.fitfile import Mitigation
 from bna_export.lab.scenario import export_onnx
 from bna_export.mitigated import predict_mitigated
@@ -120,7 +122,7 @@ def a2o_detected(a2o_files, a2o_detected_file):
 def repaired(model, fit, triggered):
     """ASR and SIA of the mitigated model on triggered images."""
     m = Mitigation.from_fit(fit)
-    pred = predict_mitigated(model, m.targets, m.thetas, triggered["x"])
+    pred = predict_mitigated(model, m.targets, m.thetas, triggered["x"], answers=m.answers)
     return (pred.label == triggered["attack_label"]).mean(), (pred.label == triggered["y"]).mean()
 
 
@@ -161,9 +163,16 @@ def test_fitting_from_the_deployed_onnx_matches_the_module(a2o_scenario, a2o_det
     assert asr <= asr_ref + 0.05 and sia >= sia_ref - 0.1, (asr, asr_ref, sia, sia_ref)
 
 
-def test_all_to_all_pairs_are_found(a2a_scenario):
+@pytest.fixture(scope="module")
+def a2a_detected(a2a_scenario):
+    """No hint, the all-to-all scenario: the model, the outcome and the progress events."""
     events = []
-    _, out = detect(a2a_scenario, progress=lambda *e: events.append(e))
+    model, out = detect(a2a_scenario, progress=lambda *e: events.append(e))
+    return model, out, events
+
+
+def test_all_to_all_pairs_are_found(a2a_detected):
+    _, out, events = a2a_detected
     sweep = [e for e in events if e[0] == "sweep"]
     assert sweep[-1][1] == sweep[-1][2]
     assert sweep[-1][3] == "56/56 pairs, 8/8 pooled targets, universal done"
@@ -197,6 +206,38 @@ def test_all_to_all_pairs_are_found(a2a_scenario):
         }
 
 
+def test_the_all_to_all_map_routes_among_its_sources_in_reference_and_graph(
+    a2a_scenario, a2a_detected, tmp_path
+):
+    """The map's targets (fit.map_routing) are recorded as routed among their sources: g_t
+    answers t or its source, whichever it prefers, so a flagged image is answered by its
+    target's source; the built graph gives the same labels, flags and logits in ONNX Runtime."""
+    model, out, _ = a2a_detected
+    rec = fitfile.read(out.fit)
+    shared = [t for t in rec.targets if len(rec.sources[t]) == 1]
+    assert len(rec.source_routed) >= 6 and set(rec.source_routed) <= set(shared)
+    m = Mitigation.from_fit(out.fit)
+    x = np.concatenate([a2a_scenario.test.x, a2a_scenario.triggered["x"]])
+    ref = predict_mitigated(model, m.targets, m.thetas, x, answers=m.answers)
+    free = predict_mitigated(model, m.targets, m.thetas, x)
+    with torch.no_grad():
+        f_label = model(torch.from_numpy(x)).argmax(1).numpy()
+    routed = np.isin(f_label, list(rec.source_routed))
+    for i in np.flatnonzero(routed & ref.triggered):
+        assert ref.label[i] in rec.sources[int(f_label[i])]
+    assert not (ref.triggered & ~free.triggered).any()  # it only ever withdraws flags
+    g_pick = free.logits[ref.triggered]  # where flagged, g_t's own logits
+    np.testing.assert_array_equal(ref.logits[ref.triggered], g_pick)
+    path = tmp_path / "model.onnx"
+    export_onnx(a2a_scenario.net, a2a_scenario.test.x, path)
+    built = build_graph(path, out.fit)
+    sess = ort.InferenceSession(built.data, providers=["CPUExecutionProvider"])
+    label, flag, logits = sess.run(None, {sess.get_inputs()[0].name: x})
+    np.testing.assert_array_equal(label, ref.label)
+    np.testing.assert_array_equal(flag, ref.triggered)
+    np.testing.assert_allclose(logits, ref.logits, atol=1e-4, rtol=0)
+
+
 def test_a_clean_model_gives_no_detection_and_an_unchanged_f(
     clean_scenario, clean_files, clean_detected_file
 ):
@@ -207,7 +248,7 @@ def test_a_clean_model_gives_no_detection_and_an_unchanged_f(
     assert t["theta.0"].shape == (0, 4, 8) and t["probe.g_logits"].shape[0] == 0
     m = Mitigation.from_fit(artifact.decode(artifact.encode(out.fit)))
     x = clean_scenario.test.x[:64]
-    pred = predict_mitigated(model, m.targets, m.thetas, x)
+    pred = predict_mitigated(model, m.targets, m.thetas, x, answers=m.answers)
     with torch.no_grad():
         np.testing.assert_array_equal(pred.label, model(torch.from_numpy(x)).argmax(1).numpy())
     assert not pred.triggered.any()

@@ -39,7 +39,7 @@ def patch_reference(patch_scenario, fitted):
 
 def reference(model, fit, x):
     m = Mitigation.from_fit(fit)
-    return predict_mitigated(model, m.targets, m.thetas, x)
+    return predict_mitigated(model, m.targets, m.thetas, x, answers=m.answers)
 
 
 def run(data: bytes, x: np.ndarray):
@@ -55,6 +55,32 @@ def assert_matches(data: bytes, ref, x: np.ndarray, sizes=(1, 7, 64)) -> None:
             np.testing.assert_array_equal(label, ref.label[sl])
             np.testing.assert_array_equal(flag, ref.triggered[sl])
             np.testing.assert_allclose(logits, ref.logits[sl], atol=1e-4, rtol=0)
+
+
+def test_a_target_routed_among_its_sources_matches_the_reference(
+    patch_reference, patch_scenario, tmp_path
+):
+    """A fit whose target 0 is routed among its sources (here made one, source 1, as an
+    all-to-all map's target is): g_0 answers 0 or 1, whichever it prefers. The graph adds its
+    constant before g_0's argmax and gives the reference's labels, flags and logits; triggered
+    images of the other sources are no longer answered by their own class."""
+    model, fit, x = patch_reference
+    fit = artifact.decode(artifact.encode(fit))
+    fit.header["sources"]["0"], fit.header["source_routed"] = [1], [0]
+    m = Mitigation.from_fit(fit)
+    assert m.answers == [(1,)]
+    ref = predict_mitigated(model, m.targets, m.thetas, x, answers=m.answers)
+    free = predict_mitigated(model, m.targets, m.thetas, x)
+    assert set(ref.label[ref.triggered]) == {1} and len(set(free.label[free.triggered])) > 1
+    probes = fit.tensors["probe.x"]
+    p = predict_mitigated(model, m.targets, m.thetas, probes, answers=m.answers)
+    fit.tensors.update({"probe.label": p.label, "probe.triggered": p.triggered})
+    fit.tensors["probe.logits"] = p.logits
+    path = export_onnx(patch_scenario.net, torch.from_numpy(x[:2]), tmp_path / "f.onnx", "dynamo")
+    built = build_graph(path, fit)
+    assert_matches(built.data, ref, x)
+    whole = build_graph(path, fit, whole_batch=True)
+    assert_matches(whole.data, ref, x, sizes=(64,))
 
 
 @pytest.mark.parametrize("form", list(EXPORT_FORMS))

@@ -49,6 +49,8 @@ def test_a_record_writes_back_the_bytes_it_was_read_from(a2o_detected_file, fitt
         (lambda h, t: h["scores"]["patch"][0].update(source=-1), "scores name class -1"),
         (lambda h, t: h["triggers"][0].update(sources=[0, 10]), "triggers name class 10"),
         (lambda h, t: h.update(n_classes=0), "n_classes is not a positive number"),
+        (lambda h, t: h.update(source_routed=[9]), "source_routed names a class that is not a"),
+        (lambda h, t: h.update(source_routed="0"), "source_routed is not a list"),
     ],
 )
 def test_a_malformed_fit_file_is_one_error_naming_the_field(fitted, change, message):
@@ -61,5 +63,7 @@ def test_a_malformed_fit_file_is_one_error_naming_the_field(fitted, change, mess
 def test_a_fit_file_from_before_the_sweep_record_is_still_read(fitted):
     fit = artifact.decode(fitted[0].read_bytes())
     fit.header["detection"].pop("sweep")
+    fit.header.pop("source_routed")  # and from before routing among sources: none routed so
     rec = fitfile.read(artifact.decode(artifact.encode(fit)))
     assert rec.detection.sweep == {} and rec.targets == fitfile.load(fitted[0]).targets
+    assert rec.source_routed == () and rec.answers == [None] * len(rec.targets)

@@ -70,9 +70,12 @@ def rewrite(
     repairs: tuple[Sequence[LayerStats], Sequence[np.ndarray], Sequence[int]],
     metadata: dict[str, str],
     whole_batch: bool = False,
+    answers: Sequence[Sequence[int] | None] | None = None,
+    n_classes: int = 0,
 ) -> list[Applied]:
     """Turn ``model`` (f) into the built graph, in place; ``repairs``: each layer's statistics,
-    its Θ ([T, 4, C]) and the targets. Returns which rule rewrote each layer in each g_t.
+    its Θ ([T, 4, C]) and the targets; ``answers``: per target, the classes g_t may answer
+    besides t (None: any), of ``n_classes``. Returns which rule rewrote each layer in each g_t.
 
     ``whole_batch`` runs every g_t on every sample and keeps the answers of the samples f
     sent to t: the same outputs at a higher cost (the naive graph, for benchmarks)."""
@@ -87,7 +90,8 @@ def rewrite(
     graph.sort()
     b = Builder(graph)
     stats, thetas, targets = repairs
-    plan = Repairs(find_cut(graph, located, probe), stats, thetas, targets)
+    cut = find_cut(graph, located, probe)
+    plan = Repairs(cut, stats, thetas, targets, answers, n_classes)
     route = (RouteWholeBatch if whole_batch else RouteToRepairs)(b, plan)
     passes = ir.passes.Sequential(
         ReserveOutputNames(b), route, ContractOutputs(route.routed, metadata)
@@ -161,6 +165,8 @@ def build_graph(
         (_stats(rec), thetas, targets),
         metadata_for(__version__, targets, digest, model_sha256(model_path)),
         whole_batch,
+        rec.answers,
+        rec.n_classes,
     )
     if not found.clean:  # carried into the built graph: said there too
         model.metadata_props["bna.audit"] = json.dumps(found.to_json(), sort_keys=True)

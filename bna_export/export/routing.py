@@ -2,7 +2,8 @@
 
 For each target t: rows = NonZero(ArgMax(f) == t). An If runs g_t only when some row went to t.
 Its then-branch Gathers f's tensors at the cut (the boundary) for those rows, runs the clone of
-f from the cut on with Θ_t (:mod:`.clone`), flags a row where g_t's answer is not t, and
+f from the cut on with Θ_t (:mod:`.clone`), flags a row where g_t's answer (its argmax; over t
+and S(t) only for a target routed among its sources) is not t, and
 ScatterNDs g_t's label, the flag, and g_t's logits where flagged, back into the batch's label,
 triggered and logits; the else-branch passes them on unchanged. Targets chain: each If reads
 the previous one's outputs.
@@ -63,6 +64,10 @@ class Repairs:
     thetas: Sequence[np.ndarray]
     """Per layer: [T, 4, C]."""
     targets: Sequence[int]
+    answers: Sequence[Sequence[int] | None] | None = None
+    """Per target, the classes g_t may answer besides t (None: any)."""
+    n_classes: int = 0
+    """K, where ``answers`` restricts some g_t (0: read from f's logits' shape)."""
 
 
 def clone_g(
@@ -73,10 +78,11 @@ def clone_g(
     rows: ir.Value,
     routed: Routed,
     t_const: ir.Value,
+    among: ir.Value | None = None,
 ) -> tuple[ir.Value, ir.Value, ir.Value]:
     """g_t (target index ``j``, class ``t_const``) in ``bb``'s graph on the batch rows ``rows``
-    (an [M] index) of the boundary tensors; returns g_t's logits, its label, and the flag
-    (label ≠ t)."""
+    (an [M] index) of the boundary tensors; returns g_t's logits, its label (its argmax, after
+    adding ``among``: :func:`answers_const`), and the flag (label ≠ t)."""
     cut = repairs.cut
     clone = Clone(bb, tag)
     for v in cut.boundary:
@@ -98,9 +104,26 @@ def clone_g(
             if o is not outs[0] and o.uses():
                 raise ModelError(f"node {node.name!r} has several used outputs; cannot rewrite it")
     g = clone.mapped(routed.logits_f)
-    y_g = bb.one("ArgMax", [g], f"bna/{tag}/label", axis=1, keepdims=0)
+    pick = g if among is None else bb.one("Add", [g, among], f"bna/{tag}/among")
+    y_g = bb.one("ArgMax", [pick], f"bna/{tag}/label", axis=1, keepdims=0)
     kept = bb.one("Equal", [y_g, t_const], f"bna/{tag}/kept")
     return g, y_g, bb.one("Not", [kept], f"bna/{tag}/flag")
+
+
+def answers_const(b: Builder, repairs: Repairs, j: int, logits_f: ir.Value) -> ir.Value | None:
+    """For a target whose g_t answers t or one of its sources only: [1, K], 0 at those classes
+    and float32's lowest elsewhere, added to g_t's logits before its argmax; else None."""
+    allowed = None if repairs.answers is None else repairs.answers[j]
+    if allowed is None:
+        return None
+    k, shape = repairs.n_classes, logits_f.shape
+    if not k and shape is not None and len(shape) == 2 and isinstance(shape[1], int):
+        k = shape[1]
+    if not k:
+        raise ModelError("the logits have no fixed class count: cannot route among sources")
+    low = np.full((1, k), np.finfo(np.float32).min, np.float32)
+    low[0, [int(repairs.targets[j]), *allowed]] = 0.0
+    return b.const(f"bna/g{repairs.targets[j]}/answers", low)
 
 
 def start_routing(b: Builder, model: ir.Model, repairs: Repairs, r: Routed) -> dict:
@@ -150,7 +173,8 @@ class RouteToRepairs(RoutingPass):
             bb = Builder(branch, b.names)
             col = bb.one("Reshape", [rows, shared["column"]], f"bna/{tag}/rows_col")  # [M, 1]
             idx = bb.one("Reshape", [rows, shared["flat"]], f"bna/{tag}/rows")
-            g, y_g, flag = clone_g(bb, tag, self.repairs, j, idx, r, t_const)
+            among = answers_const(b, self.repairs, j, r.logits_f)
+            g, y_g, flag = clone_g(bb, tag, self.repairs, j, idx, r, t_const, among)
             f_rows = bb.one("Gather", [r.logits_f, idx], f"bna/{tag}/f_logits", axis=0)
             flag_col = bb.one("Reshape", [flag, shared["column"]], f"bna/{tag}/flag_col")
             answer = bb.one("Where", [flag_col, g, f_rows], f"bna/{tag}/logits")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from .routing import RoutingPass, clone_g, start_routing
+from .routing import RoutingPass, answers_const, clone_g, start_routing
 
 
 class RouteWholeBatch(RoutingPass):
@@ -24,7 +24,8 @@ class RouteWholeBatch(RoutingPass):
             every = b.one("Equal", [label_f, label_f], f"bna/{tag}/every_row")
             rows = b.one("NonZero", [every], f"bna/{tag}/nonzero")
             idx = b.one("Reshape", [rows, shared["flat"]], f"bna/{tag}/rows")
-            g, y_g, flag = clone_g(b, tag, self.repairs, j, idx, r, t_const)
+            among = answers_const(b, self.repairs, j, r.logits_f)
+            g, y_g, flag = clone_g(b, tag, self.repairs, j, idx, r, t_const, among)
             sent = b.one("Equal", [label_f, t_const], f"bna/{tag}/sent")
             flag = b.one("And", [flag, sent], f"bna/{tag}/flag_sent")
             flag_col = b.one("Reshape", [flag, shared["column"]], f"bna/{tag}/flag_col")

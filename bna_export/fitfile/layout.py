@@ -107,6 +107,7 @@ def header_of(rec: FitRecord) -> dict[str, Any]:
         "input_range": [float(rec.input_range[0]), float(rec.input_range[1])],
         "targets": targets,
         "sources": {str(t): list(s) for t, s in rec.sources.items()},
+        "source_routed": list(rec.source_routed),
         "pairs": [list(p) for p in rec.pairs],
         "families": {str(t): f for t, f in rec.families.items()},
         "scores": {f: [_score_json(p) for p in v] for f, v in rec.scores.items()},
@@ -357,7 +358,10 @@ def read(fit: FitFile) -> FitRecord:
             read_str(data.get("sha256", ""), "data.sha256"),
             probes,
             read_evidence(h, t, len(targets), len(layers)),
+            read_list(h.get("source_routed", []), "source_routed", read_int),
         )
+        if not set(rec.source_routed) <= set(targets):
+            raise fail("source_routed names a class that is not a target")
     except ValueError as exc:  # e.g. input_range of the wrong length
         raise fail(str(exc)) from exc
     _check_classes(rec)

@@ -26,6 +26,8 @@ class Mitigation:
     input_range: tuple[float, float]
     layers: tuple[Layer, ...] = ()
     model_format: str = "torch"
+    answers: list[tuple[int, ...] | None] | None = None
+    """Per target, the classes g_t may answer besides t (None: any; FitRecord.answers)."""
 
     @classmethod
     def from_record(cls, rec: FitRecord) -> Mitigation:
@@ -37,6 +39,7 @@ class Mitigation:
             rec.input_range,
             rec.layers,
             rec.model_format,
+            rec.answers,
         )
 
     @classmethod

@@ -164,10 +164,18 @@ class FitRecord:
     probes: Probes | None = None
     """None in fit files written before ``build`` existed."""
     evidence: Evidence | None = None
+    source_routed: tuple[int, ...] = ()
+    """Targets whose g_t answers only t or one of S(t) (an all-to-all map's): design step 3
+    with g_t's argmax taken over those classes."""
 
     @property
     def targets(self) -> list[int]:
         return list(self.sources)
+
+    @property
+    def answers(self) -> list[tuple[int, ...] | None]:
+        """Per target, the classes g_t may answer besides t (None: any)."""
+        return [self.sources[t] if t in self.source_routed else None for t in self.sources]
 
     @property
     def attacked(self) -> bool:
