@@ -1,6 +1,6 @@
 """Known pairs on a panel model: ``fit --pairs`` (no detection) and, per target, the share of
 clean images of t (those f answers t for) that its g_t flags, on the defender's 20 a class and
-on the test set; then ACC before and after, and the attack's ASR.
+on the test set; then ACC before and after, and the attack's ASR and SIA.
 
 A target with one source is what a natural pair the detection took for a backdoor becomes
 (small ResNet, seed-1 patch: 0 → 8 and 6 → 4), and what one pair of an all-to-all attack is
@@ -44,7 +44,13 @@ def flag_rates(model, targets, thetas, x: np.ndarray, y: np.ndarray) -> tuple[li
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="small-resnet", choices=("cnn", "small-resnet"))
-    ap.add_argument("--attack", default="patch", choices=ATTACKS)
+    kinds = [a for a in ATTACKS if a != "clean" and not a.endswith("-a2a")]
+    ap.add_argument(
+        "--attack",
+        default="patch",
+        choices=[*ATTACKS, *(f"{k}-a2a" for k in kinds if f"{k}-a2a" not in ATTACKS)],
+        help="a panel attack, or any trigger's all-to-all version (KIND-a2a)",
+    )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--pairs", required=True, help="source:target pairs, comma-separated")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
@@ -68,9 +74,10 @@ def main() -> None:
         print(f"| {t} | {list(sources[t])} | {dr:.3f} (of {dn}) | {tr:.3f} (of {tn}) |")
     trig = predict_mitigated(model, m.targets, m.thetas, sc.triggered["x"], answers=m.answers)
     asr = float((trig.label == sc.triggered["attack_label"]).mean())
+    sia = float((trig.label == sc.triggered["y"]).mean())
     print(
         f"ACC {acc0:.3f} -> {acc:.3f} (defender's images: {d_acc:.3f}), ASR {asr:.3f}, "
-        f"fit {seconds:.0f} s"
+        f"SIA {sia:.3f}, fit {seconds:.0f} s"
     )
 
 
