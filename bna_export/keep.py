@@ -103,7 +103,8 @@ class KeepWeight:
         most = [w0 * r] * n_t if ceilings is None else list(ceilings)
         self.ceiling = torch.tensor(most, dtype=torch.float32, device=dev)
         self.adaptive = bool((self.budget > 0).any()) and settings.target_ce_weight > 0
-        self.flagged = torch.zeros(n_t, device=dev)  # share of routed clean t images flagged
+        # share of routed clean t images flagged, or kept by less than fit.keep_margin
+        self.flagged = torch.zeros(n_t, device=dev)
         if not self.adaptive:
             return
         idx = [data.of_classes(list(k)) for k in kept]

@@ -41,6 +41,7 @@ def predict_mitigated(
     for ti, t in enumerate(targets):
         lut[t] = ti
     chosen = answers is not None and any(a is not None for a in answers)
+    allowed = None  # [T, K]: answer_mask, made at the first routed batch (K from its logits)
     thetas = None if thetas is None else [t.to(dev) for t in thetas]
     with torch.no_grad():
         for xb in torch.split(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), batch):
@@ -55,7 +56,8 @@ def predict_mitigated(
                     lg = model(xb[routed])
                 pick = lg
                 if chosen:
-                    allowed = answer_mask(targets, answers, lg.shape[1]).to(dev)
+                    if allowed is None:
+                        allowed = answer_mask(targets, answers, lg.shape[1]).to(dev)
                     pick = lg.masked_fill(~allowed[route[routed]], -np.inf)
                 y_g = pick.argmax(1)
                 changed = y_g != y[routed]

@@ -20,14 +20,13 @@ from __future__ import annotations
 import io
 import json
 import re
-import threading
 import zipfile
 from pathlib import Path
 
 import torch
 
 from .errors import ModelError
-from .pt2program import clean_program
+from .pt2program import AST_LOCK, clean_program
 
 _MODELS = "models/"
 _WEIGHTS = "data/weights/"
@@ -154,10 +153,10 @@ def check_archive(data: bytes, spec: str) -> None:
     sanitised_archive(data, spec)
 
 
-_LOCK = threading.Lock()
+_LOCK = AST_LOCK
 """torch.export's deserializer keeps the program being read in a global
 (``_CURRENT_DESERIALIZER``, torch 2.13): two loads at once fail with an AssertionError, so
-ours take turns."""
+ours take turns; with the AST lock, since a load builds AST objects too."""
 
 
 def load_module(path: Path, spec: str, device: torch.device) -> torch.fx.GraphModule:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import threading
 from typing import Any
 
 from .errors import ModelError
@@ -22,6 +23,11 @@ _SYMPY = {
     *("Symbol", "Integer", "Max", "Min", "Mod", "PythonMod", "FloorDiv", "CeilDiv"),
     *("IntTrueDiv", "TruncToInt", "ToFloat", "Abs", "Pow", "Add", "Mul", "True", "False"),
 }
+AST_LOCK = threading.Lock()
+"""Held while Python AST objects are built (our ``ast.parse``; PyTorch's loads, whose sympy
+parses build them too): CPython 3.11 keeps the AST constructor's recursion depth in one
+interpreter-wide state, and two threads building at once fail with "AST constructor recursion
+depth mismatch" (a thread-loading test saw it once; CPython gh-106905)."""
 _REFUSED_ARGS = {"as_operator", "as_custom_obj", "as_graph", "as_sym_float", "as_sym_floats"}
 _ARITHMETIC = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.operator, ast.unaryop, ast.Load,
                ast.keyword)  # fmt: skip
@@ -44,7 +50,8 @@ def check_expression(text: str, spec: str) -> None:
     """Refuse a symbolic size unless it is plain arithmetic of symbols (``s77``), integers and
     sympy's integer functions (``Symbol('s77', positive=True)``, ``Max(2, s0)``…)."""
     try:
-        tree = ast.parse(text, mode="eval")
+        with AST_LOCK:
+            tree = ast.parse(text, mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
         raise ModelError(f"{spec}: a symbolic size is not an expression ({text[:60]!r})") from exc
     if not all(_plain(node) for node in ast.walk(tree)):
