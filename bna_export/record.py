@@ -153,7 +153,7 @@ def make_record(
     of the fitted Θ, [targets, layers]: floor, before and after; ``source_routed``: the targets
     whose g_t answers only t or one of its sources)."""
     targets = list(sources)
-    answers = [tuple(sources[t]) if t in source_routed else None for t in targets]
+    answers = fitfile.routed_answers(sources, source_routed)
     triggers = tuple(
         fitfile.Trigger(
             index=j,

@@ -14,6 +14,7 @@ from .records import (
     PairScore,
     Probes,
     Trigger,
+    routed_answers,
 )
 
 __all__ = [
@@ -29,5 +30,6 @@ __all__ = [
     "header_of",
     "load",
     "read",
+    "routed_answers",
     "to_fit",
 ]

@@ -3,6 +3,7 @@ header layout and tensor names that hold them are :mod:`bna_export.fitfile.layou
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,7 +176,7 @@ class FitRecord:
     @property
     def answers(self) -> list[tuple[int, ...] | None]:
         """Per target, the classes g_t may answer besides t (None: any)."""
-        return [self.sources[t] if t in self.source_routed else None for t in self.sources]
+        return routed_answers(self.sources, self.source_routed)
 
     @property
     def attacked(self) -> bool:
@@ -184,3 +185,10 @@ class FitRecord:
     @property
     def pairs(self) -> list[tuple[int, int]]:
         return [(s, t) for t, v in self.sources.items() for s in v]
+
+
+def routed_answers(
+    sources: Mapping[int, Sequence[int]], source_routed: Sequence[int]
+) -> list[tuple[int, ...] | None]:
+    """Per target of ``sources``, its sources where it is routed among them, else None (any)."""
+    return [tuple(sources[t]) if t in source_routed else None for t in sources]
