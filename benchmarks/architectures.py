@@ -54,8 +54,8 @@ def one(arch: str, width: int, threads: int, repeat: bool) -> list[dict]:
             fit_defence(model, sc.defender, targets=[TARGET]).fit for _ in range(2 if repeat else 1)
         ]
         m = Mitigation.from_fit(fits[0])
-        pc = predict_mitigated(model, m.targets, m.thetas, sc.test.x, answers=m.answers)
-        pt = predict_mitigated(model, m.targets, m.thetas, sc.triggered["x"], answers=m.answers)
+        pc = predict_mitigated(model, m.targets, m.thetas, sc.test.x, routing=m.routing)
+        pt = predict_mitigated(model, m.targets, m.thetas, sc.triggered["x"], routing=m.routing)
         acc0 = float((predict_mitigated(model, [], None, sc.test.x).label == sc.test.y).mean())
         t = sc.triggered
         r = compute_metrics(

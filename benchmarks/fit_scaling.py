@@ -60,8 +60,8 @@ def one(k: int, setting: str, overrides: list[str]) -> dict:
     rec = out.record
     sweep = rec.detection.sweep
     thetas = Mitigation.from_record(rec).thetas
-    clean = predict_mitigated(model, rec.targets, thetas, sc.test.x, answers=rec.answers)
-    trig = predict_mitigated(model, rec.targets, thetas, sc.triggered["x"], answers=rec.answers)
+    clean = predict_mitigated(model, rec.targets, thetas, sc.test.x, routing=rec.routing)
+    trig = predict_mitigated(model, rec.targets, thetas, sc.triggered["x"], routing=rec.routing)
     base = predict_mitigated(model, [], None, sc.triggered["x"])
     t = sc.triggered
     after = compute_metrics(

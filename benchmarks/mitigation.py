@@ -20,11 +20,11 @@ import torch
 
 from bna_export.defend import fit_defence
 from bna_export.fit import fit_thetas
-from bna_export.fitfile import Mitigation
+from bna_export.fitfile import Mitigation, Routing
 from bna_export.lab.attacks import Trigger
 from bna_export.lab.scenario import build_scenario, digits
 from bna_export.metrics import compute_metrics
-from bna_export.mitigated import predict_mitigated
+from bna_export.mitigated import flag_drops, predict_mitigated
 from bna_export.model import adapt_module
 from bna_export.reverse import Problem, TriggerEstimate
 from bna_export.settings import Settings, with_overrides
@@ -102,13 +102,15 @@ def evaluate_one(
             settings.histogram, seed=settings.seed,
         )  # fmt: skip
         th, fam = res.thetas, f"oracle {est.family}"
+        drops = flag_drops(model, sc.defender, [target], [None], settings.fit.flag_drop)
+        routing = Routing((None,), drops)
     else:
         out = fit_defence(model, sc.defender, targets=[target], settings=settings)
-        th = Mitigation.from_record(out.record).thetas
+        th, routing = Mitigation.from_record(out.record).thetas, out.record.routing
         fam = out.record.families[target]
     seconds = time.perf_counter() - t0
-    pc = predict_mitigated(model, [target], th, sc.test.x)
-    pt = predict_mitigated(model, [target], th, sc.triggered["x"])
+    pc = predict_mitigated(model, [target], th, sc.test.x, routing=routing)
+    pt = predict_mitigated(model, [target], th, sc.triggered["x"], routing=routing)
     after = compute_metrics(
         pc.label,
         sc.test.y,

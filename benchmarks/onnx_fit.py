@@ -27,7 +27,7 @@ from bna_export.model import adapt_module, load_model
 
 def repaired(model, fit, triggered) -> tuple[float, float]:
     m = Mitigation.from_fit(fit)
-    pred = predict_mitigated(model, m.targets, m.thetas, triggered["x"], answers=m.answers)
+    pred = predict_mitigated(model, m.targets, m.thetas, triggered["x"], routing=m.routing)
     asr = float((pred.label == triggered["attack_label"]).mean())
     return asr, float((pred.label == triggered["y"]).mean())
 

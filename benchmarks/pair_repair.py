@@ -27,11 +27,12 @@ from bna_export.model import adapt_module
 from bna_export.settings import Settings, with_overrides
 
 
-def flag_rates(model, targets, thetas, x: np.ndarray, y: np.ndarray) -> tuple[list, float, float]:
+def flag_rates(m: Mitigation, model, x: np.ndarray, y: np.ndarray) -> tuple[list, float, float]:
     """Per target (share of its routed clean images flagged, how many), ACC of f and of the
     routed classifier."""
+    targets = m.targets
     base = predict_mitigated(model, [], None, x)
-    out = predict_mitigated(model, targets, thetas, x)
+    out = predict_mitigated(model, targets, m.thetas, x, routing=m.routing)
     rates = []
     for t in targets:
         routed = (y == t) & (base.label == t)
@@ -68,11 +69,11 @@ def main() -> None:
     print(f"{args.arch} {args.attack} seed {args.seed}, {' '.join(args.overrides) or 'defaults'}")
     print("| target | sources | flagged, defender | flagged, test |")
     print("|---|---|---|---|")
-    d_rates, _, d_acc = flag_rates(model, m.targets, m.thetas, sc.defender.x, sc.defender.y)
-    t_rates, acc0, acc = flag_rates(model, m.targets, m.thetas, sc.test.x, sc.test.y)
+    d_rates, _, d_acc = flag_rates(m, model, sc.defender.x, sc.defender.y)
+    t_rates, acc0, acc = flag_rates(m, model, sc.test.x, sc.test.y)
     for t, (dr, dn), (tr, tn) in zip(m.targets, d_rates, t_rates, strict=True):
         print(f"| {t} | {list(sources[t])} | {dr:.3f} (of {dn}) | {tr:.3f} (of {tn}) |")
-    trig = predict_mitigated(model, m.targets, m.thetas, sc.triggered["x"], answers=m.answers)
+    trig = predict_mitigated(model, m.targets, m.thetas, sc.triggered["x"], routing=m.routing)
     asr = float((trig.label == sc.triggered["attack_label"]).mean())
     sia = float((trig.label == sc.triggered["y"]).mean())
     print(

@@ -112,8 +112,8 @@ def run_row(arch: str, attack: str, seed: int, settings: Settings) -> dict:
             key = t in true_targets and not attack.endswith("-a2a")
             pooled[key] = max(pooled[key], score)
     m = Mitigation.from_record(rec)
-    pc = predict_mitigated(model, m.targets, m.thetas, sc.test.x, answers=m.answers)
-    pt = predict_mitigated(model, m.targets, m.thetas, trig["x"], answers=m.answers)
+    pc = predict_mitigated(model, m.targets, m.thetas, sc.test.x, routing=m.routing)
+    pt = predict_mitigated(model, m.targets, m.thetas, trig["x"], routing=m.routing)
     after = compute_metrics(
         pc.label,
         sc.test.y,

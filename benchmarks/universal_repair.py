@@ -32,8 +32,9 @@ import torch
 from panel import panel_scenario
 
 from bna_export.fit import fit_thetas
+from bna_export.fitfile import Routing
 from bna_export.lab.scenario import Scenario
-from bna_export.mitigated import predict_mitigated
+from bna_export.mitigated import flag_drops, predict_mitigated
 from bna_export.model import adapt_module
 from bna_export.problems import OWN, Problem, TriggerEstimate
 from bna_export.reverse import reverse_engineer, succeeds
@@ -62,8 +63,10 @@ def repair(model, sc: Scenario, k: int, triggers: list[TriggerEstimate], s: Sett
         seed=s.seed, keep={0: classes},
     )  # fmt: skip
     thetas = [t[[0] * k] for t in res.thetas]
-    pc = predict_mitigated(model, classes, thetas, sc.test.x)
-    pt = predict_mitigated(model, classes, thetas, sc.triggered["x"])
+    drops = flag_drops(model, sc.defender, classes, [None] * k, s.fit.flag_drop)
+    routing = Routing((None,) * k, drops)
+    pc = predict_mitigated(model, classes, thetas, sc.test.x, routing=routing)
+    pt = predict_mitigated(model, classes, thetas, sc.triggered["x"], routing=routing)
     acc, fpr = (pc.label == sc.test.y).mean(), pc.triggered.mean()
     asr = (pt.label == sc.triggered["attack_label"]).mean()
     sia = (pt.label == sc.triggered["y"]).mean()

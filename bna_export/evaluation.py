@@ -155,10 +155,10 @@ def evaluate_reference(
     results = {}
     for name, fit_targets, thetas in variants:
         mitigated = thetas is not None
-        answers = mitigation.answers if mitigation is not None and mitigated else None
-        pc = predict_mitigated(model, fit_targets, thetas, clean.x, batch, answers)
+        routing = mitigation.routing if mitigation is not None and mitigated else None
+        pc = predict_mitigated(model, fit_targets, thetas, clean.x, batch, routing)
         pt = (
-            predict_mitigated(model, fit_targets, thetas, triggered.x, batch, answers)
+            predict_mitigated(model, fit_targets, thetas, triggered.x, batch, routing)
             if triggered
             else None
         )

@@ -1,6 +1,7 @@
 """The PyTorch reference of the mitigated classifier (design step 3): f first, g_t on the samples
 f sends to a target t, flagged where g_t disagrees (or, for a target routed among its sources,
-where g_t prefers one of them to t); and every g_t's logits (the fit file's probes)."""
+where g_t prefers one of them to t) and, with a flag drop, lowers t's lead far enough; and every
+g_t's logits (the fit file's probes)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .data import Dataset
+from .fitfile import Routing
 from .norm import BnaModel
 
 
@@ -29,18 +32,19 @@ def predict_mitigated(
     thetas: Sequence[Tensor] | None,
     x: np.ndarray,
     batch: int = 256,
-    answers: Sequence[Sequence[int] | None] | None = None,
+    routing: Routing | None = None,
 ) -> Prediction:
     """The mitigated classifier (design step 3), in PyTorch: f first; samples that f sends to a
     target t run g_t; a sample whose g_t answer differs from t is flagged and answered by g_t.
-    ``answers``: per target, None (g_t's answer is its argmax) or the classes besides t that
-    g_t may answer (its argmax over t and those; its logits are the output's where flagged)."""
+    ``routing`` (:class:`~bna_export.fitfile.Routing`; None: the paper's rule): per target, the
+    classes g_t may answer (its argmax over t and those; its logits are the output's where
+    flagged), and how far t's lead over the best of them must fall from f to g_t for a flag."""
     labels, flags, logits = [], [], []
     dev = model.device
     lut = torch.full((max([*targets, 0]) + 1,), -1, dtype=torch.int64, device=dev)
     for ti, t in enumerate(targets):
         lut[t] = ti
-    chosen = answers is not None and any(a is not None for a in answers)
+    drops = torch.tensor(routing.drops if routing else [0.0] * len(targets), device=dev)
     allowed = None  # [T, K]: answer_mask, made at the first routed batch (K from its logits)
     thetas = None if thetas is None else [t.to(dev) for t in thetas]
     with torch.no_grad():
@@ -52,25 +56,62 @@ def predict_mitigated(
             routed = torch.nonzero(route >= 0).flatten()
             out, flag = lf.clone(), torch.zeros(len(y), dtype=torch.bool, device=dev)
             if targets and thetas is not None and routed.numel():
-                with model.mitigated(thetas, route[routed]):
+                j, t = route[routed], y[routed]
+                with model.mitigated(thetas, j):
                     lg = model(xb[routed])
-                pick = lg
-                if chosen:
-                    if allowed is None:
-                        allowed = answer_mask(targets, answers, lg.shape[1]).to(dev)
-                    pick = lg.masked_fill(~allowed[route[routed]], -np.inf)
-                y_g = pick.argmax(1)
-                changed = y_g != y[routed]
+                if allowed is None:
+                    answers = routing.answers if routing else [None] * len(targets)
+                    allowed = answer_mask(targets, answers, lg.shape[1]).to(dev)
+                y_g = lg.masked_fill(~allowed[j], -np.inf).argmax(1)
+                changed = y_g != t
+                drop = lead(lf[routed], t, allowed[j]) - lead(lg, t, allowed[j])
+                changed &= (drops[j] == 0) | (drop > drops[j])
                 flag[routed] = changed
                 out[routed[changed]] = lg[changed]
                 y = y.clone()
-                y[routed] = y_g
+                y[routed] = torch.where(changed, y_g, t)
             labels.append(y.cpu())
             flags.append(flag.cpu())
             logits.append(out.cpu())
     return Prediction(
         torch.cat(labels).numpy(), torch.cat(flags).numpy(), torch.cat(logits).numpy()
     )
+
+
+def lead(logits: Tensor, t: Tensor, allowed: Tensor) -> Tensor:
+    """[N]: each row's logit of its class t over the highest of its other ``allowed`` ([N, K]
+    bool) classes."""
+    others = allowed.clone()
+    others[torch.arange(len(t), device=t.device), t] = False
+    best = logits.masked_fill(~others, -np.inf).amax(1)
+    return logits.gather(1, t[:, None])[:, 0] - best
+
+
+def flag_drops(
+    model: BnaModel,
+    data: Dataset,
+    targets: Sequence[int],
+    answers: Sequence[Sequence[int] | None],
+    share: float,
+) -> tuple[float, ...]:
+    """Per target t, ``share`` times the median of t's lead (:func:`lead`, over t's answers) in
+    f's logits on the clean images of t that f answers t: how far g_t must lower it to flag an
+    image (:class:`~bna_export.fitfile.Routing`; 0 where ``share`` is 0 or no image is)."""
+    if share <= 0 or not targets:
+        return (0.0,) * len(targets)
+    out = []
+    with torch.no_grad():
+        for t, a in zip(targets, answers, strict=True):
+            xb = torch.from_numpy(data.x[data.y == t]).to(model.device)
+            lf = model(xb) if len(xb) else torch.zeros((0, 1))
+            keep = lf.argmax(1) == t
+            if not keep.any():
+                out.append(0.0)
+                continue
+            mask = answer_mask([t], [a], lf.shape[1]).to(lf.device).expand(int(keep.sum()), -1)
+            ts = torch.full((int(keep.sum()),), t, device=lf.device)
+            out.append(share * float(np.median(lead(lf[keep], ts, mask).cpu().numpy())))
+    return tuple(out)
 
 
 def answer_mask(

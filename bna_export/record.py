@@ -13,7 +13,7 @@ import torch
 from . import __version__, fitfile
 from .data import Dataset, class_rank
 from .estimates import ROUND
-from .mitigated import g_logits, predict_mitigated
+from .mitigated import flag_drops, g_logits, predict_mitigated
 from .norm import BnaModel
 from .reverse import TriggerEstimate, relative_size
 from .settings import Settings
@@ -154,6 +154,8 @@ def make_record(
     whose g_t answers only t or one of its sources)."""
     targets = list(sources)
     answers = fitfile.routed_answers(sources, source_routed)
+    drops = flag_drops(model, data, targets, answers, settings.fit.flag_drop)
+    routing = fitfile.Routing(tuple(answers), drops)
     triggers = tuple(
         fitfile.Trigger(
             index=j,
@@ -194,7 +196,7 @@ def make_record(
         )
         for i, la in enumerate(model.layers)
     )
-    pred = predict_mitigated(model, targets, thetas, probes, answers=answers)
+    pred = predict_mitigated(model, targets, thetas, probes, routing=routing)
     return fitfile.FitRecord(
         tool_version=__version__,
         mode=mode,
@@ -226,4 +228,5 @@ def make_record(
             model.sha256, model.audit, settings.fit.divergence, *map(np.asarray, divergence)
         ),
         source_routed=tuple(t for t in targets if t in source_routed),
+        flag_drops=drops,
     )

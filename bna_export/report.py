@@ -135,7 +135,10 @@ def fit_lines(rec: FitRecord, output: str, seconds: float) -> list[str]:
 def fit_summary(rec: FitRecord) -> dict[str, Any]:
     """The fit's part of ``fit --json``."""
     h = header_of(rec)
-    keys = ("mode", "attacked", "targets", "pairs", "sources", "source_routed", "families")
+    keys = (
+        "mode", "attacked", "targets", "pairs", "sources", "source_routed", "flag_drops",
+        "families",
+    )  # fmt: skip
     return {
         **{k: h[k] for k in keys},
         "detected_pairs": h["detection"]["detected_pairs"],
@@ -148,8 +151,8 @@ def summary(rec: FitRecord, path: str) -> dict[str, Any]:
     h = header_of(rec)
     keys = (
         "tool_version", "mode", "attacked", "targets", "pairs", "sources", "source_routed",
-        "families", "scores", "detection", "triggers", "settings", "layers", "n_classes",
-        "input_shape", "input_range",
+        "flag_drops", "families", "scores", "detection", "triggers", "settings", "layers",
+        "n_classes", "input_shape", "input_range",
     )  # fmt: skip
     return {
         "file": path,
@@ -252,9 +255,12 @@ def inspect_lines(rec: FitRecord, path: str) -> list[str]:
     det = rec.detection
     out = [f"{path}: made by bna-export {rec.tool_version} ({rec.mode} mode)"]
     out.append(f"attacked: {'yes' if rec.attacked else 'no'}; targets: {rec.targets}")
-    for t, src in rec.sources.items():
+    for t, src, drop in zip(rec.sources, rec.sources.values(), rec.routing.drops, strict=True):
         among = ", answered among them" if t in rec.source_routed else ""
-        out.append(f"  target {t} <- sources {list(src)} ({rec.families.get(t)} trigger{among})")
+        fell = f"; flagged where t's lead falls by more than {drop:.2f}" if drop > 0 else ""
+        out.append(
+            f"  target {t} <- sources {list(src)} ({rec.families.get(t)} trigger{among}{fell})"
+        )
     for h in score_histograms(rec.scores, det):
         out.append(
             f"anomaly scores, {h.family} family ({h.pairs} pairs; threshold {h.threshold:g}; "

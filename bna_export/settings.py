@@ -70,10 +70,8 @@ class ReverseSettings:
     (README, Detection). Per-target estimates keep α: a blend at the boundary is a weaker
     trigger to fit Θ on (DenseNet test model from ONNX: ASR 12-14 % instead of ≤ 10 %)."""
     blend_steps: int = 1000
-    """The most steps of a blend problem (rounded up to a success check); the sweep's is 150:
-    on six digits models (blend, SIG, chessboard, single pixel, patch, clean) its blend scores
-    at 150 steps were those at 300 within their spread, all far on the same side of the
-    threshold (README, Detection)."""
+    """The most steps of a blend problem (rounded up to a success check); the sweep's is 150: on
+    six digits models its blend scores were those at 300 within their spread (README, Detection)."""
     success: float = 0.95
     """A trigger succeeds when this share of the problem's images reaches the target."""
     confidence: float = 0.0
@@ -100,11 +98,9 @@ class ReverseSettings:
 
 
 SWEEP = ReverseSettings(steps=300, perturbation_step=0.04, blend_pixels=True, blend_steps=150)
-"""The pair sweep's solver (detection needs comparable sizes, not the best estimate): the
-per-target defaults but at most 300 steps per patch problem (on digits the sizes have converged
-by then; 1000 stops the same problems at 370-520 steps within 2%) and perturbation steps twice
-as long (half the steps, sizes to ±0.04). On the digits panel these detect the same pairs with
-the same margins (README, Detection)."""
+"""The pair sweep's solver (detection needs comparable sizes, not the best estimate): at most 300
+steps per patch problem (1000 stop at 370-520 steps within 2% on digits) and perturbation steps
+twice as long (sizes to ±0.04); the same pairs and margins on the digits panel (README)."""
 
 
 REFRESH = ReverseSettings(steps=100, min_steps=30, restarts=1)
@@ -187,6 +183,10 @@ class FitSettings:
     map_routing: bool = True
     """Their g_t answers t or its map source, whichever it prefers (design step 3 over those
     two classes), not any class: a clean t it doubts stays t (README, all-to-all routing)."""
+    flag_drop: float = 0.6
+    """g_t flags an image f answers t only when t's lead over the next class it may answer falls,
+    from f's logits to g_t's, by more than this share of f's median lead on the defender's
+    clean images of t (0: when its answer is not t, the paper's rule; README, flag drop)."""
     trigger_scales: tuple[float, ...] = (1.0, 2.0, 3.0)
     """Strengths at which each estimated trigger is embedded for q (mask, clipped to 1, or
     perturbation times the scale): a reverse-engineered trigger is the *smallest* that works,

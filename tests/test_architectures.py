@@ -56,8 +56,8 @@ def colour_data() -> tuple[np.ndarray, np.ndarray]:
 
 def metrics(model, fit, sc: Scenario) -> dict:
     m = Mitigation.from_fit(fit)
-    pc = predict_mitigated(model, m.targets, m.thetas, sc.test.x, answers=m.answers)
-    pt = predict_mitigated(model, m.targets, m.thetas, sc.triggered["x"], answers=m.answers)
+    pc = predict_mitigated(model, m.targets, m.thetas, sc.test.x, routing=m.routing)
+    pt = predict_mitigated(model, m.targets, m.thetas, sc.triggered["x"], routing=m.routing)
     t = sc.triggered
     return compute_metrics(
         pc.label, sc.test.y, pc.triggered, pt.label, t["y"], t["attack_label"], pt.triggered, [0]
@@ -91,7 +91,7 @@ def test_fit_build_evaluate_and_repair(poisoned):
     assert ref["acc"] >= acc0 - drop_max, (arch, acc0, ref)
     x = np.concatenate([sc.test.x[:48], sc.triggered["x"][:48]])
     m = Mitigation.from_fit(fit)
-    expect = predict_mitigated(model, m.targets, m.thetas, x, answers=m.answers)
+    expect = predict_mitigated(model, m.targets, m.thetas, x, routing=m.routing)
     for form in EXPORT_FORMS:
         path = export_onnx(sc.net, example, folder / f"{form}.onnx", form)
         assert audit_file(path).clean, (arch, form, audit_file(path).summary())

@@ -122,7 +122,7 @@ def a2o_detected(a2o_files, a2o_detected_file):
 def repaired(model, fit, triggered):
     """ASR and SIA of the mitigated model on triggered images."""
     m = Mitigation.from_fit(fit)
-    pred = predict_mitigated(model, m.targets, m.thetas, triggered["x"], answers=m.answers)
+    pred = predict_mitigated(model, m.targets, m.thetas, triggered["x"], routing=m.routing)
     return (pred.label == triggered["attack_label"]).mean(), (pred.label == triggered["y"]).mean()
 
 
@@ -218,7 +218,7 @@ def test_the_all_to_all_map_routes_among_its_sources_in_reference_and_graph(
     assert len(rec.source_routed) >= 6 and set(rec.source_routed) <= set(shared)
     m = Mitigation.from_fit(out.fit)
     x = np.concatenate([a2a_scenario.test.x, a2a_scenario.triggered["x"]])
-    ref = predict_mitigated(model, m.targets, m.thetas, x, answers=m.answers)
+    ref = predict_mitigated(model, m.targets, m.thetas, x, routing=m.routing)
     free = predict_mitigated(model, m.targets, m.thetas, x)
     with torch.no_grad():
         f_label = model(torch.from_numpy(x)).argmax(1).numpy()
@@ -248,7 +248,7 @@ def test_a_clean_model_gives_no_detection_and_an_unchanged_f(
     assert t["theta.0"].shape == (0, 4, 8) and t["probe.g_logits"].shape[0] == 0
     m = Mitigation.from_fit(artifact.decode(artifact.encode(out.fit)))
     x = clean_scenario.test.x[:64]
-    pred = predict_mitigated(model, m.targets, m.thetas, x, answers=m.answers)
+    pred = predict_mitigated(model, m.targets, m.thetas, x, routing=m.routing)
     with torch.no_grad():
         np.testing.assert_array_equal(pred.label, model(torch.from_numpy(x)).argmax(1).numpy())
     assert not pred.triggered.any()

@@ -23,7 +23,7 @@ from bna_export.export.locate import Located
 from bna_export.export.probe import ProbeRunner
 from bna_export.fitfile import Mitigation
 from bna_export.lab.zoo import SmallCNN, train_classifier
-from bna_export.mitigated import predict_mitigated
+from bna_export.mitigated import lead, predict_mitigated
 from bna_export.model import adapt_module
 from bna_export.settings import FitSettings, ReverseSettings, Settings
 
@@ -39,7 +39,7 @@ def patch_reference(patch_scenario, fitted):
 
 def reference(model, fit, x):
     m = Mitigation.from_fit(fit)
-    return predict_mitigated(model, m.targets, m.thetas, x, answers=m.answers)
+    return predict_mitigated(model, m.targets, m.thetas, x, routing=m.routing)
 
 
 def run(data: bytes, x: np.ndarray):
@@ -68,12 +68,12 @@ def test_a_target_routed_among_its_sources_matches_the_reference(
     fit = artifact.decode(artifact.encode(fit))
     fit.header["sources"]["0"], fit.header["source_routed"] = [1], [0]
     m = Mitigation.from_fit(fit)
-    assert m.answers == [(1,)]
-    ref = predict_mitigated(model, m.targets, m.thetas, x, answers=m.answers)
+    assert m.routing.answers == ((1,),)
+    ref = predict_mitigated(model, m.targets, m.thetas, x, routing=m.routing)
     free = predict_mitigated(model, m.targets, m.thetas, x)
     assert set(ref.label[ref.triggered]) == {1} and len(set(free.label[free.triggered])) > 1
     probes = fit.tensors["probe.x"]
-    p = predict_mitigated(model, m.targets, m.thetas, probes, answers=m.answers)
+    p = predict_mitigated(model, m.targets, m.thetas, probes, routing=m.routing)
     fit.tensors.update({"probe.label": p.label, "probe.triggered": p.triggered})
     fit.tensors["probe.logits"] = p.logits
     path = export_onnx(patch_scenario.net, torch.from_numpy(x[:2]), tmp_path / "f.onnx", "dynamo")
@@ -81,6 +81,40 @@ def test_a_target_routed_among_its_sources_matches_the_reference(
     assert_matches(built.data, ref, x)
     whole = build_graph(path, fit, whole_batch=True)
     assert_matches(whole.data, ref, x, sizes=(64,))
+
+
+def test_a_flag_drop_matches_the_reference_in_both_routings(
+    patch_reference, patch_scenario, tmp_path
+):
+    """A flag drop set between the falls of t's lead on the flagged rows: the rows whose lead
+    fell less keep label t unflagged, in the reference and in both graphs alike."""
+    model, fit, x = patch_reference
+    fit = artifact.decode(artifact.encode(fit))
+    m = Mitigation.from_fit(fit)
+    assert m.routing.drops[0] > 0  # the fit set one (fit.flag_drop)
+    fit.header["flag_drops"] = [0.0]
+    paper = Mitigation.from_fit(fit).routing
+    free = predict_mitigated(model, m.targets, m.thetas, x, routing=paper)
+    with torch.no_grad():
+        lf = model(torch.from_numpy(x))
+        with model.mitigated(m.thetas, torch.zeros(len(x), dtype=torch.int64)):
+            lg = model(torch.from_numpy(x))
+    t, every = torch.zeros(len(x), dtype=torch.int64), torch.ones((len(x), lf.shape[1]), dtype=bool)
+    fell = (lead(lf, t, every) - lead(lg, t, every)).numpy()
+    drop = float(np.median(fell[free.triggered]))
+    fit.header["flag_drops"] = [drop]
+    m = Mitigation.from_fit(fit)
+    ref = predict_mitigated(model, m.targets, m.thetas, x, routing=m.routing)
+    spared = free.triggered & ~ref.triggered
+    assert spared.any() and (ref.triggered <= free.triggered).all()
+    assert (ref.label[spared] == 0).all() and (fell[spared] <= drop).all()
+    probes = fit.tensors["probe.x"]
+    p = predict_mitigated(model, m.targets, m.thetas, probes, routing=m.routing)
+    fit.tensors.update({"probe.label": p.label, "probe.triggered": p.triggered})
+    fit.tensors["probe.logits"] = p.logits
+    path = export_onnx(patch_scenario.net, torch.from_numpy(x[:2]), tmp_path / "f.onnx", "dynamo")
+    assert_matches(build_graph(path, fit).data, ref, x)
+    assert_matches(build_graph(path, fit, whole_batch=True).data, ref, x, sizes=(64,))
 
 
 @pytest.mark.parametrize("form", list(EXPORT_FORMS))

@@ -51,6 +51,9 @@ def test_a_record_writes_back_the_bytes_it_was_read_from(a2o_detected_file, fitt
         (lambda h, t: h.update(n_classes=0), "n_classes is not a positive number"),
         (lambda h, t: h.update(source_routed=[9]), "source_routed names a class that is not a"),
         (lambda h, t: h.update(source_routed="0"), "source_routed is not a list"),
+        (lambda h, t: h.update(flag_drops=[1.0, 2.0]), "flag_drops is not one finite number"),
+        (lambda h, t: h.update(flag_drops=[-1.0]), "flag_drops is not one finite number"),
+        (lambda h, t: h.update(flag_drops=["1"]), r"flag_drops\[0\] is not a number"),
     ],
 )
 def test_a_malformed_fit_file_is_one_error_naming_the_field(fitted, change, message):
@@ -64,6 +67,8 @@ def test_a_fit_file_from_before_the_sweep_record_is_still_read(fitted):
     fit = artifact.decode(fitted[0].read_bytes())
     fit.header["detection"].pop("sweep")
     fit.header.pop("source_routed")  # and from before routing among sources: none routed so
+    fit.header.pop("flag_drops")  # and from before flag drops: the paper's rule
     rec = fitfile.read(artifact.decode(artifact.encode(fit)))
     assert rec.detection.sweep == {} and rec.targets == fitfile.load(fitted[0]).targets
     assert rec.source_routed == () and rec.answers == [None] * len(rec.targets)
+    assert rec.routing.drops == (0.0,) * len(rec.targets)

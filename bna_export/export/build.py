@@ -21,7 +21,7 @@ from .. import __version__
 from ..artifact import FitFile, encode
 from ..audit import Audit, audit_model, require_clean
 from ..errors import BnaError, FitFileError, ModelError
-from ..fitfile import FitRecord, read
+from ..fitfile import FitRecord, Routing, read
 from ..onnxfile import load_proto, model_sha256
 from ..runtime import run_built, session
 from .builder import Builder
@@ -70,12 +70,13 @@ def rewrite(
     repairs: tuple[Sequence[LayerStats], Sequence[np.ndarray], Sequence[int]],
     metadata: dict[str, str],
     whole_batch: bool = False,
-    answers: Sequence[Sequence[int] | None] | None = None,
+    routing: Routing | None = None,
     n_classes: int = 0,
 ) -> list[Applied]:
     """Turn ``model`` (f) into the built graph, in place; ``repairs``: each layer's statistics,
-    its Θ ([T, 4, C]) and the targets; ``answers``: per target, the classes g_t may answer
-    besides t (None: any), of ``n_classes``. Returns which rule rewrote each layer in each g_t.
+    its Θ ([T, 4, C]) and the targets; ``routing``: per target, the classes g_t may answer
+    besides t and its flag drop (None: any class, no drop), of ``n_classes`` classes. Returns
+    which rule rewrote each layer in each g_t.
 
     ``whole_batch`` runs every g_t on every sample and keeps the answers of the samples f
     sent to t: the same outputs at a higher cost (the naive graph, for benchmarks)."""
@@ -91,7 +92,8 @@ def rewrite(
     b = Builder(graph)
     stats, thetas, targets = repairs
     cut = find_cut(graph, located, probe)
-    plan = Repairs(cut, stats, thetas, targets, answers, n_classes)
+    answers, drops = (routing.answers, routing.drops) if routing else (None, None)
+    plan = Repairs(cut, stats, thetas, targets, answers, n_classes, drops)
     route = (RouteWholeBatch if whole_batch else RouteToRepairs)(b, plan)
     passes = ir.passes.Sequential(
         ReserveOutputNames(b), route, ContractOutputs(route.routed, metadata)
@@ -165,7 +167,7 @@ def build_graph(
         (_stats(rec), thetas, targets),
         metadata_for(__version__, targets, digest, model_sha256(model_path)),
         whole_batch,
-        rec.answers,
+        rec.routing,
         rec.n_classes,
     )
     if not found.clean:  # carried into the built graph: said there too

@@ -3,7 +3,8 @@
 For each target t: rows = NonZero(ArgMax(f) == t). An If runs g_t only when some row went to t.
 Its then-branch Gathers f's tensors at the cut (the boundary) for those rows, runs the clone of
 f from the cut on with Θ_t (:mod:`.clone`), flags a row where g_t's answer (its argmax; over t
-and S(t) only for a target routed among its sources) is not t, and
+and S(t) only for a target routed among its sources) is not t and, where the fit set a flag
+drop, t's lead over the next class fell by more than it from f's logits to g_t's, and
 ScatterNDs g_t's label, the flag, and g_t's logits where flagged, back into the batch's label,
 triggered and logits; the else-branch passes them on unchanged. Targets chain: each If reads
 the previous one's outputs.
@@ -67,7 +68,9 @@ class Repairs:
     answers: Sequence[Sequence[int] | None] | None = None
     """Per target, the classes g_t may answer besides t (None: any)."""
     n_classes: int = 0
-    """K, where ``answers`` restricts some g_t (0: read from f's logits' shape)."""
+    """K, where ``answers`` restricts some g_t or a drop is set (0: from f's logits' shape)."""
+    drops: Sequence[float] | None = None
+    """Per target, how far t's lead must fall from f to g_t for a flag (None or 0: no test)."""
 
 
 def clone_g(
@@ -82,7 +85,9 @@ def clone_g(
 ) -> tuple[ir.Value, ir.Value, ir.Value]:
     """g_t (target index ``j``, class ``t_const``) in ``bb``'s graph on the batch rows ``rows``
     (an [M] index) of the boundary tensors; returns g_t's logits, its label (its argmax, after
-    adding ``among``: :func:`answers_const`), and the flag (label ≠ t)."""
+    adding ``among``: :func:`answers_const`; t where not flagged), and the flag (label ≠ t
+    and, with a drop, t's lead over the next class it may answer fell by more than the drop
+    from f's logits to g_t's)."""
     cut = repairs.cut
     clone = Clone(bb, tag)
     for v in cut.boundary:
@@ -107,7 +112,53 @@ def clone_g(
     pick = g if among is None else bb.one("Add", [g, among], f"bna/{tag}/among")
     y_g = bb.one("ArgMax", [pick], f"bna/{tag}/label", axis=1, keepdims=0)
     kept = bb.one("Equal", [y_g, t_const], f"bna/{tag}/kept")
-    return g, y_g, bb.one("Not", [kept], f"bna/{tag}/flag")
+    drop = 0.0 if repairs.drops is None else float(repairs.drops[j])
+    flag = bb.one("Not", [kept], f"bna/{tag}/flag" if drop <= 0 else f"bna/{tag}/flag_answer")
+    if drop > 0:  # and t's lead fell by more than the drop from f to g_t
+        f_rows = bb.one("Gather", [routed.logits_f, rows], f"bna/{tag}/f_rows", axis=0)
+        others = _others_const(bb, repairs, j, routed.logits_f)
+        t_col = bb.const(f"bna/{tag}/target_col", np.array([repairs.targets[j]], np.int64))
+        lead_f = _lead(bb, f"{tag}/f", f_rows, t_col, others)
+        fell = bb.one("Sub", [lead_f, _lead(bb, f"{tag}/g", g, t_col, others)], f"bna/{tag}/fell")
+        limit = bb.const(f"bna/{tag}/drop", np.array(drop, np.float32))
+        far = bb.one("Greater", [fell, limit], f"bna/{tag}/fell_far")
+        flat = bb.const(f"bna/{tag}/flat", np.array([-1], np.int64))
+        far = bb.one("Reshape", [far, flat], f"bna/{tag}/fell_far_rows")
+        flag = bb.one("And", [flag, far], f"bna/{tag}/flag")
+        y_g = bb.one("Where", [flag, y_g, t_const], f"bna/{tag}/answer")
+    return g, y_g, flag
+
+
+def _lead(bb: Builder, tag: str, logits: ir.Value, t_col: ir.Value, others: ir.Value) -> ir.Value:
+    """[M, 1]: each row's logit of t over the highest of the other classes it may answer."""
+    own = bb.one("Gather", [logits, t_col], f"bna/{tag}/own", axis=1)
+    rest = bb.one("Add", [logits, others], f"bna/{tag}/others")
+    at = bb.one("ArgMax", [rest], f"bna/{tag}/next", axis=1, keepdims=1)
+    best = bb.one("GatherElements", [logits, at], f"bna/{tag}/best", axis=1)
+    return bb.one("Sub", [own, best], f"bna/{tag}/lead")
+
+
+def _others_const(b: Builder, repairs: Repairs, j: int, logits_f: ir.Value) -> ir.Value:
+    """[1, K]: 0 at the classes g_t may answer other than t, float32's lowest at t and at the
+    classes it may not answer."""
+    t = int(repairs.targets[j])
+    allowed = None if repairs.answers is None else repairs.answers[j]
+    low = np.zeros((1, _classes(repairs, logits_f)), np.float32)
+    if allowed is not None:
+        low[:] = np.finfo(np.float32).min
+        low[0, list(allowed)] = 0.0
+    low[0, t] = np.finfo(np.float32).min
+    return b.const(f"bna/g{t}/others", low)
+
+
+def _classes(repairs: Repairs, logits_f: ir.Value) -> int:
+    """K: the repairs' class count, else the second dimension of f's logits."""
+    k, shape = repairs.n_classes, logits_f.shape
+    if not k and shape is not None and len(shape) == 2 and isinstance(shape[1], int):
+        k = shape[1]
+    if not k:
+        raise ModelError("the logits have no fixed class count: cannot route among sources")
+    return k
 
 
 def answers_const(b: Builder, repairs: Repairs, j: int, logits_f: ir.Value) -> ir.Value | None:
@@ -116,12 +167,7 @@ def answers_const(b: Builder, repairs: Repairs, j: int, logits_f: ir.Value) -> i
     allowed = None if repairs.answers is None else repairs.answers[j]
     if allowed is None:
         return None
-    k, shape = repairs.n_classes, logits_f.shape
-    if not k and shape is not None and len(shape) == 2 and isinstance(shape[1], int):
-        k = shape[1]
-    if not k:
-        raise ModelError("the logits have no fixed class count: cannot route among sources")
-    low = np.full((1, k), np.finfo(np.float32).min, np.float32)
+    low = np.full((1, _classes(repairs, logits_f)), np.finfo(np.float32).min, np.float32)
     low[0, [int(repairs.targets[j]), *allowed]] = 0.0
     return b.const(f"bna/g{repairs.targets[j]}/answers", low)
 

@@ -13,6 +13,7 @@ from .records import (
     Layer,
     PairScore,
     Probes,
+    Routing,
     Trigger,
     routed_answers,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "Mitigation",
     "PairScore",
     "Probes",
+    "Routing",
     "Trigger",
     "header_of",
     "load",

@@ -39,6 +39,7 @@ from .records import (
     PairScore,
     Probes,
     Trigger,
+    check_routing,
 )
 
 # --- writing -----------------------------------------------------------------------------
@@ -108,6 +109,7 @@ def header_of(rec: FitRecord) -> dict[str, Any]:
         "targets": targets,
         "sources": {str(t): list(s) for t, s in rec.sources.items()},
         "source_routed": list(rec.source_routed),
+        "flag_drops": [float(d) for d in rec.flag_drops],
         "pairs": [list(p) for p in rec.pairs],
         "families": {str(t): f for t, f in rec.families.items()},
         "scores": {f: [_score_json(p) for p in v] for f, v in rec.scores.items()},
@@ -359,9 +361,9 @@ def read(fit: FitFile) -> FitRecord:
             probes,
             read_evidence(h, t, len(targets), len(layers)),
             read_list(h.get("source_routed", []), "source_routed", read_int),
+            read_list(h.get("flag_drops", []), "flag_drops", read_float),
         )
-        if not set(rec.source_routed) <= set(targets):
-            raise fail("source_routed names a class that is not a target")
+        check_routing(rec)
     except ValueError as exc:  # e.g. input_range of the wrong length
         raise fail(str(exc)) from exc
     _check_classes(rec)

@@ -12,7 +12,7 @@ from ..artifact import FitFile
 from ..errors import ModelError
 from ..norm import BnaModel
 from .layout import read
-from .records import FitRecord, Layer
+from .records import FitRecord, Layer, Routing
 
 
 @dataclass
@@ -26,8 +26,8 @@ class Mitigation:
     input_range: tuple[float, float]
     layers: tuple[Layer, ...] = ()
     model_format: str = "torch"
-    answers: list[tuple[int, ...] | None] | None = None
-    """Per target, the classes g_t may answer besides t (None: any; FitRecord.answers)."""
+    routing: Routing | None = None
+    """How g_t's answers become the routed ones (None: the paper's rule; FitRecord.routing)."""
 
     @classmethod
     def from_record(cls, rec: FitRecord) -> Mitigation:
@@ -39,7 +39,7 @@ class Mitigation:
             rec.input_range,
             rec.layers,
             rec.model_format,
-            rec.answers,
+            rec.routing,
         )
 
     @classmethod

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..audit import Audit
+from .fields import fail
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,8 @@ class FitRecord:
     source_routed: tuple[int, ...] = ()
     """Targets whose g_t answers only t or one of S(t) (an all-to-all map's): design step 3
     with g_t's argmax taken over those classes."""
+    flag_drops: tuple[float, ...] = ()
+    """Per target, :attr:`Routing.drops` (empty in fit files written before it: all 0)."""
 
     @property
     def targets(self) -> list[int]:
@@ -177,6 +180,12 @@ class FitRecord:
     def answers(self) -> list[tuple[int, ...] | None]:
         """Per target, the classes g_t may answer besides t (None: any)."""
         return routed_answers(self.sources, self.source_routed)
+
+    @property
+    def routing(self) -> Routing:
+        """How the routed answers follow from f's and every g_t's logits."""
+        drops = self.flag_drops or (0.0,) * len(self.sources)
+        return Routing(tuple(self.answers), tuple(drops))
 
     @property
     def attacked(self) -> bool:
@@ -192,3 +201,24 @@ def routed_answers(
 ) -> list[tuple[int, ...] | None]:
     """Per target of ``sources``, its sources where it is routed among them, else None (any)."""
     return [tuple(sources[t]) if t in source_routed else None for t in sources]
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How g_t's answers become the routed ones (design step 3), per target of a fit: an image
+    f answers t is flagged when g_t's answer among ``answers`` is not t and t's lead over the
+    best other of those classes fell by more than ``drops`` from f's logits to g_t's."""
+
+    answers: tuple[tuple[int, ...] | None, ...]
+    """The classes g_t may answer besides t (None: any)."""
+    drops: tuple[float, ...]
+    """The fall of t's lead that a flag needs (0: none, the paper's rule; ``fit.flag_drop``)."""
+
+
+def check_routing(rec: FitRecord) -> None:
+    """The routing fields name targets, and every drop is a finite number ≥ 0, one a target."""
+    if not set(rec.source_routed) <= set(rec.sources):
+        raise fail("source_routed names a class that is not a target")
+    drops = rec.flag_drops
+    if drops and (len(drops) != len(rec.sources) or not all(0 <= d < np.inf for d in drops)):
+        raise fail("flag_drops is not one finite number >= 0 per target")
