@@ -94,23 +94,23 @@ def flag_drops(
     answers: Sequence[Sequence[int] | None],
     share: float,
 ) -> tuple[float, ...]:
-    """Per target t, ``share`` times the median of t's lead (:func:`lead`, over t's answers) in
-    f's logits on the clean images of t that f answers t: how far g_t must lower it to flag an
-    image (:class:`~bna_export.fitfile.Routing`; 0 where ``share`` is 0 or no image is)."""
-    if share <= 0 or not targets:
-        return (0.0,) * len(targets)
+    """Per target t, ``share`` times the median of t's lead (:func:`lead`) in f's logits on the
+    clean images of t that f answers t: how far g_t must lower it to flag an image
+    (:class:`~bna_export.fitfile.Routing`). 0 where ``share`` is 0, no image is, or ``answers``
+    restricts g_t to t's sources: there g_t must prefer one source already, and t's lead over
+    it alone is f's lead over an unrelated class, too large a drop (README, flag drop)."""
     out = []
     with torch.no_grad():
         for t, a in zip(targets, answers, strict=True):
             xb = torch.from_numpy(data.x[data.y == t]).to(model.device)
-            lf = model(xb) if len(xb) else torch.zeros((0, 1))
+            lf = model(xb) if share > 0 and a is None and len(xb) else torch.zeros((0, 1))
             keep = lf.argmax(1) == t
             if not keep.any():
                 out.append(0.0)
                 continue
-            mask = answer_mask([t], [a], lf.shape[1]).to(lf.device).expand(int(keep.sum()), -1)
+            every = torch.ones((int(keep.sum()), lf.shape[1]), dtype=torch.bool, device=lf.device)
             ts = torch.full((int(keep.sum()),), t, device=lf.device)
-            out.append(share * float(np.median(lead(lf[keep], ts, mask).cpu().numpy())))
+            out.append(share * float(np.median(lead(lf[keep], ts, every).cpu().numpy())))
     return tuple(out)
 
 
