@@ -100,17 +100,17 @@ def flag_drops(
     restricts g_t to t's sources: there g_t must prefer one source already, and t's lead over
     it alone is f's lead over an unrelated class, too large a drop (README, flag drop)."""
     out = []
-    with torch.no_grad():
-        for t, a in zip(targets, answers, strict=True):
-            xb = torch.from_numpy(data.x[data.y == t]).to(model.device)
-            lf = model(xb) if share > 0 and a is None and len(xb) else torch.zeros((0, 1))
-            keep = lf.argmax(1) == t
-            if not keep.any():
-                out.append(0.0)
-                continue
-            every = torch.ones((int(keep.sum()), lf.shape[1]), dtype=torch.bool, device=lf.device)
-            ts = torch.full((int(keep.sum()),), t, device=lf.device)
-            out.append(share * float(np.median(lead(lf[keep], ts, every).cpu().numpy())))
+    for t, a in zip(targets, answers, strict=True):
+        x = data.x[data.y == t]
+        if share <= 0 or a is not None or not len(x):
+            out.append(0.0)
+            continue
+        with torch.no_grad():
+            lf = model(torch.from_numpy(x).to(model.device))
+        lf = lf[lf.argmax(1) == t]
+        ts = torch.full((len(lf),), t, device=lf.device)
+        every = torch.ones(lf.shape, dtype=torch.bool, device=lf.device)
+        out.append(share * float(np.median(lead(lf, ts, every).cpu().numpy())) if len(lf) else 0.0)
     return tuple(out)
 
 

@@ -139,16 +139,18 @@ def _lead(bb: Builder, tag: str, logits: ir.Value, t_col: ir.Value, others: ir.V
 
 
 def _others_const(b: Builder, repairs: Repairs, j: int, logits_f: ir.Value) -> ir.Value:
-    """[1, K]: 0 at the classes g_t may answer other than t, float32's lowest at t and at the
-    classes it may not answer."""
-    t = int(repairs.targets[j])
+    """[1, K]: 0 at the classes g_t may answer other than t, float32's lowest elsewhere."""
+    t, k = int(repairs.targets[j]), _classes(repairs, logits_f)
     allowed = None if repairs.answers is None else repairs.answers[j]
-    low = np.zeros((1, _classes(repairs, logits_f)), np.float32)
-    if allowed is not None:
-        low[:] = np.finfo(np.float32).min
-        low[0, list(allowed)] = 0.0
-    low[0, t] = np.finfo(np.float32).min
-    return b.const(f"bna/g{t}/others", low)
+    others = [c for c in (range(k) if allowed is None else allowed) if c != t]
+    return _open_at(b, f"bna/g{t}/others", k, others)
+
+
+def _open_at(b: Builder, name: str, k: int, classes: Sequence[int]) -> ir.Value:
+    """[1, K]: 0 at ``classes``, float32's lowest elsewhere (added to logits before a max)."""
+    low = np.full((1, k), np.finfo(np.float32).min, np.float32)
+    low[0, list(classes)] = 0.0
+    return b.const(name, low)
 
 
 def _classes(repairs: Repairs, logits_f: ir.Value) -> int:
@@ -167,9 +169,8 @@ def answers_const(b: Builder, repairs: Repairs, j: int, logits_f: ir.Value) -> i
     allowed = None if repairs.answers is None else repairs.answers[j]
     if allowed is None:
         return None
-    low = np.full((1, _classes(repairs, logits_f)), np.finfo(np.float32).min, np.float32)
-    low[0, [int(repairs.targets[j]), *allowed]] = 0.0
-    return b.const(f"bna/g{repairs.targets[j]}/answers", low)
+    t = int(repairs.targets[j])
+    return _open_at(b, f"bna/g{t}/answers", _classes(repairs, logits_f), [t, *allowed])
 
 
 def start_routing(b: Builder, model: ir.Model, repairs: Repairs, r: Routed) -> dict:
