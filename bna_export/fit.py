@@ -198,7 +198,10 @@ def _step_loss(
     """The loss of one step: Σ D(p || q) over every layer, target and channel on the source
     images ``images`` (T, B) each shown as its variant ``shown`` (T, B) under its target's Θ,
     plus the cross-entropy terms of the settings (``keep_pairs`` (T, B'): each target's (clean
-    image, keep variant) pairs for the keep-t term)."""
+    image, keep variant) pairs for the keep-t term). Each cross-entropy term is the sum over
+    targets of its mean over the target's images, as the divergence is a sum over targets: a
+    mean over every target's images together would weaken each target's terms against its
+    divergence by the number of targets fitted with it (README, *Θ fit*, one target's fit)."""
     s, model, dev = st.settings, st.model, st.x_all.device
     n_t, b = images.shape
     sel = torch.from_numpy(images.reshape(-1)).to(dev)
@@ -209,7 +212,7 @@ def _step_loss(
     loss = _q_divergence(cap, st.table, n_t, s, st.hist, st.gen)
     if s.source_ce_weight > 0:
         ce = torch.nn.functional.cross_entropy(logits, st.y_all[sel])
-        loss = loss + s.source_ce_weight * ce
+        loss = loss + s.source_ce_weight * n_t * ce
     if s.target_ce_weight > 0:
         tb = keep_pairs.shape[1]
         which = torch.from_numpy(keep_pairs.reshape(-1))
@@ -217,12 +220,43 @@ def _step_loss(
             model, thetas, st.x_all, variants, st.tgt, which, tb, st.rng, s
         )
         ce = torch.nn.functional.cross_entropy(logits_t, st.y_all[kept], reduction="none")
-        loss = loss + (st.keep.weight.repeat_interleave(tb) * ce).mean()
+        loss = loss + n_t * (st.keep.weight.repeat_interleave(tb) * ce).mean()
     if s.clean_ce_weight > 0:
         with model.mitigated(thetas, route):
             ce = torch.nn.functional.cross_entropy(model(st.x_all[sel]), st.y_all[sel])
-        loss = loss + s.clean_ce_weight * ce
+        loss = loss + s.clean_ce_weight * n_t * ce
     return loss
+
+
+def _start(
+    model: BnaModel,
+    data: Dataset,
+    sources: dict[int, Sequence[int]],
+    settings: FitSettings,
+    hist: HistogramSettings,
+    keep: dict[int, Sequence[int]] | None,
+    targets: list[int],
+    seed: int,
+) -> tuple[_Step, _Parameters]:
+    """What one group's steps read (the clean statistics, the keep-t term's images and weight,
+    the random sources) and its parameters at f."""
+    dev = model.device
+    gen = torch.Generator().manual_seed(seed)
+    clean = clean_statistics(model, data, [sources[t] for t in targets], settings, hist, gen)
+    kept = [list(keep[t]) if keep and t in keep else [t] for t in targets]
+    st = _Step(
+        model,
+        settings,
+        hist,
+        clean.table,
+        torch.from_numpy(data.x).to(dev),
+        torch.from_numpy(data.y).to(dev),
+        [data.of_classes(k) for k in kept],
+        KeepWeight(model, data, kept, settings, *keep_budgets(settings, targets, sources, keep)),
+        np.random.default_rng(seed),
+        gen,
+    )
+    return st, _Parameters(model, clean, len(targets), settings)
 
 
 def _fit_group(
@@ -242,27 +276,11 @@ def _fit_group(
     """One group of targets fitted in one batch: the clean statistics, the start of the
     parameters, then per epoch the draws of every step and Adam on :func:`_step_loss`."""
     n_t, dev = len(targets), model.device
-    rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
-    clean = clean_statistics(model, data, [sources[t] for t in targets], settings, hist, gen)
-    params = _Parameters(model, clean, n_t, settings)
+    st, params = _start(model, data, sources, settings, hist, keep, targets, seed)
+    rng, tgt = st.rng, st.tgt
     opt = torch.optim.Adam(params.learned, lr=settings.lr)
     mine = {t: list(triggers[t]) for t in targets}
     variants = Variants(targets, mine, settings, input_range).to(dev)
-    kept = [list(keep[t]) if keep and t in keep else [t] for t in targets]
-    tgt = [data.of_classes(k) for k in kept]
-    st = _Step(
-        model,
-        settings,
-        hist,
-        clean.table,
-        torch.from_numpy(data.x).to(dev),
-        torch.from_numpy(data.y).to(dev),
-        tgt,
-        KeepWeight(model, data, kept, settings, *keep_budgets(settings, targets, sources, keep)),
-        rng,
-        gen,
-    )
     src = [data.of_classes(list(sources[t])) for t in targets]
     b = settings.batch_size
     steps_per_epoch = max(1, -(-max(len(s) for s in src) // b))

@@ -2,10 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from bna_export.fit import fit_thetas
+from bna_export.fit import _start, _step_loss, fit_thetas
 from bna_export.mitigated import g_logits, predict_mitigated
 from bna_export.reverse import Problem, reverse_engineer
-from bna_export.settings import FitSettings
+from bna_export.settings import FitSettings, HistogramSettings
+from bna_export.variants import Variants
 
 SRC = [1, 2, 3, 4]
 
@@ -25,6 +26,27 @@ def test_divergence_only_fit_lowers_the_paper_objective(setup, patch_scenario):
     assert res.history[-1] < 0.9 * res.history[0]
     assert [tuple(t.shape) for t in res.thetas] == [(1, 4, 8), (1, 4, 16), (1, 4, 64)]
     assert (res.thetas[0][:, 1] > 0).all() and (res.thetas[0][:, 2] <= res.thetas[0][:, 3]).all()
+
+
+def test_a_targets_terms_do_not_depend_on_the_targets_fitted_with_it(setup, patch_scenario):
+    """One step's loss with a target fitted twice over (two identical blocks) is twice its loss
+    alone: each cross-entropy term counts per target, as the divergence does, so a target's
+    balance between them does not change with the number of targets detected beside it."""
+    model, ests = setup
+    data = patch_scenario.defender
+    settings = FitSettings(samples_per_channel=10**9, jitter=0, clean_ce_weight=0.5)
+    losses = []
+    for targets in ([0], [0, 0]):
+        st, params = _start(model, data, {0: SRC}, settings, HistogramSettings(), None, targets, 0)
+        variants = Variants(targets, {0: ests}, settings, (0.0, 1.0))
+        images = np.tile(data.of_classes(SRC)[:8], (len(targets), 1))
+        shown = np.tile(np.resize(variants.triggered[0], 8), (len(targets), 1))
+        keep_pairs = np.tile(np.arange(len(variants.keep[0]) * 2), (len(targets), 1))
+        with torch.no_grad():
+            loss = _step_loss(st, params.thetas(), variants, images, shown, keep_pairs)
+        losses.append(float(loss))
+    assert losses[0] > 0
+    assert losses[1] == pytest.approx(2 * losses[0], rel=1e-5)
 
 
 def test_fit_is_seeded(setup, patch_scenario):
