@@ -19,7 +19,8 @@ also keeps every pair's trigger size per family and the pooled sizes, for rescor
 
 Run in parts: ``python benchmarks/panel.py --arch cnn --attacks patch,blend --seeds 0,1 --out
 out/panel`` writes one JSON per row into ``out/panel``; ``python benchmarks/panel.py
---assemble out/panel`` prints the table of every row there (the README's table).
+--assemble out/panel`` prints the table of every row there (the README's table);
+``--assemble newer,older`` takes each row from the first folder that holds it.
 """
 
 from __future__ import annotations
@@ -213,11 +214,18 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--out", help="folder to write one JSON per row into")
-    ap.add_argument("--assemble", help="print the table of every row JSON in this folder")
+    ap.add_argument(
+        "--assemble",
+        help="print the table of every row JSON in these folders (comma-separated; a row that "
+        "several hold is taken from the first listed)",
+    )
     args = ap.parse_args()
     if args.assemble:
-        rows = [json.loads(p.read_text()) for p in sorted(Path(args.assemble).glob("*.json"))]
-        print(table(rows))
+        rows: dict[str, dict] = {}
+        for folder in args.assemble.split(","):
+            for p in sorted(Path(folder).glob("*.json")):
+                rows.setdefault(p.name, json.loads(p.read_text()))
+        print(table([rows[name] for name in sorted(rows)]))
         return
     torch.set_num_threads(2)
     settings = with_overrides(Settings(), args.overrides)
