@@ -28,6 +28,7 @@ from .estimates import ROUND, Job, StageProgress, find_backdoors, refresher
 from .families import FAMILIES
 from .fit import fit_thetas
 from .layer_divergence import layer_divergence
+from .natural import natural_targets, target_alignments
 from .norm import BnaModel
 from .record import make_record
 from .reverse import TriggerEstimate, choose_family, succeeds
@@ -134,6 +135,9 @@ def fit_defence(
             estimates += job.per_target({t: sources[t] for t in sorted(changed)}, known)
     if not shard.primary:
         return None
+    if sweep is not None:
+        sources = _natural_check(model, data, sweep, sources, estimates, (lo, hi), settings)
+        estimates = [e for e in estimates if e.problem.target in sources]
     tlist = list(sources)
     chosen: dict[int, list[TriggerEstimate]] = {}
     for t in tlist:
@@ -304,3 +308,31 @@ def _intrinsic_check(
             dropped=tuple(s for s in srcs if s not in out[t]),
         )
     return out
+
+
+def _natural_check(
+    model: BnaModel,
+    data: Dataset,
+    sweep: SweepResult,
+    sources: dict[int, list[int]],
+    estimates: Sequence[TriggerEstimate],
+    input_range: tuple[float, float],
+    settings: Settings,
+) -> dict[int, list[int]]:
+    """Drop the all-to-one targets that only the pooled or vote rule found (several sources
+    left after the intrinsic check, not the all-to-all rule's) whose triggers move the features
+    toward the target's own (:mod:`bna_export.natural`): natural hubs, not backdoors."""
+    det = sweep.detection
+    a2a = {t for _, t in det.all_to_all}
+    checked = [
+        t
+        for t in sources
+        if t in det.all_to_one and t not in det.column and t not in a2a and len(sources[t]) > 1
+    ]
+    if not checked:
+        return sources
+    mine = [e for e in estimates if e.problem.target in checked]
+    sweep.natural = target_alignments(model, data, mine, input_range, settings.reverse.success)
+    dropped = natural_targets(sweep.natural, settings.detect.natural_alignment)
+    sweep.natural_dropped = tuple(dropped)
+    return {t: v for t, v in sources.items() if t not in dropped}

@@ -21,26 +21,24 @@ weighted median. Equal weights give ``np.median`` exactly.
 Effect floor: the pair, column and vote rules also need the trigger to be ``min_effect`` times
 smaller than its source's typical one (:func:`effects`): a score is relative to the spread.
 
-All-to-one rule: an all-to-one backdoor makes the trigger of *every* source to t small, each
-perhaps only a little, which a pair-by-pair test misses. The median over sources of a target's
-pair statistics, scored by MAD across targets with the same threshold, catches it; such a target
-is detected with every source (the intrinsic-backdoor check then prunes).
+All-to-one (column) rule: an all-to-one backdoor makes *every* source's trigger to t small,
+perhaps each only a little; the median over sources of a target's pair statistics, scored by MAD
+across targets, catches it, and t is detected with every source (the intrinsic-backdoor check
+then prunes; the natural-feature check, :mod:`bna_export.natural`, tests the pooled and vote
+rules' targets).
 
 Pooled rule (Neural Cleanse's own test): per target, one trigger on the pooled images of every
-other class; 1 / its size, scored by MAD across targets with the same threshold. A natural pair
-can be as easy as a backdoor pair (a few pixels turn a 1 into a 7), but turning *every* class
-into t is not, unless t is an all-to-one target; such a target is detected with every source
-when it is an outlier in at least two families: one family alone can draw a naturally easy
-class cheaply (patch strokes that make any digit an 8), while a backdoor trigger is small in
-more than one family (README, Detection).
+other class, 1 / its size scored by MAD across targets. Turning *every* class into t is not
+easy unless t is an all-to-one target; t is detected with every source when it is an outlier
+in two families: one family alone can draw a naturally easy class cheaply (patch strokes make
+any digit an 8), while a backdoor trigger is small in more than one (README, Detection).
 
 All-to-all rule: an all-to-all backdoor gives every source one target of its own, each pair
-perhaps only a little anomalous. Each source's best pair (its largest score on the large side,
-over the families) is taken when it reaches a share of the threshold, one source per target
-(the best-scoring: a backdoor maps each source to its own target); the pairs are detected when
-at least a share of the sources keep one. A clean model's best pairs are few above that bar and
-crowd onto a few easy targets; an all-to-one attack's all share one target. Exhaustive sweeps
-only; the sweep adds the map rule's pairs (:mod:`bna_export.universal`), which need no pair.
+perhaps only a little anomalous. Each source's best pair (its largest large-side score over
+the families) is taken from a share of the threshold, one source per target (the best-scoring:
+a backdoor maps each source to its own target); the pairs are detected when a share keep one.
+A clean model's best pairs are few and crowd onto easy targets; an all-to-one attack's share
+one. Exhaustive sweeps only; the sweep adds the map rule's pairs (:mod:`bna_export.universal`).
 """
 
 from __future__ import annotations
@@ -200,8 +198,8 @@ class Detection:
     pooled_scores: dict[str, np.ndarray] = field(default_factory=dict)
     all_to_all: list[tuple[int, int]] = field(default_factory=list)
     """The pairs the all-to-all rule found (empty when it did not fire)."""
-    effects: dict[str, np.ndarray] = field(default_factory=dict)
-    """Per family the [K] target effects (:func:`effects`)."""
+    effects: dict[str, np.ndarray] = field(default_factory=dict)  # per family (:func:`effects`)
+    column: list[int] = field(default_factory=list)  # all_to_one's targets the column rule found
 
     @property
     def targets(self) -> list[int]:
@@ -236,9 +234,8 @@ def target_statistics(stats: np.ndarray, weights: np.ndarray | None = None) -> n
 def effects(
     sizes: Mapping[str, np.ndarray], weights: Mapping[str, np.ndarray] | None = None
 ) -> dict[str, np.ndarray]:
-    """Per family the [K] target effects: how many times smaller a target's triggers are than
-    their sources' typical one (median over sources of row median / size; NaN: none solved),
-    as :func:`detect_pairs` computes them for its effect floor (README, Detection)."""
+    """Per family the [K] target effects (median over sources of row median / size; NaN: none
+    solved), as :func:`detect_pairs` computes them for its effect floor (README, Detection)."""
     out = {}
     for fam, z in sizes.items():
         w = None if weights is None else weights[fam]
@@ -322,6 +319,7 @@ def detect_pairs(
     the family that finds the pair or target (one of those that vote for it).
     """
     stats, scores, tscores, best, a2o, pscores, eff, paired = {}, {}, {}, {}, {}, {}, {}, {}
+    column: set[int] = set()
     for fam, z in sizes.items():
         w = None if weights is None else weights[fam]
         st = pair_statistics(z, normalise, w)
@@ -339,6 +337,7 @@ def detect_pairs(
         if target_rule:
             big = outliers(ts, tscores[fam], threshold, "large") & (eff[fam] >= min_effect)
             for t in np.flatnonzero(big).tolist():
+                column.add(t)
                 if t not in a2o or tscores[fam][t] > tscores[a2o[t]][t]:
                     a2o[t] = fam
     votes: dict[int, list[tuple[float, str]]] = {}
@@ -365,7 +364,8 @@ def detect_pairs(
         for pair, fam in a2a.items():
             best.setdefault(pair, fam)
     a2o = dict(sorted(a2o.items()))
-    return Detection(stats, scores, tscores, sorted(best), best, a2o, pscores, sorted(a2a), eff)
+    found = (sorted(best), best, a2o, pscores, sorted(a2a), eff, sorted(column))
+    return Detection(stats, scores, tscores, *found)
 
 
 def all_to_all_pairs(

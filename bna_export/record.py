@@ -121,6 +121,8 @@ def _detection(settings: Settings, sweep: SweepResult | None) -> fitfile.Detecti
         pooled_sizes={} if sweep is None else _finite(sweep.pooled),
         intrinsic={} if sweep is None else dict(sweep.intrinsic),
         all_to_all=() if det is None else tuple(det.all_to_all),
+        natural={} if sweep is None else dict(sweep.natural),
+        natural_dropped=() if sweep is None else tuple(sweep.natural_dropped),
         sweep={}
         if sweep is None
         else {

@@ -118,6 +118,8 @@ def fit_lines(rec: FitRecord, output: str, seconds: float) -> list[str]:
                     f"{_size(info.pooled_size)} vs per-pair up to "
                     f"{max(info.pair_sizes.values()):.2f}: intrinsic, not a backdoor)"
                 )
+        for t in det.natural_dropped:
+            out.append(f"  target {t}: dropped (a natural hub: its triggers look like t inside)")
     if not rec.targets:
         out.append(f"the model is served unchanged; fit file -> {output} ({seconds:.1f}s)")
         return out
@@ -141,8 +143,8 @@ def fit_summary(rec: FitRecord) -> dict[str, Any]:
     )  # fmt: skip
     return {
         **{k: h[k] for k in keys},
-        "detected_pairs": h["detection"]["detected_pairs"],
-        "intrinsic": h["detection"]["intrinsic"],
+        **{k: h["detection"][k] for k in ("detected_pairs", "intrinsic", "natural")},
+        "natural_dropped": h["detection"]["natural_dropped"],
     }
 
 
@@ -251,7 +253,7 @@ def family_votes(
 
 def inspect_lines(rec: FitRecord, path: str) -> list[str]:
     """What ``inspect`` prints: the verdict, score histograms, detected pairs, the pooled rule's
-    best targets, the intrinsic check, triggers, layers and settings."""
+    best targets, the intrinsic and natural-feature checks, triggers, layers and settings."""
     det = rec.detection
     out = [f"{path}: made by bna-export {rec.tool_version} ({rec.mode} mode)"]
     out.append(f"attacked: {'yes' if rec.attacked else 'no'}; targets: {rec.targets}")
@@ -312,6 +314,10 @@ def inspect_lines(rec: FitRecord, path: str) -> list[str]:
             f"{_size(info.pooled_size)} vs per-pair up to {largest:.2f}"
             + (f"; dropped sources {list(info.dropped)}" if info.dropped else "; all kept")
         )
+    for t, a in det.natural.items():
+        shown = ", ".join(f"{f} {v:.2f}" for f, v in a.items()) or "no trigger succeeded"
+        verdict = "dropped: a natural hub" if t in det.natural_dropped else "kept"
+        out.append(f"natural-feature check, target {t}: feature alignment {shown}; {verdict}")
     out.append("triggers:")
     out.append(f"  {'target':>6} {'family':<12} {'size':>8} {'rel.':>7} {'success':>8} used")
     for tr in rec.triggers:

@@ -252,9 +252,8 @@ class DetectSettings:
     screen_above: int = 15
     """Up to this many classes the sweep solves every ordered pair (K·(K−1) problems per
     family); above, it screens first (bna_export/sweep.py): about K·(1 + m + r) + k·(K − 1),
-    0.7× every pair at K = 10, 0.5× at 15, 0.08× at 100. At K = 10 the screen missed the small
-    digits ResNet's all-to-one target (columns of a few pairs cannot tell a backdoor from how
-    unevenly easy digits are to reach: 6.3, every pair 9.2) and 2 of 10 all-to-all pairs."""
+    0.7× every pair at K = 10, 0.08× at 100. At K = 10 the screen missed the small digits
+    ResNet's all-to-one target and 2 of 4 all-to-all pairs (README, a sweep that scales)."""
     screen_candidates: int = 2
     """m: targets per source from its untargeted screen (the classes its way out reaches most)."""
     screen_references: int = 3
@@ -264,10 +263,13 @@ class DetectSettings:
     screen_targets: int = 1
     """k: the targets that are candidates of the most sources, all of whose pairs are solved
     (all-to-one suspects), besides any that half the sources name."""
+    natural_alignment: float = 0.3
+    """The natural-feature check drops a pooled or vote rule's target when every estimate of its
+    trigger that succeeds moves the features this much toward t's own (bna_export/natural.py;
+    above 1: off; README, Detection)."""
     intrinsic_ratio: float = 2.0
-    """Intrinsic-backdoor check: a target's detected sources are not one backdoor when the
-    trigger on their pooled images is more than this many times the largest per-pair trigger
-    (paper's example: 27.18 pooled vs 3.02 and 7.95 per pair)."""
+    """Intrinsic-backdoor check: a target's sources are not one backdoor when the trigger on
+    their pooled images is over this many times the largest per-pair one (paper: 27.18 vs 7.95)."""
 
 
 @dataclass(frozen=True)
@@ -296,15 +298,13 @@ class Settings:
     is an outlier in any of them (README, Detection)."""
     family_rule: Literal["smallest", "successful"] = "successful"
     """With trigger_type 'both': fit on every family whose trigger succeeds ('successful'), or
-    only on the family with the smallest relative successful trigger ('smallest'). Two
-    families are more diverse estimates of an unknown trigger: digits, known target, seed 0,
-    ASR chessboard 52% → 21%, pixel 19% → 16%, patch 5.8% → 4.1%, at twice the Θ-fit time."""
+    only on the family with the smallest relative successful trigger ('smallest'): digits,
+    known target, seed 0, ASR chessboard 52% → 21%, pixel 19% → 16%, at twice the Θ-fit time."""
     seed: int = 0
     """Seed of every random choice (sampling, initialisation)."""
     channels_last: bool = True
-    """Run f's convolutions channels-last when f allows it (checked on the clean images: the
-    same logits to 1e-4): oneDNN's fast path, 1.2-1.5x faster passes of the conv nets here on
-    2 CPU cores; results change by float rounding only."""
+    """Run f's convolutions channels-last when f allows it (the same logits to 1e-4 on the clean
+    images): oneDNN's fast path, 1.2-1.5x faster on 2 CPU cores; float rounding changes only."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

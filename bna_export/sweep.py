@@ -88,6 +88,9 @@ class SweepResult:
     problem_steps: int = 0
     intrinsic: dict[int, Intrinsic] = field(default_factory=dict)
     """Filled by the intrinsic-backdoor check (:mod:`bna_export.defend`), per target."""
+    natural: dict[int, dict[str, float]] = field(default_factory=dict)
+    natural_dropped: tuple[int, ...] = ()
+    """Filled by the natural-feature check (:mod:`bna_export.defend`): alignments, drops."""
     maps: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per family the universal trigger's size and class map (:mod:`bna_export.universal`;
     empty without ``detect.map_rule``)."""

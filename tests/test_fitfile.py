@@ -54,6 +54,10 @@ def test_a_record_writes_back_the_bytes_it_was_read_from(a2o_detected_file, fitt
         (lambda h, t: h.update(flag_drops=[1.0, 2.0]), "flag_drops is not one finite number"),
         (lambda h, t: h.update(flag_drops=[-1.0]), "flag_drops is not one finite number"),
         (lambda h, t: h.update(flag_drops=["1"]), r"flag_drops\[0\] is not a number"),
+        (lambda h, t: h["detection"].update(natural={"9": {"blend": 0.5}}), "class 9, outside"),
+        (lambda h, t: h["detection"].update(natural={"0": {"blend": "x"}}), "natural.0 is not a"),
+        (lambda h, t: h["detection"].update(natural={"0": [0.5]}), "natural.0 is not a"),
+        (lambda h, t: h["detection"].update(natural_dropped=["1"]), r"dropped\[0\] is not an"),
     ],
 )
 def test_a_malformed_fit_file_is_one_error_naming_the_field(fitted, change, message):
@@ -68,7 +72,10 @@ def test_a_fit_file_from_before_the_sweep_record_is_still_read(fitted):
     fit.header["detection"].pop("sweep")
     fit.header.pop("source_routed")  # and from before routing among sources: none routed so
     fit.header.pop("flag_drops")  # and from before flag drops: the paper's rule
+    fit.header["detection"].pop("natural")  # and from before the natural-feature check
+    fit.header["detection"].pop("natural_dropped")
     rec = fitfile.read(artifact.decode(artifact.encode(fit)))
     assert rec.detection.sweep == {} and rec.targets == fitfile.load(fitted[0]).targets
     assert rec.source_routed == () and rec.answers == [None] * len(rec.targets)
     assert rec.routing.drops == (0.0,) * len(rec.targets)
+    assert rec.detection.natural == {} and rec.detection.natural_dropped == ()

@@ -13,16 +13,11 @@ import numpy as np
 from .. import artifact
 from ..artifact import FitFile
 from ..errors import FitFileError
+from .detection import detection_header, read_detection, read_score, score_header
 from .evidence import evidence_header, evidence_tensors, read_evidence
 from .fields import (
-    class_key,
     fail,
     get,
-    opt_bool,
-    opt_float,
-    opt_int,
-    pair,
-    pair_key,
     read_bool,
     read_dict,
     read_float,
@@ -32,65 +27,14 @@ from .fields import (
     tensor,
 )
 from .records import (
-    Detection,
     FitRecord,
-    Intrinsic,
     Layer,
-    PairScore,
     Probes,
     Trigger,
     check_routing,
 )
 
 # --- writing -----------------------------------------------------------------------------
-
-
-def _finite(values: Any) -> list[float | None]:
-    return [None if v is None or not np.isfinite(v) else float(v) for v in values]
-
-
-def _score_json(p: PairScore) -> dict[str, Any]:
-    out = {
-        "source": p.source,
-        "target": p.target,
-        "size": p.size,
-        "statistic": p.statistic,
-        "score": p.score,
-        "detected": p.detected,
-    }
-    if p.weight is not None:
-        out["weight"] = p.weight
-    return out
-
-
-def _detection_json(d: Detection) -> dict[str, Any]:
-    return {
-        "rule": d.rule,
-        "normalise": d.normalise,
-        "consistency": d.consistency,
-        "threshold": d.threshold,
-        "side": d.side,
-        "scores_computed": d.scores_computed,
-        "pair_families": {f"{s}:{t}": f for (s, t), f in sorted(d.pair_families.items())},
-        "detected_pairs": [list(p) for p in d.detected_pairs],
-        "all_to_one": {str(t): f for t, f in d.all_to_one.items()},
-        "target_scores": {f: _finite(v) for f, v in d.target_scores.items()},
-        "pooled_scores": {f: _finite(v) for f, v in d.pooled_scores.items()},
-        "pooled_sizes": {f: _finite(v) for f, v in d.pooled_sizes.items()},
-        "intrinsic": {
-            str(t): {
-                "family": i.family,
-                "pooled_size": i.pooled_size,
-                "pair_sizes": {str(s): z for s, z in i.pair_sizes.items()},
-                "ratios": dict(i.ratios),
-                "kept": list(i.kept),
-                "dropped": list(i.dropped),
-            }
-            for t, i in d.intrinsic.items()
-        },
-        "sweep": dict(d.sweep),
-        "all_to_all": [list(p) for p in d.all_to_all],
-    }
 
 
 def header_of(rec: FitRecord) -> dict[str, Any]:
@@ -112,8 +56,8 @@ def header_of(rec: FitRecord) -> dict[str, Any]:
         "flag_drops": [float(d) for d in rec.flag_drops],
         "pairs": [list(p) for p in rec.pairs],
         "families": {str(t): f for t, f in rec.families.items()},
-        "scores": {f: [_score_json(p) for p in v] for f, v in rec.scores.items()},
-        "detection": _detection_json(rec.detection),
+        "scores": {f: [score_header(p) for p in v] for f, v in rec.scores.items()},
+        "detection": detection_header(rec.detection),
         "triggers": [
             {
                 "index": tr.index,
@@ -183,73 +127,6 @@ def to_fit(rec: FitRecord) -> FitFile:
 
 
 # --- reading -----------------------------------------------------------------------------
-
-
-def _score(v: Any, what: str) -> PairScore:
-    d = read_dict(v, what)
-    return PairScore(
-        opt_int(get(d, "source", what), f"{what}.source"),
-        read_int(get(d, "target", what), f"{what}.target"),
-        read_float(get(d, "size", what), f"{what}.size"),
-        read_float(get(d, "statistic", what), f"{what}.statistic"),
-        opt_float(get(d, "score", what), f"{what}.score"),
-        opt_bool(get(d, "detected", what), f"{what}.detected"),
-        opt_float(d.get("weight"), f"{what}.weight"),
-    )
-
-
-def _intrinsic(v: Any, what: str) -> Intrinsic:
-    d = read_dict(v, what)
-    sizes = read_dict(get(d, "pair_sizes", what), f"{what}.pair_sizes")
-    ratios = read_dict(get(d, "ratios", what), f"{what}.ratios")
-    return Intrinsic(
-        read_str(get(d, "family", what), f"{what}.family"),
-        opt_float(get(d, "pooled_size", what), f"{what}.pooled_size"),
-        {class_key(s, what): read_float(z, f"{what}.pair_sizes") for s, z in sizes.items()},
-        {read_str(f, what): opt_float(r, f"{what}.ratios") for f, r in ratios.items()},
-        read_list(get(d, "kept", what), f"{what}.kept", read_int),
-        read_list(get(d, "dropped", what), f"{what}.dropped", read_int),
-    )
-
-
-def _per_family(v: Any, what: str) -> dict[str, tuple[float | None, ...]]:
-    return {f: read_list(x, f"{what}.{f}", opt_float) for f, x in read_dict(v, what).items()}
-
-
-def _threshold(v: Any) -> float:
-    t = read_float(v, "detection.threshold")
-    if not 0 < t < float("inf"):
-        raise fail("detection.threshold is not a positive number")
-    return t
-
-
-def _detection(v: Any) -> Detection:
-    w = "detection"
-    d = read_dict(v, w)
-    families = read_dict(get(d, "pair_families", w), "detection.pair_families")
-    return Detection(
-        read_str(get(d, "rule", w), "detection.rule"),
-        read_str(get(d, "normalise", w), "detection.normalise"),
-        read_float(get(d, "consistency", w), "detection.consistency"),
-        _threshold(get(d, "threshold", w)),
-        read_str(get(d, "side", w), "detection.side"),
-        read_bool(get(d, "scores_computed", w), "detection.scores_computed"),
-        {pair_key(k, w): read_str(f, "detection.pair_families") for k, f in families.items()},
-        read_list(get(d, "detected_pairs", w), "detection.detected_pairs", pair),
-        {
-            class_key(t, w): read_str(f, "detection.all_to_one")
-            for t, f in read_dict(get(d, "all_to_one", w), "detection.all_to_one").items()
-        },
-        _per_family(get(d, "target_scores", w), "detection.target_scores"),
-        _per_family(d.get("pooled_scores", {}), "detection.pooled_scores"),
-        _per_family(d.get("pooled_sizes", {}), "detection.pooled_sizes"),
-        {
-            class_key(t, w): _intrinsic(i, f"detection.intrinsic.{t}")
-            for t, i in read_dict(get(d, "intrinsic", w), "detection.intrinsic").items()
-        },
-        read_dict(d.get("sweep", {}), "detection.sweep"),
-        read_list(d.get("all_to_all", []), "detection.all_to_all", pair),
-    )
 
 
 def _trigger(v: Any, what: str, tensors: Mapping[str, np.ndarray]) -> Trigger:
@@ -345,10 +222,10 @@ def read(fit: FitFile) -> FitRecord:
             sources,
             {c: read_str(raw_families.get(str(c), ""), "families") for c in targets},
             {
-                f: read_list(v, f"scores.{f}", _score)
+                f: read_list(v, f"scores.{f}", read_score)
                 for f, v in read_dict(get(h, "scores", "header"), "scores").items()
             },
-            _detection(get(h, "detection", "header")),
+            read_detection(get(h, "detection", "header")),
             read_list(get(h, "triggers", "header"), "triggers", lambda v, w: _trigger(v, w, t)),
             tuple(
                 _layer(v, i, len(targets), None if probes is None else len(probes.x), t)
@@ -381,6 +258,8 @@ def _check_classes(rec: FitRecord) -> None:
             *(c for p in (*d.pair_families, *d.detected_pairs, *d.all_to_all) for c in p),
             *d.all_to_one,
             *d.intrinsic,
+            *d.natural,
+            *d.natural_dropped,
             *(c for i in d.intrinsic.values() for c in (*i.pair_sizes, *i.kept, *i.dropped)),
         ],
         "triggers": [c for tr in rec.triggers for c in (tr.target, *tr.sources)],

@@ -100,6 +100,11 @@ class Detection:
     """``exhaustive``, ``problems``, ``problem_steps`` and ``screen`` (what the screen found)."""
     all_to_all: tuple[tuple[int, int], ...] = ()
     """The pairs the all-to-all rule found (empty in fit files written before it)."""
+    natural: dict[int, dict[str, float]] = field(default_factory=dict)
+    """The natural-feature check (:mod:`bna_export.natural`): per all-to-one target it checked,
+    each family's alignment (empty in fit files written before it)."""
+    natural_dropped: tuple[int, ...] = ()
+    """The targets it dropped as natural hubs, not backdoors."""
 
 
 @dataclass(frozen=True)
