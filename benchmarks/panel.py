@@ -142,6 +142,9 @@ def run_row(arch: str, attack: str, seed: int, settings: Settings) -> dict:
         "acc_before": before["acc"],
         "asr_before": before["asr"],
         "families": {str(t): f for t, f in rec.families.items()},
+        # the natural-feature check: each checked target's alignments, and the targets it dropped
+        "natural": {str(t): a for t, a in rec.detection.natural.items()},
+        "natural_dropped": list(rec.detection.natural_dropped),
         "seconds": seconds,
         "load": os.getloadavg()[0],
         **after,
