@@ -9,7 +9,7 @@ than usual; its trigger sizes, effects and votes can look like a weak all-to-one
 but the first, an image's feature vector is its channels' spatial means; for each source image
 x of class s and a trigger T, the shift φ(T(x)) − φ(x) is compared (cosine) with the natural
 direction μ_t − μ_s between the class means of the defender's clean images. A hub's trigger
-moves the features toward t's (cosine 0.4–0.6 on the digits ResNets' hubs); a backdoor's fires
+moves the features toward t's (0.38–0.58 on the digits ResNets' hubs); a backdoor's fires
 features of its own and moves them across or against that direction (at most 0.24 over the
 panel's all-to-one backdoors). The first BN layer is left out: its channel means are an affine
 map of the input's few channel means, so they say only whether the trigger adds ink.
@@ -21,7 +21,7 @@ keeps the target.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -35,13 +35,17 @@ CHUNK = 256
 """Images per forward pass."""
 
 
-def layer_features(model: BnaModel, x: Tensor) -> list[Tensor]:
-    """Every BN layer's output but the first, as per-image channel means: [N, C_l] each."""
+def layer_features(
+    model: BnaModel, x: Tensor, embed: Callable[[Tensor], Tensor] | None = None
+) -> list[Tensor]:
+    """Every BN layer's output but the first, as per-image channel means: [N, C_l] each, of
+    the images x (``embed``: with it applied to each chunk of them on the model's device)."""
     parts: list[list[Tensor]] = [[] for _ in model.layers[1:]]
     with torch.no_grad():
         for xb in torch.split(x, CHUNK):
+            xb = xb.to(model.device)
             with model.capturing() as cap:
-                model(xb.to(model.device))
+                model(xb if embed is None else embed(xb))
             for out, got in zip(parts, cap[1:], strict=True):
                 z = got[0].float()
                 out.append(z.mean(dim=tuple(range(2, z.dim()))) if z.dim() > 2 else z)
@@ -64,17 +68,23 @@ def alignment(
     estimate: TriggerEstimate,
     means: Sequence[Tensor],
     input_range: tuple[float, float],
+    features: Sequence[Tensor] | None = None,
 ) -> float:
     """Mean over layers of the mean over the estimate's source images of cos(φ(T(x)) − φ(x),
-    μ_t − μ_y) (module docstring); NaN for a model with fewer than two BN layers."""
+    μ_t − μ_y) (module docstring); NaN for a model with fewer than two BN layers.
+    ``features``: :func:`layer_features` of every image of ``data``, when already computed."""
     if len(means) == 0:
         return float("nan")
     t = estimate.problem.target
     keep = np.isin(data.y, estimate.problem.sources)
     x = torch.from_numpy(data.x[keep])
     y = torch.from_numpy(data.y[keep]).to(means[0].device)
-    clean = layer_features(model, x)
-    moved = layer_features(model, estimate.apply(x.to(model.device), *input_range).cpu())
+    if features is None:
+        clean = layer_features(model, x)
+    else:
+        rows = torch.from_numpy(np.flatnonzero(keep)).to(means[0].device)
+        clean = [f[rows] for f in features]
+    moved = layer_features(model, x, lambda xb: estimate.apply(xb, *input_range))
     per_layer = [
         torch.nn.functional.cosine_similarity(m - c, mu[t][None] - mu[y], dim=1).mean()
         for c, m, mu in zip(clean, moved, means, strict=True)
@@ -107,13 +117,14 @@ def target_alignments(
     with none is left out, a target with none maps to {})."""
     n_classes = int(data.y.max()) + 1
     y = torch.from_numpy(data.y).to(model.device)
-    means = class_means(layer_features(model, torch.from_numpy(data.x)), y, n_classes)
+    features = layer_features(model, torch.from_numpy(data.x))
+    means = class_means(features, y, n_classes)
     out: dict[int, dict[str, float]] = {}
     for e in estimates:
         mine = out.setdefault(e.problem.target, {})
         if not succeeds(e, success):
             continue
-        a = alignment(model, data, e, means, input_range)
+        a = alignment(model, data, e, means, input_range, features)
         if np.isfinite(a):
             mine[e.family] = min(a, mine.get(e.family, np.inf))
     return out

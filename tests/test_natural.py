@@ -106,3 +106,10 @@ def test_the_fit_drops_a_pooled_or_vote_target_only_when_every_trigger_looks_nat
     )
     kept, sweep = check([natural], column=[0])  # the column rule's targets are not checked
     assert kept == {0: list(SRC)} and sweep.natural == {}
+
+
+def test_features_computed_once_give_the_same_alignment(setup):
+    model, backdoor, data, means = setup
+    every = layer_features(model, torch.from_numpy(data.x))
+    alone = alignment(model, data, backdoor, means, (0.0, 1.0))
+    assert alignment(model, data, backdoor, means, (0.0, 1.0), every) == pytest.approx(alone)
