@@ -1,11 +1,17 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
+from bna_export import artifact, fitfile
 from bna_export.errors import BadInputError
 from bna_export.fitfile import Detection, PairScore
 from bna_export.report import (
     detected_pairs,
     family_votes,
+    fit_lines,
+    fit_summary,
+    inspect_lines,
     plot_scores,
     score_histograms,
     signed_scores,
@@ -86,3 +92,24 @@ def test_family_votes_count_each_source_s_smallest_trigger():
     screened = [PairScore(0, 1, 1.0, 1.0, 0.0, False, 2.0)]
     assert family_votes({"patch": screened}, "patch") is None  # a screen's weighted pairs
     assert family_votes(entries, "blend") is None
+
+
+def test_the_natural_feature_check_is_shown_and_kept_in_the_fit_file(a2o_detected_file):
+    rec = fitfile.load(a2o_detected_file[0])
+    det = dataclasses.replace(
+        rec.detection, natural={3: {"patch": 0.61, "blend": 0.58}, 5: {}}, natural_dropped=(3,)
+    )
+    rec = fitfile.read(artifact.decode(artifact.encode(fitfile.to_fit(
+        dataclasses.replace(rec, detection=det)
+    ))))  # fmt: skip
+    assert rec.detection.natural == {3: {"patch": 0.61, "blend": 0.58}, 5: {}}
+    assert "  target 3: dropped (a natural hub: its triggers look like t inside)" in fit_lines(
+        rec, "x.bna", 1.0
+    )
+    shown = inspect_lines(rec, "x.bna")
+    assert (
+        "natural-feature check, target 3: feature alignment blend 0.58, patch 0.61; "
+        "dropped: a natural hub" in shown
+    )
+    assert "natural-feature check, target 5: feature alignment no trigger succeeded; kept" in shown
+    assert fit_summary(rec)["natural_dropped"] == [3]
