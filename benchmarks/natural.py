@@ -24,14 +24,7 @@ from panel import ATTACKS, TARGET, panel_scenario
 from bna_export.distributed import Shard
 from bna_export.estimates import Job
 from bna_export.model import adapt_module
-from bna_export.natural import (
-    alignment,
-    class_means,
-    layer_features,
-    natural_targets,
-    own_look,
-    target_alignments,
-)
+from bna_export.natural import natural_targets, own_look, target_alignments
 from bna_export.settings import Settings
 
 
@@ -43,15 +36,12 @@ def row(arch: str, attack: str, seed: int, targets: list[int], settings: Setting
     estimates = job.per_target({t: [c for c in range(k) if c != t] for t in targets}, {})
     got = target_alignments(model, sc.defender, estimates, (0.0, 1.0), settings.reverse.success)
     natural = natural_targets(got, settings.detect.natural_alignment)
-    x, y = torch.from_numpy(sc.defender.x), torch.from_numpy(sc.defender.y)
-    means = class_means(layer_features(model, x), y, k)
+    # the reference: t's own look (its mean clean image) as the trigger, through the same path
+    looks = [own_look(sc.defender, t, [c for c in range(k) if c != t]) for t in targets]
     own = {
-        t: alignment(
-            model, sc.defender, own_look(sc.defender, t, [c for c in range(k) if c != t]),
-            means, (0.0, 1.0),
-        )
-        for t in targets
-    }  # fmt: skip
+        t: a["blend"]
+        for t, a in target_alignments(model, sc.defender, looks, (0.0, 1.0), 0.0).items()
+    }
     return [
         {
             "arch": arch,
