@@ -164,7 +164,39 @@ def _detection(rec: FitRecord, draw: bool) -> str:
         else "<p>No pair detected.</p>"
     )
     plot = _png(scores_png(rec), "anomaly-score histograms") if draw else ""
-    return how + plot + table + _whole(rec) + _all_to_all(rec)
+    return how + plot + table + _whole(rec) + _all_to_all(rec) + _checks(rec)
+
+
+def _checks(rec: FitRecord) -> str:
+    """The two checks that can take a finding back: the intrinsic-backdoor check (sources
+    that are no one backdoor) and the natural-feature check (a clean model's natural hub)."""
+    det = rec.detection
+    rows: list[list[Any]] = []
+    for t, info in sorted(det.intrinsic.items()):
+        largest = max(info.pair_sizes.values(), default=None)
+        pooled = "not solved" if info.pooled_size is None else f"{info.pooled_size:.3g}"
+        biggest = "-" if largest is None else f"{largest:.3g}"
+        rows.append([
+            "intrinsic", t, f"pooled {info.family} trigger {pooled} vs per-pair up to {biggest}",
+            f"dropped sources {', '.join(map(str, info.dropped))}" if info.dropped else "kept",
+        ])  # fmt: skip
+    for t, a in sorted(det.natural.items()):
+        shown = ", ".join(f"{f} {v:.2f}" for f, v in a.items()) or "no trigger succeeded"
+        rows.append([
+            "natural feature", t, f"feature alignment {shown}",
+            "dropped: a natural hub" if t in det.natural_dropped else "kept",
+        ])  # fmt: skip
+    if not rows:
+        return ""
+    return (
+        "<p>Checks of the targets found: the <em>intrinsic</em> check drops sources whose "
+        "pooled trigger is far larger than their own pairs' (no one trigger moves them: "
+        "<code>detect.intrinsic_ratio</code>); the <em>natural-feature</em> check drops a "
+        "target whose every trigger estimate moves the model's features toward the target's "
+        "own (its alignment reaches <code>detect.natural_alignment</code>: a class that is "
+        "easy to reach on a clean model, not a backdoor).</p>"
+        + _table(["check", "target", "measure", "result"], rows)
+    )
 
 
 def _all_to_all(rec: FitRecord) -> str:

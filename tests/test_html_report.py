@@ -5,6 +5,7 @@ fit and the planted graph backdoor's fit), checked as text and rendered in headl
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ from click.testing import CliRunner
 from PIL import Image
 from tiny_models import export_onnx
 
-from bna_export import artifact, fitfile
+from bna_export import artifact, fitfile, html_report
 from bna_export.lab.graph_backdoors import plant
 from bna_export.onnxfile import model_sha256
 
@@ -248,3 +249,39 @@ def test_a_fit_file_the_pictures_cannot_use_is_one_line(fitted, tmp_path, change
     assert res.exit_code == 2 and not out.exists(), res.output
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "fit file" in lines[0], res.stderr
+
+
+def test_the_checks_that_take_findings_back_are_in_the_report(a2o_detected_file):
+    """The intrinsic and natural-feature checks' measures and verdicts are on the page, as
+    `inspect` prints them."""
+    rec = fitfile.load(a2o_detected_file[0])
+    det = dataclasses.replace(
+        rec.detection,
+        natural={3: {"patch": 0.61, "blend": 0.58}, 5: {}},
+        natural_dropped=(3,),
+        intrinsic={
+            4: fitfile.Intrinsic("blend", 2.5, {0: 0.3, 1: 0.5}, {}, (0,), (1,)),
+            6: fitfile.Intrinsic("patch", None, {2: 0.2}, {}, (2,), ()),
+        },
+    )
+    html = html_report.render(
+        dataclasses.replace(rec, detection=det), "x.bna", "0" * 64, None, False
+    )
+    rows = re.findall(r"<tr><td>(intrinsic|natural feature)</td><td>(\d+)</td><td>([^<]*)</td>"
+                      r"<td>([^<]*)</td></tr>", html)  # fmt: skip
+    assert rows == [
+        ("intrinsic", "4", "pooled blend trigger 2.5 vs per-pair up to 0.5", "dropped sources 1"),
+        ("intrinsic", "6", "pooled patch trigger not solved vs per-pair up to 0.2", "kept"),
+        (
+            "natural feature",
+            "3",
+            "feature alignment patch 0.61, blend 0.58",
+            "dropped: a natural hub",
+        ),
+        ("natural feature", "5", "feature alignment no trigger succeeded", "kept"),
+    ]
+    plain = dataclasses.replace(rec.detection, natural={}, natural_dropped=(), intrinsic={})
+    html = html_report.render(
+        dataclasses.replace(rec, detection=plain), "x.bna", "0" * 64, None, False
+    )
+    assert "<td>natural feature</td>" not in html and "<td>intrinsic</td>" not in html
