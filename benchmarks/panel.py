@@ -56,8 +56,9 @@ def truth_of(attack: str) -> set[tuple[int, int]]:
     return {(s, TARGET) for s in range(10) if s != TARGET}
 
 
-def panel_scenario(arch: str, attack: str, seed: int) -> Scenario:
-    """The row's poisoned (or clean) model, its defender's data and its test sets."""
+def panel_scenario(arch: str, attack: str, seed: int, target: int = TARGET) -> Scenario:
+    """The row's poisoned (or clean) model, its defender's data and its test sets (``target``:
+    the all-to-one target, the panel's 7 unless another is asked for)."""
     x, y = digits()
     kind, a2a = attack.removesuffix("-a2a"), attack.endswith("-a2a")
     return build_scenario(
@@ -65,7 +66,7 @@ def panel_scenario(arch: str, attack: str, seed: int) -> Scenario:
         y,
         attack=None if attack == "clean" else kind,
         setting="a2a" if a2a else "a2o",
-        target=TARGET,
+        target=target,
         seed=seed,
         epochs=8 if a2a else 4,
         poison_rate=0.2 if a2a else 0.1,

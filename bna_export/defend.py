@@ -329,7 +329,7 @@ def _natural_check(
         for t in sources
         if t in det.all_to_one and t not in det.column and t not in a2a and len(sources[t]) > 1
     ]
-    if not checked:
+    if not checked or settings.detect.natural_alignment > 1:  # a cosine never reaches it: off
         return sources
     mine = [e for e in estimates if e.problem.target in checked]
     sweep.natural = target_alignments(model, data, mine, input_range, settings.reverse.success)

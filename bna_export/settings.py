@@ -263,10 +263,10 @@ class DetectSettings:
     screen_targets: int = 1
     """k: the targets that are candidates of the most sources, all of whose pairs are solved
     (all-to-one suspects), besides any that half the sources name."""
-    natural_alignment: float = 0.3
+    natural_alignment: float = 2.0
     """The natural-feature check drops a pooled or vote rule's target when every estimate of its
     trigger that succeeds moves the features this much toward t's own (bna_export/natural.py;
-    above 1: off; README, Detection)."""
+    above 1, the default: off; README, Detection: at 0.3 it drops backdoors to other targets)."""
     intrinsic_ratio: float = 2.0
     """Intrinsic-backdoor check: a target's sources are not one backdoor when the trigger on
     their pooled images is over this many times the largest per-pair one (paper: 27.18 vs 7.95)."""

@@ -22,7 +22,7 @@ from bna_export.natural import (
     target_alignments,
 )
 from bna_export.reverse import TriggerEstimate
-from bna_export.settings import DetectSettings, Settings, with_overrides
+from bna_export.settings import Settings, with_overrides
 from bna_export.sweep import SweepResult
 
 SRC = (1, 2, 3, 4)
@@ -59,7 +59,7 @@ def test_the_backdoor_aligns_far_less_than_the_target_s_own_look(setup):
     own = alignment(model, data, own_look(data, 0, SRC), means, (0.0, 1.0))
     # this 3-BN model counts 2 layers; the digits models' backdoors align -0.22 to 0.24 over
     # 8 layers (README, Detection), this one 0.31 against its target's own look at 0.74
-    assert planted < own - 0.3 and own > DetectSettings().natural_alignment
+    assert planted < own - 0.3 and own > 0.3
 
 
 def test_a_trigger_that_changes_nothing_moves_nothing(setup):
@@ -106,6 +106,9 @@ def test_the_fit_drops_a_pooled_or_vote_target_only_when_every_trigger_looks_nat
     )
     kept, sweep = check([natural], column=[0])  # the column rule's targets are not checked
     assert kept == {0: list(SRC)} and sweep.natural == {}
+    settings = Settings()  # off by default (README, Detection): nothing computed or dropped
+    kept, sweep = check([natural])
+    assert kept == {0: list(SRC)} and sweep.natural == {} and sweep.natural_dropped == ()
 
 
 def test_features_computed_once_give_the_same_alignment(setup):

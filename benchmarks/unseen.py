@@ -1,0 +1,85 @@
+"""Panel rows with attack settings the panel never uses: other targets than 7, another patch
+size, weaker blend, SIG, warp and chessboard triggers, other seeds; the digits CNN, no hint,
+default settings, as ``panel.py`` runs a row (same columns, same JSON).
+
+It is the check that the method was not fitted to the panel: every case below differs from
+every panel row in its target, its seed and (but for the clean rows) its trigger's strength.
+
+Run: ``python benchmarks/unseen.py --out out/unseen [--cases patch5-t2,clean-5]`` writes one
+JSON per row (``cnn-CASE-SEED.json``); ``python benchmarks/panel.py --assemble out/unseen``
+prints the table. About 3–4 minutes a row on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import panel
+import torch
+
+from bna_export.lab.scenario import Scenario, build_scenario, digits
+from bna_export.settings import Settings
+
+CASES: dict[str, tuple[str | None, int, int, dict]] = {
+    # name: (attack, target, seed, trigger options)
+    "patch5-t2": ("patch", 2, 5, {"size": 5}),
+    "blend10-t3": ("blend", 3, 6, {"alpha": 0.1}),
+    "sig10-t0": ("sig", 0, 7, {"amplitude": 10 / 255}),
+    "warp05-t5": ("warp", 5, 8, {"strength": 0.5}),
+    "chess4-t9": ("chessboard", 9, 9, {"delta": 4 / 255}),
+    "clean-5": (None, 0, 5, {}),
+    "clean-6": (None, 0, 6, {}),
+}
+"""The cases: a 5×5 patch (the panel's is 3×3), a blend at α = 0.1 (0.2), SIG stripes at
+Δ = 10/255 (20/255), a warp at s = 0.5 (1), a chessboard at ±4/255 (±8/255), and two clean
+models of seeds the panel does not train."""
+
+
+def case_row(name: str, settings: Settings) -> dict:
+    """One case through ``panel.run_row``: its scenario and its truth in place of the panel's."""
+    attack, target, seed, options = CASES[name]
+    x, y = digits()
+
+    def scenario(arch: str, _attack: str, _seed: int) -> Scenario:
+        return build_scenario(
+            x,
+            y,
+            attack=attack,
+            setting="a2o",
+            target=target,
+            seed=seed,
+            epochs=4,
+            poison_rate=0.1,
+            trigger_options=options,
+            arch=arch,
+            width=16,
+        )
+
+    panel.panel_scenario, panel.TARGET = scenario, target  # run_row reads both at call time
+    row = panel.run_row("cnn", "patch" if attack else "clean", seed, settings)
+    return {**row, "attack": name}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--out", required=True, help="folder to write one JSON per row into")
+    args = ap.parse_args()
+    unknown = set(args.cases.split(",")) - set(CASES)
+    if unknown:
+        ap.error(f"unknown cases {sorted(unknown)}; expected some of {', '.join(CASES)}")
+    torch.set_num_threads(2)
+    print(f"2 torch threads, load average {os.getloadavg()[0]:.2f} at start", flush=True)
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in args.cases.split(","):
+        row = case_row(name, Settings())
+        (folder / f"cnn-{name}-{row['seed']}.json").write_text(json.dumps(row, indent=1))
+        print(panel.table([row]).splitlines()[2], flush=True)
+
+
+if __name__ == "__main__":
+    main()
