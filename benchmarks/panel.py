@@ -48,12 +48,12 @@ ATTACKS = ("patch", "blend", "chessboard", "pixel", "warp", "sig", "patch-a2a", 
 TARGET = 7
 
 
-def truth_of(attack: str) -> set[tuple[int, int]]:
+def truth_of(attack: str, target: int = TARGET) -> set[tuple[int, int]]:
     if attack == "clean":
         return set()
     if attack.endswith("-a2a"):
         return {(s, (s + 1) % 10) for s in range(10)}
-    return {(s, TARGET) for s in range(10) if s != TARGET}
+    return {(s, target) for s in range(10) if s != target}
 
 
 def panel_scenario(arch: str, attack: str, seed: int, target: int = TARGET) -> Scenario:
@@ -76,11 +76,20 @@ def panel_scenario(arch: str, attack: str, seed: int, target: int = TARGET) -> S
     )
 
 
-def run_row(arch: str, attack: str, seed: int, settings: Settings) -> dict:
-    sc = panel_scenario(arch, attack, seed)
+def run_row(
+    arch: str,
+    attack: str,
+    seed: int,
+    settings: Settings,
+    scenario: Scenario | None = None,
+    target: int = TARGET,
+) -> dict:
+    """One row; ``scenario`` and ``target``: another model than the panel's and its all-to-one
+    target (``benchmarks/unseen.py``), ``attack`` then only says clean, a2a or a2o."""
+    sc = scenario or panel_scenario(arch, attack, seed)
     model = adapt_module(sc.net, torch.from_numpy(sc.test.x[:2]))
     trig = sc.triggered
-    truth = truth_of(attack)
+    truth = truth_of(attack, target)
     true_targets = sorted({t for _, t in truth})
     base_c = predict_mitigated(model, [], None, sc.test.x)
     base_t = predict_mitigated(model, [], None, trig["x"])

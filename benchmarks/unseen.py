@@ -20,7 +20,7 @@ from pathlib import Path
 import panel
 import torch
 
-from bna_export.lab.scenario import Scenario, build_scenario, digits
+from bna_export.lab.scenario import build_scenario, digits
 from bna_export.settings import Settings
 
 CASES: dict[str, tuple[str | None, int, int, dict]] = {
@@ -39,27 +39,23 @@ models of seeds the panel does not train."""
 
 
 def case_row(name: str, settings: Settings) -> dict:
-    """One case through ``panel.run_row``: its scenario and its truth in place of the panel's."""
+    """One case through ``panel.run_row``, with its own model and target."""
     attack, target, seed, options = CASES[name]
     x, y = digits()
-
-    def scenario(arch: str, _attack: str, _seed: int) -> Scenario:
-        return build_scenario(
-            x,
-            y,
-            attack=attack,
-            setting="a2o",
-            target=target,
-            seed=seed,
-            epochs=4,
-            poison_rate=0.1,
-            trigger_options=options,
-            arch=arch,
-            width=16,
-        )
-
-    panel.panel_scenario, panel.TARGET = scenario, target  # run_row reads both at call time
-    row = panel.run_row("cnn", "patch" if attack else "clean", seed, settings)
+    sc = build_scenario(
+        x,
+        y,
+        attack=attack,
+        setting="a2o",
+        target=target,
+        seed=seed,
+        epochs=4,
+        poison_rate=0.1,
+        trigger_options=options,
+        arch="cnn",
+        width=16,
+    )
+    row = panel.run_row("cnn", attack or "clean", seed, settings, sc, target)
     return {**row, "attack": name}
 
 
