@@ -4,8 +4,8 @@ per sweep: each family's most-named target (the vote rule: sources whose smalles
 to it, of those that could) with its effect (how many times smaller its triggers are than their
 sources' typical one), and the targets the shipped rules find (before the intrinsic check,
 which needs the model) against those the previous defaults found (no vote rule, no effect
-floor). The true targets follow from the file name
-(``cnn-ATTACK-SEED``: 7, all-to-all: every class; ``*clean*`` and ``equidistant-*``: none).
+floor). The true targets are a row file's own (``true_targets``), else follow from the file
+name (``cnn-ATTACK-SEED``: 7, all-to-all: every class; ``*clean*`` and ``equidistant-*``: none).
 
 The next column lists the pairs whose own score passes the threshold (before the floor), with
 the smallest ratio among them; the last, how universal each target found by the shipped rules
@@ -32,7 +32,12 @@ from bna_export.sweep import detect_sizes
 from bna_export.target_rules import row_minimum_votes
 
 
-def truth_of(name: str) -> str:
+def truth_of(name: str, path: Path | None = None) -> str:
+    """The true targets: a row file's own (``true_targets``), else read off the name."""
+    if path is not None and path.suffix == ".json":
+        row = json.loads(path.read_text())
+        if "true_targets" in row and "a2a" not in name:
+            return str(row["true_targets"]) if row["true_targets"] else "none"
     if "a2a" in name:
         return "all-to-all"
     return "none" if "clean" in name or name.startswith("equidistant") else "[7]"
@@ -137,7 +142,7 @@ def main() -> None:
             t = int(votes.argmax())
             cells.append(f"{fam} {t}: {votes[t]} of {voters[t]}, ×{eff[t]:.2f}")
         print(
-            f"| {path.stem} | {truth_of(path.stem)} | {'; '.join(cells)} | {found(det)} | "
+            f"| {path.stem} | {truth_of(path.stem, path)} | {'; '.join(cells)} | {found(det)} | "
             f"{found(old)} | {over_threshold(old, shipped.detect.mad_threshold)} | "
             f"{universal_cell(det, sizes, pooled)} |"
         )

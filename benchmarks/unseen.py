@@ -3,11 +3,14 @@ size, weaker blend, SIG, warp and chessboard triggers, other seeds; the digits C
 default settings, as ``panel.py`` runs a row (same columns, same JSON).
 
 It is the check that the method was not fitted to the panel: every case below differs from
-every panel row in its target, its seed and (but for the clean rows) its trigger's strength.
+every panel row in its target, its seed and (but for the clean rows) its trigger's strength or
+place, and ``--arch`` adds architectures the panel never fits.
 
 Run: ``python benchmarks/unseen.py --out out/unseen [--cases patch5-t2,clean-5]`` writes one
-JSON per row (``cnn-CASE-SEED.json``); ``python benchmarks/panel.py --assemble out/unseen``
-prints the table. About 3–4 minutes a row on 2 CPU cores.
+JSON per row (``ARCH-CASE-SEED.json``); ``python benchmarks/panel.py --assemble out/unseen``
+prints the table. About 3–4 minutes a row on 2 CPU cores. ``--arch vgg11-bn --width 8`` (any
+architecture of :mod:`bna_export.lab.architectures`) runs the cases on another architecture
+than the panel's two.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ from pathlib import Path
 import panel
 import torch
 
-from bna_export.lab.scenario import build_scenario, digits
-from bna_export.settings import Settings
+from bna_export.lab.scenario import Scenario, build_scenario, digits
+from bna_export.settings import Settings, with_overrides
 
 CASES: dict[str, tuple[str | None, int, int, dict]] = {
     # name: (attack, target, seed, trigger options)
     "patch5-t2": ("patch", 2, 5, {"size": 5}),
+    "patch5-t4": ("patch", 4, 10, {"size": 5}),
+    "patch5-t6": ("patch", 6, 28, {"size": 5}),
     "blend10-t3": ("blend", 3, 6, {"alpha": 0.1}),
     "sig10-t0": ("sig", 0, 7, {"amplitude": 10 / 255}),
     "warp05-t5": ("warp", 5, 8, {"strength": 0.5}),
@@ -33,16 +38,19 @@ CASES: dict[str, tuple[str | None, int, int, dict]] = {
     "clean-5": (None, 0, 5, {}),
     "clean-6": (None, 0, 6, {}),
 }
-"""The cases: a 5×5 patch (the panel's is 3×3), a blend at α = 0.1 (0.2), SIG stripes at
+"""The cases: a 5×5 patch (the panel's is 3×3) at three places (seed 5: over the digit's middle,
+rows 10-14, columns 12-16; seed 10: the top-left corner, from (3, 3); seed 28: the bottom-left
+edge, from (22, 1)), a blend at α = 0.1 (0.2), SIG stripes at
 Δ = 10/255 (20/255), a warp at s = 0.5 (1), a chessboard at ±4/255 (±8/255), and two clean
 models of seeds the panel does not train."""
 
 
-def case_row(name: str, settings: Settings) -> dict:
-    """One case through ``panel.run_row``, with its own model and target."""
+def case_scenario(name: str, arch: str = "cnn", width: int | None = 16) -> Scenario:
+    """The case's poisoned (or clean) classifier (the digits CNN unless ``arch`` names another
+    of :func:`~bna_export.lab.architectures.make_classifier`'s, at ``width``) and its data."""
     attack, target, seed, options = CASES[name]
     x, y = digits()
-    sc = build_scenario(
+    return build_scenario(
         x,
         y,
         attack=attack,
@@ -52,10 +60,18 @@ def case_row(name: str, settings: Settings) -> dict:
         epochs=4,
         poison_rate=0.1,
         trigger_options=options,
-        arch="cnn",
-        width=16,
+        arch=arch,
+        width=width,
     )
-    row = panel.run_row("cnn", attack or "clean", seed, settings, sc, target)
+
+
+def case_row(name: str, settings: Settings, arch: str = "cnn", width: int | None = 16) -> dict:
+    """One case through ``panel.run_row``, with its own model and target; the row's arch is
+    ``arch``, with ``-wWIDTH`` when not the CNN."""
+    attack, target, seed, _ = CASES[name]
+    sc = case_scenario(name, arch, width)
+    label = arch if arch == "cnn" else f"{arch}-w{width}"
+    row = panel.run_row(label, attack or "clean", seed, settings, sc, target)
     return {**row, "attack": name}
 
 
@@ -63,6 +79,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--out", required=True, help="folder to write one JSON per row into")
+    ap.add_argument("--arch", default="cnn", help="cnn (default) or an architecture of the lab")
+    ap.add_argument("--width", type=int, default=16, help="the model's width (default 16)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="as in fit")
     args = ap.parse_args()
     unknown = set(args.cases.split(",")) - set(CASES)
     if unknown:
@@ -72,8 +91,9 @@ def main() -> None:
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     for name in args.cases.split(","):
-        row = case_row(name, Settings())
-        (folder / f"cnn-{name}-{row['seed']}.json").write_text(json.dumps(row, indent=1))
+        row = case_row(name, with_overrides(Settings(), args.overrides), args.arch, args.width)
+        path = folder / f"{row['arch']}-{name}-{row['seed']}.json"
+        path.write_text(json.dumps(row, indent=1))
         print(panel.table([row]).splitlines()[2], flush=True)
 
 

@@ -23,9 +23,8 @@ smaller than its source's typical one (:func:`effects`): a score is relative to 
 
 All-to-one (column) rule: an all-to-one backdoor makes *every* source's trigger to t small,
 perhaps each only a little; the median over sources of a target's pair statistics, scored by MAD
-across targets, catches it, and t is detected with every source (the intrinsic-backdoor check
-then prunes; the natural-feature check, :mod:`bna_export.natural`, tests the pooled and vote
-rules' targets).
+across targets, catches it, and t is detected with every source (the intrinsic check prunes;
+the natural-feature check, :mod:`bna_export.natural`, tests the pooled and vote rules' targets).
 
 Pooled rule (Neural Cleanse's own test): per target, one trigger on the pooled images of every
 other class, 1 / its size scored by MAD across targets. Turning *every* class into t is not
@@ -300,21 +299,21 @@ def detect_pairs(
     all_to_all: tuple[float, float] | None = None,
     vote_share: float | None = None,
     min_effect: float = 1.5,
+    pooled_vote: bool = False,
 ) -> Detection:
     """Score every pair in every family and take the union of the outliers.
 
-    sizes: family -> [K, K] trigger sizes (NaN on the diagonal and for pairs not solved);
-    ``weights``: family -> [K, K] the pairs each solved one stands for (None: every pair was
-    solved). With ``target_rule``, a target whose median pair statistic is an outlier among the
-    targets' (all-to-one rule) is detected with every solved source. ``pooled``: family -> [K]
-    sizes of each target's trigger on the pooled images of every other class (NaN: not solved);
-    a target whose 1 / size is an outlier among the targets' in at least ``pooled_families``
-    of them (all of them when fewer are given) is detected with every solved source (pooled
-    rule). ``all_to_all``: (bar as a share of ``threshold``, share of sources) of the all-to-all
-    rule (:func:`all_to_all_pairs`), applied when every pair was solved (None: off).
+    sizes: family -> [K, K] trigger sizes (NaN on the diagonal and unsolved pairs); ``weights``:
+    family -> [K, K] the pairs each solved one stands for (None: all solved). ``target_rule``: a
+    target whose median pair statistic is an outlier among the targets' is detected with every
+    solved source (all-to-one rule). ``pooled``: family -> [K] sizes of each target's trigger on
+    the pooled images of every other class (NaN: not solved); a target whose 1 / size is an
+    outlier in ``pooled_families`` of them (all when fewer) is detected with every solved source
+    (pooled rule). ``all_to_all``: (bar as a share of ``threshold``, share of sources) of the
+    all-to-all rule (:func:`all_to_all_pairs`), applied when every pair was solved (None: off).
     ``vote_share``: the vote rule's share (:func:`bna_export.target_rules.vote_targets`, in
-    ``pooled_families`` families, or one with ``VOTE_PAIRS`` pairs over the threshold),
-    applied when every pair was solved (None: off).
+    ``pooled_families`` families, or one with ``VOTE_PAIRS`` pairs over the threshold or, with
+    ``pooled_vote``, a pooled outlier), applied when every pair was solved (None: off).
     ``min_effect``: the effect floor (module docstring) of the pair, column and vote rules, in
     the family that finds the pair or target (one of those that vote for it).
     """
@@ -348,6 +347,7 @@ def detect_pairs(
             pscores[fam] = np.full(st.shape, np.nan)
         for t in np.flatnonzero(outliers(st, pscores[fam], threshold, "large")).tolist():
             votes.setdefault(t, []).append((float(pscores[fam][t]), fam))
+            paired.setdefault(fam, set()).update({t} if pooled_vote else ())
     for t, v in votes.items():
         if len(v) >= min(pooled_families, len(pooled or {})):
             a2o.setdefault(t, max(v)[1])

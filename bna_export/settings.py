@@ -151,8 +151,7 @@ class FitSettings:
     """Share of the defender's clean target images (those f answers t for) that g_t may flag:
     while more are flagged the keep-t weight is multiplied by ``target_weight_step`` per step,
     else divided by it (within ``target_weight_range``); 0 = a fixed weight."""
-    target_weight_step: float = 1.05
-    """Factor of each step of the adaptive keep-t weight."""
+    target_weight_step: float = 1.05  # factor of each step of the adaptive keep-t weight
     target_weight_range: float = 4.0
     """The adaptive keep-t weight stays within target_ce_weight / range and · range."""
     single_source_budget: float = 0.05
@@ -238,6 +237,7 @@ class DetectSettings:
     fewer): patch strokes draw an 8 from any digit of the clean small ResNet (README)."""
     vote_rule: bool = True  # the vote rule (bna_export/target_rules.py; README, Detection)
     vote_share: float = 2 / 3  # it needs this share of the sources' smallest triggers to name t
+    pooled_vote: bool = True  # a pooled outlier stands for the vote rule's second family (README)
     map_share: float = 0.5  # in the map rule a class counts when this share of it goes to d(c)
     min_effect: float = 1.5
     """The pair, column and vote rules need the pair's or target's triggers this many times

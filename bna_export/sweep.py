@@ -206,6 +206,7 @@ def detect_sizes(
         (d.all_to_all_bar, d.all_to_all_sources) if d.all_to_all_rule else None,
         d.vote_share if d.vote_rule else None,
         d.min_effect,
+        d.pooled_vote,
     )
 
 

@@ -58,9 +58,10 @@ def vote_targets(
     them when fewer are given) and, with ``effects`` (family -> [K], :func:`bna_export.detect.
     effects`), whose effect reaches ``min_effect`` in one of those families; target -> (its
     largest share, the family that gave it). ``paired`` (family -> the targets with pairs
-    over the threshold from :data:`VOTE_PAIRS` sources in it): those pairs stand for the second
-    family, so one family's votes do when the target has them in that family and reaches the
-    floor there (README, Detection: a warp found by the blend family alone, three pairs)."""
+    over the threshold from :data:`VOTE_PAIRS` sources in it, and with ``detect.pooled_vote``
+    its pooled outliers): that evidence stands for the second family, so one family's votes do
+    when the target has it in that family and reaches the floor there (README, Detection: a
+    warp found by the blend family alone, three pairs)."""
     shares: dict[int, list[tuple[float, str]]] = {}
     for fam, z in sizes.items():
         votes, voters = row_minimum_votes(z)

@@ -147,3 +147,24 @@ def test_one_familys_votes_complete_a_target_that_has_pairs_over_the_threshold_t
     votes = row_minimum_votes(elsewhere["patch"])[0][4]
     assert votes < SHARE * 9  # the pairs' family does not vote
     assert detect_pairs(elsewhere, vote_share=SHARE).sources == {4: [0, 1, 2]}
+
+
+def test_a_pooled_outlier_completes_one_familys_votes_when_asked():
+    """As the 5×5 corner patch on a VGG (README, Cases the panel does not hold): most sources'
+    cheapest patch goes to 4, and 4's pooled patch trigger is an outlier, but no other family
+    votes or finds it pooled and no pair passes the threshold. With ``pooled_vote`` the pooled
+    outlier stands for the second family, in its own family only."""
+    planted = {(s, 4): 2.6 for s in range(10) if s != 4}
+    voting, other = sizes(planted, 0, 1), sizes({}, 0, 2)
+    natural = np.array([40.0, 44.0, 22.0, 25.0, 31.0, 30.0, 28.0, 35.0, 20.0, 26.0])
+    small = natural.copy()
+    small[4] = 5.0
+    both = {"patch": voting, "blend": other}
+    pooled = {"patch": small, "blend": natural}
+    off = detect_pairs(both, vote_share=SHARE, pooled=pooled)
+    assert off.targets == [] and off.pooled_scores["patch"][4] > 7.0
+    on = detect_pairs(both, vote_share=SHARE, pooled=pooled, pooled_vote=True)
+    assert on.all_to_one == {4: "patch"}
+    assert on.sources[4] == [s for s in range(10) if s != 4]
+    swapped = {"patch": natural, "blend": small}  # the outlier in the family that does not vote
+    assert detect_pairs(both, vote_share=SHARE, pooled=swapped, pooled_vote=True).targets == []
