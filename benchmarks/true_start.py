@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 
 import numpy as np
 import panel
@@ -29,7 +30,7 @@ from bna_export.lab.scenario import Scenario
 from bna_export.model import adapt_module
 from bna_export.problems import Problem, TriggerEstimate
 from bna_export.settings import Settings
-from bna_export.sweep import pair_problems, pooled_problems
+from bna_export.sweep import pair_problems, pooled_problems, pooled_sizes, size_matrices
 
 
 def scenario(case: str) -> tuple[Scenario, int]:
@@ -66,15 +67,13 @@ def on_patch(sc: Scenario, e: TriggerEstimate) -> float:
 
 
 def sizes(estimates: list[TriggerEstimate], k: int, success: float) -> tuple[np.ndarray, ...]:
-    """Per target: the pooled size and the median pair size (NaN where it failed)."""
-    pooled, pairs = np.full(k, np.nan), [[] for _ in range(k)]
-    for e in estimates:
-        size = e.size if e.success >= success - 1e-9 else np.nan
-        if len(e.problem.sources) > 1:
-            pooled[e.problem.target] = size
-        else:
-            pairs[e.problem.target].append(size)
-    return pooled, np.array([np.nanmedian(p) if p else np.nan for p in pairs])
+    """Per target: the pooled size and the median pair size (NaN where it failed), from the
+    sweep's own size tables."""
+    pairs = size_matrices(estimates, k, ["patch"], success)["patch"]
+    with warnings.catch_warnings():  # a target with no successful pair: NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        medians = np.nanmedian(pairs, axis=0)
+    return pooled_sizes(estimates, k, ["patch"], success)["patch"], medians
 
 
 def run(case: str, settings: Settings) -> str:
