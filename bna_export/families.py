@@ -32,6 +32,7 @@ from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
+from torch.nn import functional
 
 from .settings import FitSettings, ReverseSettings
 
@@ -156,10 +157,28 @@ class Patch(_Mixture):
         return trigger["mask"].flatten(1).sum(1)
 
     def scaled(self, trigger, scale, settings=None):
-        return {**trigger, "mask": torch.clamp(trigger["mask"] * scale, 0, 1)}
+        reach = round((scale - 1) * settings.patch_widen) if settings is not None else 0
+        mask, pattern = trigger["mask"], trigger["pattern"]
+        if reach > 0 and compactness(mask) >= settings.patch_compact:
+            # grown by `reach` pixels, the pattern spread by its mask-weighted mean
+            side = 2 * reach + 1
+            near = functional.avg_pool2d(mask, side, 1, reach, count_include_pad=False)
+            spread = functional.avg_pool2d(mask * pattern, side, 1, reach, count_include_pad=False)
+            pattern = torch.where(mask > 0.5, pattern, spread / near.clamp_min(1e-6))
+            mask = functional.max_pool2d(mask, side, 1, reach)
+        return {"mask": torch.clamp(mask * scale, 0, 1), "pattern": pattern}
 
     def largest(self, shape, lo, hi):
         return float(shape[1] * shape[2])
+
+
+def compactness(mask: Tensor) -> float:
+    """The least share, over problems, of a patch mask's mass (P, 1, H, W) that lies in its
+    densest square of side ⌈√size⌉ + 1: near 1 for a block of pixels, low for scattered ones."""
+    size = mask.flatten(1).sum(1)
+    side = min(math.ceil(math.sqrt(float(size.max()))) + 1, *mask.shape[-2:])
+    dense = functional.avg_pool2d(mask, side, 1).flatten(1).amax(1) * side * side
+    return float((dense / size.clamp_min(1e-12)).min())
 
 
 class Perturbation(Family):

@@ -19,8 +19,7 @@ class HistogramSettings:
 
     bin_width: float = 0.1
     """Δb, width of every finite bin; bins run from the clean minimum to the clean maximum."""
-    tau: float = 150.0
-    """τ, sigmoid scale of the soft bin edges (paper: line search, 150)."""
+    tau: float = 150.0  # τ, sigmoid scale of the soft bin edges (paper: line search, 150)
     window: int = 2
     """Bins on each side of a sample's own bin that it may touch; with τ·Δb = 15 the mass it
     leaves out is below σ(-15·window) ≈ 1e-13 per sample."""
@@ -60,9 +59,9 @@ class ReverseSettings:
     models without one the flow wanders below ``warp_limit`` (MobileNetV2 test model: 1,000
     steps to 2 px, 2.5 % success)."""
     warp_limit: float = 3.0
-    """A warp trigger that has not succeeded by this RMS displacement (pixels) is given up: a
-    backdoor warp is imperceptible (WaNet's s = 0.5-1 is 0.3-0.7 px here), larger ones are other
-    classes' shapes; without it a model without a warp backdoor ran its warps to the step cap."""
+    """A warp that has not succeeded by this RMS displacement (pixels) is given up: a backdoor
+    warp is imperceptible (WaNet's s = 0.5-1: 0.3-0.7 px here), larger ones are other classes'
+    shapes; without it a model without a warp backdoor ran its warps to the step cap."""
     blend_pixels: bool = False
     """Whether λ multiplies a blend's α·H·W (a patch mask's mass, α at every pixel) instead of
     α. The sweep uses it: with α alone λ is H·W times weaker than a patch's and every blend
@@ -129,11 +128,9 @@ class FitSettings:
     the layer's channels (all of them when there are fewer). An unbiased estimate of the
     step's histogram at a cost that follows channels, not pixels; see README, Θ fit cost."""
     clean_samples_per_channel: int = 16384
-    """Samples of each BN channel per target that p is made of (spatial positions drawn
-    uniformly per pass of clean images; all of them when there are fewer)."""
+    """Samples of each BN channel per target that p is made of (positions drawn uniformly)."""
     images_per_pass: int = 64
-    """Clean images per forward pass when measuring f's statistics: bounds the memory of
-    every BN layer's output held at once (images_per_pass × the BN outputs of one image)."""
+    """Clean images per pass when measuring f's statistics: bounds the BN outputs held at once."""
     targets_per_pass: int = 16
     """Targets fitted together (one batch of (batch_size + target_batch) images per target per
     step); more are fitted in consecutive groups, so memory stays bounded for all-to-all
@@ -194,14 +191,16 @@ class FitSettings:
     blend_limit: float = 0.3
     """Stronger copies of a blend estimate stop at this α (never below the estimate): a larger
     blend is mostly the target's look (digits CNN patch: ASR 7.0 → 1.4 %; README). 1 = none."""
+    patch_widen: float = 0.0
+    """A patch estimate's copy at scale s also grows by round((s − 1)·this) pixels (its pattern
+    spread by the mask-weighted mean of its neighbours): an estimate is the smallest part of a
+    patch that fires, Θ must stop all of it. 0 (off) until a panel run decides (README, Θ fit)."""
+    patch_compact: float = 0.4  # ... if this share of it is in one square (README, Θ fit)
     learn: Literal["all", "clip"] = "all"
     """Learn µ, σ, υ, ω (paper, 'all') or only the clip bounds υ, ω with f's µ, σ ('clip')."""
-    clip_init: Literal["clean", "wide"] = "clean"
-    """Start υ, ω at each channel's clean min/max of the normalised activation, or ±wide_clip."""
-    wide_clip: float = 10.0
-    """Initial |υ|, |ω| for clip_init='wide'."""
-    kl_eps: float = 1e-6
-    """Floor added to bin probabilities inside log for KL and JS."""
+    clip_init: Literal["clean", "wide"] = "clean"  # υ, ω from each channel's clean range, or wide
+    wide_clip: float = 10.0  # initial |υ|, |ω| for clip_init='wide'
+    kl_eps: float = 1e-6  # floor added to bin probabilities inside log for KL and JS
     refresh_every: int = 0
     """Every this many epochs, re-estimate each target's triggers against the current g_t
     (warm-started from the ones in use, ``refresh`` solver) and add those that still send the

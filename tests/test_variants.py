@@ -3,6 +3,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from bna_export.families import compactness
 from bna_export.problems import Problem, TriggerEstimate
 from bna_export.settings import FitSettings
 from bna_export.variants import Variants, jitter
@@ -44,3 +45,44 @@ def test_stronger_blend_copies_stop_at_the_limit():
         0.4,
         0.6,
     ]
+
+
+def _patch(mask: np.ndarray, pattern: np.ndarray, target: int = 0) -> TriggerEstimate:
+    shape = pattern.shape
+    params = {"mask": mask[None].astype(np.float32), "pattern": pattern.astype(np.float32)}
+    size = float(mask.sum())
+    return TriggerEstimate(Problem("patch", target, (1,)), size, 1.0, 1, params, shape)
+
+
+def test_stronger_copies_of_a_compact_patch_grow_and_spread_its_pattern():
+    # a 2×2 block of a 9×9 image: its copy at scale 2 covers 4×4, at 3 6×6 (fit.patch_widen 1)
+    mask, pattern = np.zeros((9, 9)), np.full((1, 9, 9), 0.3)
+    mask[4:6, 4:6], pattern[0, 4:6, 4:6] = 1.0, [[0.2, 0.4], [0.6, 0.8]]
+    v = Variants([0], {0: [_patch(mask, pattern)]}, FitSettings(patch_widen=1), (0.0, 1.0))
+    masks = v.params["patch"]["mask"][:, 0]
+    covered = [int((masks[v.rows[i]] > 0.5).sum()) for i in v.triggered[0]]
+    assert covered == [4, 16, 36]
+    grown = v.params["patch"]["pattern"][v.rows[v.triggered[0][1]], 0]
+    assert torch.allclose(grown[4:6, 4:6], torch.tensor([[0.2, 0.4], [0.6, 0.8]]))
+    # a new pixel takes the mean of the block's pixels within its reach, not the old pattern
+    assert torch.isclose(grown[3, 3], torch.tensor(0.2)) and torch.isclose(
+        grown[6, 6], torch.tensor(0.8)
+    )
+    assert torch.isclose(grown[3, 4], torch.tensor(0.3))  # mean of 0.2 and 0.4
+    # off: the copies only strengthen the mask
+    off = Variants([0], {0: [_patch(mask, pattern)]}, FitSettings(patch_widen=0), (0.0, 1.0))
+    masks = off.params["patch"]["mask"][:, 0]
+    assert [int((masks[off.rows[i]] > 0.5).sum()) for i in off.triggered[0]] == [4, 4, 4]
+
+
+def test_a_scattered_patch_estimate_is_not_grown():
+    # four pixels at the corners of a 9×9 image: no square of side 3 holds 40 % of them
+    mask, pattern = np.zeros((9, 9)), np.full((1, 9, 9), 0.5)
+    mask[[0, 0, 8, 8], [0, 8, 0, 8]] = 1.0
+    assert compactness(torch.from_numpy(mask[None, None])) == 0.25
+    v = Variants([0], {0: [_patch(mask, pattern)]}, FitSettings(patch_widen=1), (0.0, 1.0))
+    masks = v.params["patch"]["mask"][:, 0]
+    assert [int((masks[v.rows[i]] > 0.5).sum()) for i in v.triggered[0]] == [4, 4, 4]
+    block = np.zeros((9, 9))
+    block[2:5, 2:5] = 1.0
+    assert compactness(torch.from_numpy(block[None, None])) == 1.0
