@@ -30,15 +30,14 @@ import numpy as np
 import panel
 import torch
 import unseen
-from mitigation import oracle
+from mitigation import oracle, repaired_metrics
 
 from bna_export.defend import fit_defence
 from bna_export.families import compactness
 from bna_export.fit import fit_thetas
 from bna_export.fitfile import Routing
 from bna_export.lab.scenario import Scenario
-from bna_export.metrics import compute_metrics
-from bna_export.mitigated import flag_drops, predict_mitigated
+from bna_export.mitigated import flag_drops
 from bna_export.model import adapt_module
 from bna_export.settings import Settings, with_overrides
 
@@ -92,12 +91,7 @@ def run_row(
             s.histogram, seed=s.seed,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
-        pc = predict_mitigated(model, [target], res.thetas, sc.test.x, routing=routing)
-        pt = predict_mitigated(model, [target], res.thetas, sc.triggered["x"], routing=routing)
-        m = compute_metrics(
-            pc.label, sc.test.y, pc.triggered, pt.label, sc.triggered["y"],
-            sc.triggered["attack_label"], pt.triggered, [target],
-        )  # fmt: skip
+        m = repaired_metrics(model, sc, target, res.thetas, routing)
         rows.append({**info, "variant": name, **m, "fit_seconds": seconds})
     return rows
 

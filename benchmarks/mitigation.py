@@ -22,7 +22,7 @@ from bna_export.defend import fit_defence
 from bna_export.fit import fit_thetas
 from bna_export.fitfile import Mitigation, Routing
 from bna_export.lab.attacks import Trigger
-from bna_export.lab.scenario import build_scenario, digits
+from bna_export.lab.scenario import Scenario, build_scenario, digits
 from bna_export.metrics import compute_metrics
 from bna_export.mitigated import flag_drops, predict_mitigated
 from bna_export.model import adapt_module
@@ -64,6 +64,23 @@ def oracle(trigger: Trigger, shape: tuple[int, int, int], target: int) -> Trigge
             v[:] = trigger.pattern
         fam, params = "perturbation", {"pattern": v}
     return TriggerEstimate(Problem(fam, target, sources), 0.0, 1.0, 0, params, shape)
+
+
+def repaired_metrics(model, sc: Scenario, target: int, thetas, routing: Routing) -> dict:
+    """ACC, ASR, SIA, TPR, FPR of the model repaired for ``target`` with ``thetas``, on the
+    scenario's clean and triggered test sets."""
+    pc = predict_mitigated(model, [target], thetas, sc.test.x, routing=routing)
+    pt = predict_mitigated(model, [target], thetas, sc.triggered["x"], routing=routing)
+    return compute_metrics(
+        pc.label,
+        sc.test.y,
+        pc.triggered,
+        pt.label,
+        sc.triggered["y"],
+        sc.triggered["attack_label"],
+        pt.triggered,
+        [target],
+    )
 
 
 def evaluate_one(
@@ -109,18 +126,7 @@ def evaluate_one(
         th, routing = Mitigation.from_record(out.record).thetas, out.record.routing
         fam = out.record.families[target]
     seconds = time.perf_counter() - t0
-    pc = predict_mitigated(model, [target], th, sc.test.x, routing=routing)
-    pt = predict_mitigated(model, [target], th, sc.triggered["x"], routing=routing)
-    after = compute_metrics(
-        pc.label,
-        sc.test.y,
-        pc.triggered,
-        pt.label,
-        sc.triggered["y"],
-        sc.triggered["attack_label"],
-        pt.triggered,
-        [target],
-    )
+    after = repaired_metrics(model, sc, target, th, routing)
     return {
         "arch": arch,
         "attack": attack,
