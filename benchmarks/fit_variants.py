@@ -10,7 +10,8 @@ ASR and SIA for the one-target rows. Each row also prints its patch estimate's s
 compactness (:func:`bna_export.families.compactness`, which gates ``fit.patch_widen``).
 
 Run: ``python benchmarks/fit_variants.py --rows panel:cnn:patch:1,unseen:vgg11-bn:8:patch5-t6
---variant no-widen=fit.patch_widen=0 [--variant seed1=seed=1 ...]``. A row is
+--variant no-widen=fit.patch_widen=0 [--variant seed1=seed=1 ...]``; a variant's
+``use=patch+blend`` fits Θ on those families' estimates only. A row is
 ``panel:ARCH:ATTACK:SEED[:TARGET]`` (an all-to-one panel row; TARGET another class to fit, e.g.
 a false target) or ``unseen:ARCH:WIDTH:CASE`` (``benchmarks/unseen.py``). ``--only-compact X``
 fits only the rows whose patch estimate's compactness is at least X (the rows that
@@ -79,7 +80,7 @@ def run_row(
     drops = flag_drops(model, sc.defender, [target], [None], base.fit.flag_drop)
     routing = Routing((None,), drops)
     rows = []
-    fits = [(name, with_overrides(base, sets), ests) for name, sets in variants.items()]
+    fits = [(name, *variant(base, sets, ests)) for name, sets in variants.items()]
     if own and sc.targets:  # Θ fitted on the attack's own trigger, default settings
         fits.append(
             ("own trigger", base, [oracle(sc.trigger, tuple(sc.defender.x.shape[1:]), target)])
@@ -96,14 +97,39 @@ def run_row(
     return rows
 
 
+def variant(base: Settings, sets: list[str], ests: list) -> tuple[Settings, list]:
+    """A variant's settings and the estimates it fits on (``use=FAMILY+FAMILY`` keeps only
+    those families' estimates; every other item is a ``--set``)."""
+    use = [s.partition("=")[2].split("+") for s in sets if s.startswith("use=")]
+    kept = [e for e in ests if e.family in use[-1]] if use else ests
+    return with_overrides(base, [s for s in sets if not s.startswith("use=")]), kept
+
+
+def split_sets(text: str) -> list[str]:
+    """``a.b=1,c.d=2,3`` → ``["a.b=1", "c.d=2,3"]``: a piece without ``=`` continues the
+    previous value (a tuple setting such as ``fit.trigger_scales=1,2``)."""
+    out: list[str] = []
+    for piece in (p for p in text.split(",") if p):
+        if "=" in piece or not out:
+            out.append(piece)
+        else:
+            out[-1] += "," + piece
+    return out
+
+
 def _cell(v: float | None) -> str:
     return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        description="The Θ fit under other settings, known target (see the module docstring)."
+    )
     ap.add_argument("--rows", required=True, help="comma-separated rows (see the docstring)")
-    ap.add_argument("--variant", action="append", default=[], help="NAME=section.field=value[,...]")
+    ap.add_argument(
+        "--variant", action="append", default=[],
+        help="NAME=section.field=value[,...]; use=FAMILY[+FAMILY] fits only those estimates",
+    )  # fmt: skip
     ap.add_argument("--only-compact", type=float, default=None)
     ap.add_argument(
         "--own-trigger", action="store_true",
@@ -115,7 +141,7 @@ def main() -> None:
     variants = {"default": []}
     for v in args.variant:
         name, _, sets = v.partition("=")
-        variants[name] = [s for s in sets.split(",") if s]
+        variants[name] = split_sets(sets)
     if not args.json:
         print(
             "| row | families | patch size | compactness | variant | ACC | ASR | SIA | TPR | FPR |"

@@ -37,6 +37,7 @@ from mitigation import TRIGGER_OPTIONS  # the attacks' settings, as in the known
 
 from bna_export.defend import fit_defence
 from bna_export.detect import large_side_scores
+from bna_export.families import compactness
 from bna_export.fitfile import Mitigation
 from bna_export.lab.scenario import Scenario, build_scenario, digits
 from bna_export.metrics import compute_metrics
@@ -74,6 +75,19 @@ def panel_scenario(arch: str, attack: str, seed: int, target: int = TARGET) -> S
         arch=arch,
         width=16 if arch == "cnn" else None,
     )
+
+
+def patch_estimates(triggers: dict) -> dict[str, list[list[float]]]:
+    """Per fitted target, each patch estimate's size and compactness (they gate whether its
+    stronger copies grow: ``fit.patch_widen``)."""
+    return {
+        str(t): [
+            [round(e.size, 2), round(compactness(e.tensors()["mask"]), 3)]
+            for e in es
+            if e.family == "patch"
+        ]
+        for t, es in triggers.items()
+    }
 
 
 def run_row(
@@ -155,6 +169,7 @@ def run_row(
         # the natural-feature check: each checked target's alignments, and the targets it dropped
         "natural": {str(t): a for t, a in rec.detection.natural.items()},
         "natural_dropped": list(rec.detection.natural_dropped),
+        "patch_estimates": patch_estimates(out.triggers),
         "seconds": seconds,
         "load": os.getloadavg()[0],
         **after,

@@ -157,9 +157,10 @@ class Patch(_Mixture):
         return trigger["mask"].flatten(1).sum(1)
 
     def scaled(self, trigger, scale, settings=None):
-        reach = round((scale - 1) * settings.patch_widen) if settings is not None else 0
+        reach = int((scale - 1) * settings.patch_widen + 1e-6) if settings is not None else 0
         mask, pattern = trigger["mask"], trigger["pattern"]
-        if reach > 0 and compactness(mask) >= settings.patch_compact:
+        big = reach > 0 and float(mask.sum()) >= settings.patch_grow_from
+        if big and compactness(mask) >= settings.patch_compact:
             # grown by `reach` pixels, the pattern spread by its mask-weighted mean
             side = 2 * reach + 1
             near = functional.avg_pool2d(mask, side, 1, reach, count_include_pad=False)

@@ -185,17 +185,17 @@ class FitSettings:
     clean images of t (0: when its answer is not t, the paper's rule; README, flag drop)."""
     trigger_scales: tuple[float, ...] = (1.0, 2.0, 3.0)
     """Strengths at which each estimated trigger is embedded for q (mask, clipped to 1, or
-    perturbation times the scale): a reverse-engineered trigger is the *smallest* that works,
-    and a real one is usually stronger, so stronger copies stand in for it (digits patch,
-    known target, small ResNet: ASR 9-12% with (1,), 3-4% with (1, 2, 3); README)."""
+    perturbation times the scale): an estimate is the *smallest* trigger that works, a real one
+    stronger (small ResNet patch, known target: ASR 9-12% with (1,), 3-4% with (1, 2, 3))."""
     blend_limit: float = 0.3
     """Stronger copies of a blend estimate stop at this α (never below the estimate): a larger
     blend is mostly the target's look (digits CNN patch: ASR 7.0 → 1.4 %; README). 1 = none."""
-    patch_widen: float = 0.0
-    """A patch estimate's copy at scale s also grows by round((s − 1)·this) pixels (its pattern
-    spread by the mask-weighted mean of its neighbours): an estimate is the smallest part of a
-    patch that fires, Θ must stop all of it. 0 (off) until a panel run decides (README, Θ fit)."""
+    patch_widen: float = 0.5
+    """A patch estimate's copy at scale s also grows by ⌊(s − 1)·this⌋ pixels (its pattern
+    spread by the mask-weighted mean of its neighbours; 0.5: the scale-3 copy by one): an
+    estimate is the smallest part of a patch that fires, Θ must stop all of it (README, Θ fit)."""
     patch_compact: float = 0.4  # ... if this share of it is in one square (README, Θ fit)
+    patch_grow_from: float = 4.0  # ... and it has this many pixels (fewer: a whole trigger)
     learn: Literal["all", "clip"] = "all"
     """Learn µ, σ, υ, ω (paper, 'all') or only the clip bounds υ, ω with f's µ, σ ('clip')."""
     clip_init: Literal["clean", "wide"] = "clean"  # υ, ω from each channel's clean range, or wide

@@ -69,6 +69,10 @@ def test_stronger_copies_of_a_compact_patch_grow_and_spread_its_pattern():
         grown[6, 6], torch.tensor(0.8)
     )
     assert torch.isclose(grown[3, 4], torch.tensor(0.3))  # mean of 0.2 and 0.4
+    # the default 0.5: only the copy at scale 3 grows, by one pixel (4×4)
+    half = Variants([0], {0: [_patch(mask, pattern)]}, FitSettings(patch_widen=0.5), (0.0, 1.0))
+    masks = half.params["patch"]["mask"][:, 0]
+    assert [int((masks[half.rows[i]] > 0.5).sum()) for i in half.triggered[0]] == [4, 4, 16]
     # off: the copies only strengthen the mask
     off = Variants([0], {0: [_patch(mask, pattern)]}, FitSettings(patch_widen=0), (0.0, 1.0))
     masks = off.params["patch"]["mask"][:, 0]
@@ -86,3 +90,16 @@ def test_a_scattered_patch_estimate_is_not_grown():
     block = np.zeros((9, 9))
     block[2:5, 2:5] = 1.0
     assert compactness(torch.from_numpy(block[None, None])) == 1.0
+
+
+def test_an_estimate_of_a_few_pixels_is_not_grown():
+    # one bright pixel is compact, but fewer than fit.patch_grow_from pixels: a whole trigger
+    mask, pattern = np.zeros((9, 9)), np.full((1, 9, 9), 0.5)
+    mask[4, 4] = 1.0
+    v = Variants([0], {0: [_patch(mask, pattern)]}, FitSettings(patch_widen=1), (0.0, 1.0))
+    masks = v.params["patch"]["mask"][:, 0]
+    assert [int((masks[v.rows[i]] > 0.5).sum()) for i in v.triggered[0]] == [1, 1, 1]
+    low = FitSettings(patch_widen=1, patch_grow_from=1.0)
+    v = Variants([0], {0: [_patch(mask, pattern)]}, low, (0.0, 1.0))
+    masks = v.params["patch"]["mask"][:, 0]
+    assert [int((masks[v.rows[i]] > 0.5).sum()) for i in v.triggered[0]] == [1, 9, 25]
