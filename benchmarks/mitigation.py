@@ -23,6 +23,7 @@ from bna_export.fit import fit_thetas
 from bna_export.fitfile import Mitigation, Routing
 from bna_export.lab.attacks import Trigger
 from bna_export.lab.scenario import Scenario, build_scenario, digits
+from bna_export.layer_divergence import layer_divergence
 from bna_export.metrics import compute_metrics
 from bna_export.mitigated import flag_drops, predict_mitigated
 from bna_export.model import adapt_module
@@ -64,6 +65,27 @@ def oracle(trigger: Trigger, shape: tuple[int, int, int], target: int) -> Trigge
             v[:] = trigger.pattern
         fam, params = "perturbation", {"pattern": v}
     return TriggerEstimate(Problem(fam, target, sources), 0.0, 1.0, 0, params, shape)
+
+
+def real_alteration(
+    model, sc: Scenario, target: int, thetas: list | None = None
+) -> tuple[float, float, float]:
+    """How far the attack's own trigger moves f's BN outputs on the test set's source images
+    (the paper's "activation distribution alteration", mean TV over BN channels, then layers),
+    as :func:`~bna_export.layer_divergence.layer_divergence` measures it: (floor, before,
+    after), ``after`` through Θ ``thetas`` ([1, 4, C] per layer: the target's; None: f's)."""
+    est = oracle(sc.trigger, tuple(sc.test.x.shape[1:]), target)
+    own = [la.f_theta()[None].to(model.device) for la in model.layers]
+    floor, before, after = layer_divergence(
+        model,
+        sc.test,
+        [target],
+        {target: list(est.problem.sources)},
+        {target: [est]},
+        own if thetas is None else thetas,
+        (0.0, 1.0),
+    )
+    return float(floor.mean()), float(before.mean()), float(after.mean())
 
 
 def repaired_metrics(model, sc: Scenario, target: int, thetas, routing: Routing) -> dict:

@@ -15,7 +15,10 @@ pair and of any other (the detecting side, any family), ACC before and after, AS
 FPR, the fit's wall time and the 1-minute load average when the row ended; then the means
 (repair metrics over attacked rows). "pooled score true / other": the pooled rule's best score
 (detecting side, any family) of the all-to-one target and of any other target. Each row's JSON
-also keeps every pair's trigger size per family and the pooled sizes, for rescoring offline.
+also keeps every pair's trigger size per family and the pooled sizes, for rescoring offline,
+and (all-to-one rows) the real trigger's alteration of the BN outputs on the test sources, the
+paper's Sec. 5.4 figure: mean TV without a trigger (the floor), through f and through g_t,
+which ``--assemble`` prints as a second table.
 
 Run in parts: ``python benchmarks/panel.py --arch cnn --attacks patch,blend --seeds 0,1 --out
 out/panel`` writes one JSON per row into ``out/panel``; ``python benchmarks/panel.py
@@ -33,7 +36,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from mitigation import TRIGGER_OPTIONS  # the attacks' settings, as in the known-target table
+from mitigation import (  # the attacks' settings, as in the known-target table
+    TRIGGER_OPTIONS,
+    real_alteration,
+)
 
 from bna_export.defend import fit_defence
 from bna_export.detect import large_side_scores
@@ -137,6 +143,15 @@ def run_row(
             key = t in true_targets and not attack.endswith("-a2a")
             pooled[key] = max(pooled[key], score)
     m = Mitigation.from_record(rec)
+    alteration = None
+    if attack != "clean" and not attack.endswith("-a2a"):  # the real trigger's, on t
+        k = m.targets.index(target) if target in m.targets else None
+        own = None if k is None else [th[k : k + 1] for th in m.thetas]
+        alteration = real_alteration(model, sc, target, own)
+        if k is not None and rec.evidence is not None:  # the fit's own, on its estimates
+            ev = rec.evidence
+            row = rec.targets.index(target)
+            alteration = [*alteration, *(float(v[row].mean()) for v in (ev.before, ev.after))]
     pc = predict_mitigated(model, m.targets, m.thetas, sc.test.x, routing=m.routing)
     pt = predict_mitigated(model, m.targets, m.thetas, trig["x"], routing=m.routing)
     after = compute_metrics(
@@ -170,6 +185,10 @@ def run_row(
         "natural": {str(t): a for t, a in rec.detection.natural.items()},
         "natural_dropped": list(rec.detection.natural_dropped),
         "patch_estimates": patch_estimates(out.triggers),
+        # the real trigger's alteration of the BN outputs on the test sources (mean TV):
+        # floor (no trigger), through f, through g_t of the true target (f's when not found);
+        # then, when it was found, the fit's own figure on its estimates: through f, g_t
+        "alteration": alteration,
         "seconds": seconds,
         "load": os.getloadavg()[0],
         **after,
@@ -235,6 +254,26 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def alteration_table(rows: list[dict]) -> str:
+    """The real trigger's alteration of the BN outputs (the paper's Sec. 5.4 figure), for the
+    rows that recorded it (all-to-one rows run since 2026-12-07); empty when none did."""
+    kept = [r for r in rows if r.get("alteration")]
+    if not kept:
+        return ""
+    lines = [
+        "| arch | attack | seed | real trigger: floor | through f | through g_t | estimates: "
+        "through f | through g_t | ASR |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in kept:
+        floor, before, after, *fit = r["alteration"] + [None, None][: 5 - len(r["alteration"])]
+        lines.append(
+            f"| {r['arch']} | {r['attack']} | {r['seed']} | {floor:.3f} | {before:.3f} | "
+            f"{after:.3f} | {_cell(fit[0])} | {_cell(fit[1])} | {_cell(r['asr'])} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="cnn", help="cnn, small-resnet, or both comma-separated")
@@ -254,6 +293,8 @@ def main() -> None:
             for p in sorted(Path(folder).glob("*.json")):
                 rows.setdefault(p.name, json.loads(p.read_text()))
         print(table([rows[name] for name in sorted(rows)]))
+        if extra := alteration_table([rows[name] for name in sorted(rows)]):
+            print(f"\n{extra}")
         return
     torch.set_num_threads(2)
     settings = with_overrides(Settings(), args.overrides)

@@ -27,7 +27,7 @@ from bna_export.lab.scenario import Scenario, build_scenario, digits
 from bna_export.settings import Settings, with_overrides
 
 CASES: dict[str, tuple[str | None, int, int, dict]] = {
-    # name: (attack, target, seed, trigger options)
+    # name: (attack, target, seed, trigger options; latent_weight: the adaptive attack's)
     "patch5-t2": ("patch", 2, 5, {"size": 5}),
     "patch5-t4": ("patch", 4, 10, {"size": 5}),
     "patch5-t6": ("patch", 6, 28, {"size": 5}),
@@ -35,20 +35,27 @@ CASES: dict[str, tuple[str | None, int, int, dict]] = {
     "sig10-t0": ("sig", 0, 7, {"amplitude": 10 / 255}),
     "warp05-t5": ("warp", 5, 8, {"strength": 0.5}),
     "chess4-t9": ("chessboard", 9, 9, {"delta": 4 / 255}),
+    "latent-patch-t3": ("patch", 3, 11, {"latent_weight": 0.1}),
+    "latent-blend-t5": ("blend", 5, 12, {"latent_weight": 0.3}),
     "clean-5": (None, 0, 5, {}),
     "clean-6": (None, 0, 6, {}),
 }
 """The cases: a 5×5 patch (the panel's is 3×3) at three places (seed 5: over the digit's middle,
 rows 10-14, columns 12-16; seed 10: the top-left corner, from (3, 3); seed 28: the bottom-left
 edge, from (22, 1)), a blend at α = 0.1 (0.2), SIG stripes at
-Δ = 10/255 (20/255), a warp at s = 0.5 (1), a chessboard at ±4/255 (±8/255), and two clean
-models of seeds the panel does not train."""
+Δ = 10/255 (20/255), a warp at s = 0.5 (1), a chessboard at ±4/255 (±8/255), the adaptive
+attack (``latent-``: the panel's 3×3 patch and α = 0.2 blend, trained to keep the BN channels'
+distributions on triggered images, ``latent_weight``: :mod:`bna_export.lab.adaptive`, the
+largest of 0.1 and 0.3 at which f's ASR stayed at least 94 % on the panel's seed-0 model,
+``benchmarks/adaptive.py``), and two clean models of seeds the panel does not train."""
 
 
 def case_scenario(name: str, arch: str = "cnn", width: int | None = 16) -> Scenario:
     """The case's poisoned (or clean) classifier (the digits CNN unless ``arch`` names another
     of :func:`~bna_export.lab.architectures.make_classifier`'s, at ``width``) and its data."""
     attack, target, seed, options = CASES[name]
+    options = dict(options)
+    latent_weight = options.pop("latent_weight", 0.0)
     x, y = digits()
     return build_scenario(
         x,
@@ -62,6 +69,7 @@ def case_scenario(name: str, arch: str = "cnn", width: int | None = 16) -> Scena
         trigger_options=options,
         arch=arch,
         width=width,
+        latent_weight=latent_weight,
     )
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..artifact import write_atomic
 from ..data import Dataset
+from .adaptive import train_aligned
 from .architectures import make_classifier
 from .attacks import Trigger, all_to_all, all_to_one, poison, triggered_set
 from .zoo import synthetic_classes, train_classifier
@@ -83,10 +84,13 @@ def build_scenario(
     arch: str = "cnn",
     seed: int = 0,
     trigger_options: dict[str, Any] | None = None,
+    latent_weight: float = 0.0,
     progress: Callable[[int, int], None] | None = None,
 ) -> Scenario:
     """Split, poison (``attack=None``: a clean model), train a classifier of ``arch`` (see
-    :func:`~bna_export.lab.architectures.make_classifier`; ``width`` None: its default); seeded."""
+    :func:`~bna_export.lab.architectures.make_classifier`; ``width`` None: its default); seeded.
+    ``latent_weight`` > 0: the adaptive attack (:func:`~bna_export.lab.adaptive.train_aligned`),
+    its BN channels' distributions on the triggered training sources kept as on the clean."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(y))
     x, y = x[order], y[order]
@@ -106,13 +110,29 @@ def build_scenario(
     def labels(yy: np.ndarray) -> np.ndarray:
         return all_to_one(yy, target) if setting == "a2o" else all_to_all(yy, n_classes)
 
+    clean_sources = train_x[labels(train_y) != train_y]
     if attack is not None:
         train_x, train_y = poison(
             train_x, train_y, trigger, labels(train_y), poison_rate, seed=seed
         )
     torch.manual_seed(seed)
     net = make_classifier(arch, x.shape[1], n_classes, x.shape[2], width)
-    net = train_classifier(net, train_x, train_y, epochs=epochs, seed=seed, progress=progress)
+    info: dict[str, Any] = {"attack": attack, "poison_rate": poison_rate, "seed": seed}
+    if attack is not None and latent_weight > 0:
+        net, history = train_aligned(
+            net,
+            train_x,
+            train_y,
+            clean_sources,
+            trigger.apply(clean_sources),
+            weight=latent_weight,
+            epochs=epochs,
+            seed=seed,
+            progress=progress,
+        )
+        info.update(latent_weight=latent_weight, alignment=history)
+    else:
+        net = train_classifier(net, train_x, train_y, epochs=epochs, seed=seed, progress=progress)
     trig = triggered_set(test.x, test.y, trigger, labels(test.y))
     targets = ([target] if setting == "a2o" else list(range(n_classes))) if attack else []
     return Scenario(
@@ -123,7 +143,7 @@ def build_scenario(
         trigger,
         setting,
         targets,
-        {"attack": attack, "poison_rate": poison_rate, "seed": seed},
+        info,
     )
 
 
