@@ -37,6 +37,7 @@ CASES: dict[str, tuple[str | None, int, int, dict]] = {
     "chess4-t9": ("chessboard", 9, 9, {"delta": 4 / 255}),
     "latent-patch-t3": ("patch", 3, 11, {"latent_weight": 0.1}),
     "latent-blend-t5": ("blend", 5, 12, {"latent_weight": 0.3}),
+    "plain-patch-t3": ("patch", 3, 11, {}),  # latent-patch-t3's model trained without the term
     "clean-5": (None, 0, 5, {}),
     "clean-6": (None, 0, 6, {}),
 }
@@ -47,7 +48,8 @@ edge, from (22, 1)), a blend at α = 0.1 (0.2), SIG stripes at
 attack (``latent-``: the panel's 3×3 patch and α = 0.2 blend, trained to keep the BN channels'
 distributions on triggered images, ``latent_weight``: :mod:`bna_export.lab.adaptive`, the
 largest of 0.1 and 0.3 at which f's ASR stayed at least 94 % on the panel's seed-0 model,
-``benchmarks/adaptive.py``), and two clean models of seeds the panel does not train."""
+``benchmarks/adaptive.py``; ``plain-patch-t3``: the same model trained without it), and two
+clean models of seeds the panel does not train."""
 
 
 def case_scenario(name: str, arch: str = "cnn", width: int | None = 16) -> Scenario:
