@@ -18,9 +18,8 @@ import argparse
 import os
 
 import torch
-from mitigation import TRIGGER_OPTIONS, real_alteration
+from mitigation import known_scenario, real_alteration
 
-from bna_export.lab.scenario import build_scenario, digits
 from bna_export.metrics import compute_metrics
 from bna_export.mitigated import predict_mitigated
 from bna_export.model import adapt_module
@@ -28,18 +27,7 @@ from bna_export.model import adapt_module
 
 def measure(arch: str, attack: str, weight: float, target: int, seed: int) -> dict:
     """One poisoned model at one alignment weight: f's ACC, ASR and the real alteration."""
-    x, y = digits()
-    sc = build_scenario(
-        x,
-        y,
-        attack=attack,
-        target=target,
-        seed=seed,
-        trigger_options=TRIGGER_OPTIONS[attack],
-        arch=arch,
-        width=16 if arch == "cnn" else None,
-        latent_weight=weight,
-    )
+    sc = known_scenario(attack, target, seed, arch, weight)
     model = adapt_module(sc.net, torch.from_numpy(sc.test.x[:2]))
     trig = sc.triggered
     pc = predict_mitigated(model, [], None, sc.test.x)

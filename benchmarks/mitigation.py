@@ -105,11 +105,13 @@ def repaired_metrics(model, sc: Scenario, target: int, thetas, routing: Routing)
     )
 
 
-def evaluate_one(
-    attack: str, target: int, seed: int, settings: Settings, arch: str, use_oracle: bool = False
-) -> dict:
+def known_scenario(
+    attack: str, target: int, seed: int, arch: str, latent_weight: float = 0.0
+) -> Scenario:
+    """The digits model poisoned all-to-one to ``target`` with ``attack`` at this table's
+    strength (``latent_weight``: the adaptive attack's, ``benchmarks/adaptive.py``)."""
     x, y = digits()
-    sc = build_scenario(
+    return build_scenario(
         x,
         y,
         attack=attack,
@@ -118,7 +120,14 @@ def evaluate_one(
         trigger_options=TRIGGER_OPTIONS[attack],
         arch=arch,
         width=16 if arch == "cnn" else None,
+        latent_weight=latent_weight,
     )
+
+
+def evaluate_one(
+    attack: str, target: int, seed: int, settings: Settings, arch: str, use_oracle: bool = False
+) -> dict:
+    sc = known_scenario(attack, target, seed, arch)
     model = adapt_module(sc.net, torch.from_numpy(sc.test.x[:2]))
     base_c = predict_mitigated(model, [], None, sc.test.x)
     base_t = predict_mitigated(model, [], None, sc.triggered["x"])
