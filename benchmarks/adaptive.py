@@ -8,7 +8,7 @@ the real trigger's alteration of f's BN outputs on the test set's source images 
 over channels and layers, :func:`mitigation.real_alteration`) beside the sampling floor.
 No defence is fitted here: ``benchmarks/unseen.py`` runs the chosen weight's rows.
 
-Run: ``python benchmarks/adaptive.py [--arch cnn] [--attacks patch,blend] [--weights 0,1,3]
+Run: ``python benchmarks/adaptive.py [--arch cnn] [--attacks patch,blend] [--weights 0,0.1,0.3,1]
 [--target 7] [--seed 0]``.
 """
 
@@ -42,7 +42,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="cnn", help="cnn or an architecture of the lab")
     ap.add_argument("--attacks", default="patch,blend")
-    ap.add_argument("--weights", default="0,1,3")
+    ap.add_argument("--weights", default="0,0.1,0.3,1")
     ap.add_argument("--target", type=int, default=7)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
