@@ -11,7 +11,8 @@ compactness (:func:`bna_export.families.compactness`, which gates ``fit.patch_wi
 
 Run: ``python benchmarks/fit_variants.py --rows panel:cnn:patch:1,unseen:vgg11-bn:8:patch5-t6
 --variant no-widen=fit.patch_widen=0 [--variant seed1=seed=1 ...]``; a variant's
-``use=patch+blend`` fits Θ on those families' estimates only. A row is
+``use=patch+blend`` fits Θ on those families' estimates only, ``use=own`` on the attack's own
+trigger. A row is
 ``panel:ARCH:ATTACK:SEED[:TARGET]`` (an all-to-one panel row; TARGET another class to fit, e.g.
 a false target) or ``unseen:ARCH:WIDTH:CASE`` (``benchmarks/unseen.py``). ``--only-compact X``
 fits only the rows whose patch estimate's compactness is at least X (the rows that
@@ -80,11 +81,10 @@ def run_row(
     drops = flag_drops(model, sc.defender, [target], [None], base.fit.flag_drop)
     routing = Routing((None,), drops)
     rows = []
-    fits = [(name, *variant(base, sets, ests)) for name, sets in variants.items()]
-    if own and sc.targets:  # Θ fitted on the attack's own trigger, default settings
-        fits.append(
-            ("own trigger", base, [oracle(sc.trigger, tuple(sc.defender.x.shape[1:]), target)])
-        )
+    real = [oracle(sc.trigger, tuple(sc.defender.x.shape[1:]), target)] if sc.targets else []
+    fits = [(name, *variant(base, sets, ests, real)) for name, sets in variants.items()]
+    if own and real:  # Θ fitted on the attack's own trigger, default settings
+        fits.append(("own trigger", base, real))
     for name, s, used in fits:
         t0 = time.perf_counter()
         res = fit_thetas(
@@ -97,11 +97,15 @@ def run_row(
     return rows
 
 
-def variant(base: Settings, sets: list[str], ests: list) -> tuple[Settings, list]:
+def variant(
+    base: Settings, sets: list[str], ests: list, real: list | None = None
+) -> tuple[Settings, list]:
     """A variant's settings and the estimates it fits on (``use=FAMILY+FAMILY`` keeps only
-    those families' estimates; every other item is a ``--set``)."""
+    those families' estimates, ``use=own`` the attack's own trigger, ``real``, instead; every
+    other item is a ``--set``)."""
     use = [s.partition("=")[2].split("+") for s in sets if s.startswith("use=")]
     kept = [e for e in ests if e.family in use[-1]] if use else ests
+    kept = list(real or []) if use and use[-1] == ["own"] else kept
     return with_overrides(base, [s for s in sets if not s.startswith("use=")]), kept
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import panel
 import torch
 
-from bna_export.lab.scenario import Scenario, build_scenario, digits
+from bna_export.lab.scenario import Scenario, build_scenario, coloured_digits, digits
 from bna_export.settings import Settings, with_overrides
 
 CASES: dict[str, tuple[str | None, int, int, dict]] = {
@@ -40,6 +40,14 @@ CASES: dict[str, tuple[str | None, int, int, dict]] = {
     "plain-patch-t3": ("patch", 3, 11, {}),  # latent-patch-t3's model trained without the term
     "clean-5": (None, 0, 5, {}),
     "clean-6": (None, 0, 6, {}),
+    # colour: the digits at 32×32 in random colours (lab.scenario.coloured_digits)
+    "colour-patch-t1": ("patch", 1, 13, {"data": "coloured"}),
+    "colour-blend-t8": ("blend", 8, 14, {"alpha": 0.15, "data": "coloured"}),
+    "colour-sig-t4": ("sig", 4, 15, {"data": "coloured"}),
+    "colour-warp-t6": ("warp", 6, 16, {"strength": 1.0, "data": "coloured"}),
+    "colour-chess-t2": ("chessboard", 2, 17, {"delta": 6 / 255, "data": "coloured"}),
+    "colour-pixel-t5": ("pixel", 5, 18, {"delta": 1.0, "data": "coloured"}),
+    "colour-clean": (None, 0, 19, {"data": "coloured"}),
 }
 """The cases: a 5×5 patch (the panel's is 3×3) at three places (seed 5: over the digit's middle,
 rows 10-14, columns 12-16; seed 10: the top-left corner, from (3, 3); seed 28: the bottom-left
@@ -48,8 +56,11 @@ edge, from (22, 1)), a blend at α = 0.1 (0.2), SIG stripes at
 attack (``latent-``: the panel's 3×3 patch and α = 0.2 blend, trained to keep the BN channels'
 distributions on triggered images, ``latent_weight``: :mod:`bna_export.lab.adaptive`, the
 largest of 0.1 and 0.3 at which f's ASR stayed at least 94 % on the panel's seed-0 model,
-``benchmarks/adaptive.py``; ``plain-patch-t3``: the same model trained without it), and two
-clean models of seeds the panel does not train."""
+``benchmarks/adaptive.py``; ``plain-patch-t3``: the same model trained without it), two
+clean models of seeds the panel does not train, and ``colour-``: colour images (the digits at
+32×32, each painted in a random foreground and background colour, so that colour carries no
+class) with a 3×3 patch of random colours, a blend at α = 0.15, SIG at Δ = 20/255, a warp at
+s = 1, a chessboard at ±6/255, a single pixel at full strength, and a clean model."""
 
 
 def case_scenario(name: str, arch: str = "cnn", width: int | None = 16) -> Scenario:
@@ -58,7 +69,7 @@ def case_scenario(name: str, arch: str = "cnn", width: int | None = 16) -> Scena
     attack, target, seed, options = CASES[name]
     options = dict(options)
     latent_weight = options.pop("latent_weight", 0.0)
-    x, y = digits()
+    x, y = coloured_digits(32) if options.pop("data", "digits") == "coloured" else digits()
     return build_scenario(
         x,
         y,
@@ -81,6 +92,7 @@ def case_row(name: str, settings: Settings, arch: str = "cnn", width: int | None
     attack, target, seed, _ = CASES[name]
     sc = case_scenario(name, arch, width)
     label = arch if arch == "cnn" else f"{arch}-w{width}"
+    label += "-colour" if name.startswith("colour-") else ""
     row = panel.run_row(label, attack or "clean", seed, settings, sc, target)
     return {**row, "attack": name}
 
