@@ -105,7 +105,10 @@ def variant(
     other item is a ``--set``)."""
     use = [s.partition("=")[2].split("+") for s in sets if s.startswith("use=")]
     kept = [e for e in ests if e.family in use[-1]] if use else ests
-    kept = list(real or []) if use and use[-1] == ["own"] else kept
+    if use and use[-1] == ["own"]:
+        if not real:
+            raise SystemExit("use=own needs an attacked row: a clean model has no trigger")
+        kept = list(real)
     return with_overrides(base, [s for s in sets if not s.startswith("use=")]), kept
 
 

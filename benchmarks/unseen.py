@@ -97,7 +97,7 @@ def case_row(name: str, settings: Settings, arch: str = "cnn", width: int | None
     attack, target, seed, _ = CASES[name]
     sc = case_scenario(name, arch, width)
     label = arch if arch == "cnn" else f"{arch}-w{width}"
-    label += "-colour" if name.startswith("colour-") else ""
+    label += "-colour" if CASES[name][3].get("data") == "coloured" else ""
     row = panel.run_row(label, attack or "clean", seed, settings, sc, target)
     return {**row, "attack": name}
 
