@@ -51,6 +51,9 @@ CASES: dict[str, tuple[str | None, int, int, dict]] = {
     # the same two models trained 12 epochs instead of 4
     "colour-pixel-t5-e12": ("pixel", 5, 18, {"delta": 1.0, "data": "coloured", "epochs": 12}),
     "colour-blend-t8-e12": ("blend", 8, 14, {"alpha": 0.15, "data": "coloured", "epochs": 12}),
+    # and the missed patch and the clean model, trained 12 epochs
+    "colour-patch-t1-e12": ("patch", 1, 13, {"data": "coloured", "epochs": 12}),
+    "colour-clean-e12": (None, 0, 19, {"data": "coloured", "epochs": 12}),
 }
 """The cases: a 5×5 patch (the panel's is 3×3) at three places (seed 5: over the digit's middle,
 rows 10-14, columns 12-16; seed 10: the top-left corner, from (3, 3); seed 28: the bottom-left
@@ -64,7 +67,7 @@ clean models of seeds the panel does not train, and ``colour-``: colour images (
 32×32, each painted in a random foreground and background colour, so that colour carries no
 class) with a 3×3 patch of random colours, a blend at α = 0.15, SIG at Δ = 20/255, a warp at
 s = 1, a chessboard at ±6/255, a single pixel at full strength, and a clean model (``-e12``: the
-pixel's and the blend's models trained 12 epochs instead of 4)."""
+pixel's, the blend's, the patch's and the clean model trained 12 epochs instead of 4)."""
 
 
 def case_scenario(name: str, arch: str = "cnn", width: int | None = 16) -> Scenario:
