@@ -78,8 +78,6 @@ def run_row(
     if only_compact is not None and not any(c >= only_compact for c in compact):
         return [{**info, "variant": None}]
     sources = {target: [k for k in range(10) if k != target]}
-    drops = flag_drops(model, sc.defender, [target], [None], base.fit.flag_drop)
-    routing = Routing((None,), drops)
     rows = []
     real = [oracle(sc.trigger, tuple(sc.defender.x.shape[1:]), target)] if sc.targets else []
     fits = [(name, *variant(base, sets, ests, real)) for name, sets in variants.items()]
@@ -92,7 +90,8 @@ def run_row(
             s.histogram, seed=s.seed,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
-        m = repaired_metrics(model, sc, target, res.thetas, routing)
+        drops = flag_drops(model, sc.defender, [target], [None], s.fit.flag_drop)  # its own
+        m = repaired_metrics(model, sc, target, res.thetas, Routing((None,), drops))
         rows.append({**info, "variant": name, **m, "fit_seconds": seconds})
     return rows
 
