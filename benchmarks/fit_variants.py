@@ -78,6 +78,7 @@ def run_row(
     if only_compact is not None and not any(c >= only_compact for c in compact):
         return [{**info, "variant": None}]
     sources = {target: [k for k in range(10) if k != target]}
+    routings: dict[float, Routing] = {}  # per flag drop: the variants that share one share it
     rows = []
     real = [oracle(sc.trigger, tuple(sc.defender.x.shape[1:]), target)] if sc.targets else []
     fits = [(name, *variant(base, sets, ests, real)) for name, sets in variants.items()]
@@ -90,8 +91,11 @@ def run_row(
             s.histogram, seed=s.seed,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
-        drops = flag_drops(model, sc.defender, [target], [None], s.fit.flag_drop)  # its own
-        m = repaired_metrics(model, sc, target, res.thetas, Routing((None,), drops))
+        drop = s.fit.flag_drop
+        if drop not in routings:
+            drops = flag_drops(model, sc.defender, [target], [None], drop)
+            routings[drop] = Routing((None,), drops)
+        m = repaired_metrics(model, sc, target, res.thetas, routings[drop])
         rows.append({**info, "variant": name, **m, "fit_seconds": seconds})
     return rows
 
