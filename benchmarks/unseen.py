@@ -34,6 +34,8 @@ CASES: dict[str, tuple[str | None, int, int, dict]] = {
     "blend10-t3": ("blend", 3, 6, {"alpha": 0.1}),
     "sig10-t0": ("sig", 0, 7, {"amplitude": 10 / 255}),
     "warp05-t5": ("warp", 5, 8, {"strength": 0.5}),
+    "wanet-t5": ("warp", 5, 8, {"strength": 0.5, "cross": 2.0}),  # warp05-t5 in noise mode
+    "wanet-t5-e12": ("warp", 5, 8, {"strength": 0.5, "cross": 2.0, "epochs": 12}),
     "chess4-t9": ("chessboard", 9, 9, {"delta": 4 / 255}),
     "latent-patch-t3": ("patch", 3, 11, {"latent_weight": 0.1}),
     "latent-blend-t5": ("blend", 5, 12, {"latent_weight": 0.3}),
@@ -67,7 +69,10 @@ clean models of seeds the panel does not train, and ``colour-``: colour images (
 32×32, each painted in a random foreground and background colour, so that colour carries no
 class) with a 3×3 patch of random colours, a blend at α = 0.15, SIG at Δ = 20/255, a warp at
 s = 1, a chessboard at ±6/255, a single pixel at full strength, and a clean model (``-e12``: the
-pixel's, the blend's, the patch's and the clean model trained 12 epochs instead of 4)."""
+pixel's, the blend's, the patch's and the clean model trained 12 epochs instead of 4).
+``wanet-``: ``warp05-t5``'s model trained in WaNet's noise mode (cross ratio 2: twice as many
+images as it poisons warped by the trigger plus a random half-pixel offset at every pixel, at
+their own labels; :meth:`~bna_export.lab.attacks.Trigger.cross_copies`), 4 and 12 epochs."""
 
 
 def case_scenario(name: str, arch: str = "cnn", width: int | None = 16) -> Scenario:

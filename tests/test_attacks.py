@@ -48,3 +48,25 @@ def test_label_maps_and_poisoning():
 def test_unknown_trigger():
     with pytest.raises(ValueError):
         Trigger("sticker", (1, 8, 8))
+
+
+def test_warp_noise_mode_adds_jittered_copies_at_their_own_labels(rng):
+    x = rng.random((20, 1, 16, 16)).astype(np.float32)
+    y = np.arange(20) % 4
+    trig = Trigger("warp", (1, 16, 16), seed=3, cross=2.0)
+    xp, yp = poison(x, y, trig, all_to_one(y, 0), rate=0.2, seed=1)
+    n_poisoned = round(0.2 * 15)
+    assert len(xp) == 20 + n_poisoned + 2 * n_poisoned
+    assert (yp[20 : 20 + n_poisoned] == 0).all()
+    crossed = xp[20 + n_poisoned :]
+    # each cross copy is an original image at its own label, warped by more than the trigger
+    matches = [int(np.argmin(np.abs(trig.apply(x) - c).reshape(20, -1).mean(1))) for c in crossed]
+    assert yp[20 + n_poisoned :].tolist() == y[matches].tolist()
+    assert not any(
+        np.allclose(c, trig.apply(x[m : m + 1])[0]) for c, m in zip(crossed, matches, strict=True)
+    )
+    np.testing.assert_array_equal(trig.cross_copies(x[:3], seed=5), trig.cross_copies(x[:3], 5))
+    assert not np.array_equal(trig.cross_copies(x[:3], seed=5), trig.cross_copies(x[:3], 6))
+    assert trig.apply(x).tolist() == Trigger("warp", (1, 16, 16), seed=3).apply(x).tolist()
+    with pytest.raises(ValueError):
+        Trigger("blend", (1, 16, 16)).cross_copies(x)

@@ -34,6 +34,11 @@ class Trigger:
     """warp: WaNet's s (displacement scale)."""
     grid: int = 4
     """warp: WaNet's k (control grid side)."""
+    cross: float = 0.0
+    """warp: WaNet's noise mode (its cross ratio; WaNet: 2): :func:`poison` adds this many
+    times the poisoned count of training images warped by the trigger plus a random offset of
+    up to half a pixel at every pixel, at their own labels, so that only the trigger's own warp
+    fires (0: off, any warp of about its size fires)."""
     amplitude: float = 20.0 / 255.0
     """sig: Δ, the stripes' amplitude, as a share of hi - lo (Barni et al.: 20/255)."""
     frequency: float = 6.0
@@ -87,7 +92,18 @@ class Trigger:
             x = self._warp(x)
         return np.clip(x, self.lo, self.hi).astype(np.float32)
 
-    def _warp(self, x: np.ndarray) -> np.ndarray:
+    def cross_copies(self, x: np.ndarray, seed: int = 0) -> np.ndarray:
+        """WaNet's noise-mode images: x warped by the trigger plus a uniform random offset in
+        [-1/H, 1/H] (grid units, about half a pixel) at every pixel of every image; seeded."""
+        if self.kind != "warp":
+            raise ValueError("cross copies are a warp trigger's (WaNet's noise mode)")
+        n, _, h, w = x.shape
+        gen = torch.Generator().manual_seed(seed)
+        jitter = (torch.rand((n, h, w, 2), generator=gen) * 2 - 1) / h
+        out = self._warp(np.array(x, dtype=np.float32, copy=True), jitter)
+        return np.clip(out, self.lo, self.hi).astype(np.float32)
+
+    def _warp(self, x: np.ndarray, jitter: torch.Tensor | None = None) -> np.ndarray:
         _, _, h, w = x.shape
         noise = torch.from_numpy(self.pattern)
         up = torch.nn.functional.interpolate(
@@ -95,11 +111,11 @@ class Trigger:
         ).permute(0, 2, 3, 1)
         ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
         identity = torch.stack([xs, ys], -1)[None]
-        grid = torch.clamp(identity + self.strength * up / h, -1, 1)
-        xt = torch.from_numpy(x)
-        out = torch.nn.functional.grid_sample(
-            xt, grid.expand(x.shape[0], -1, -1, -1), align_corners=True
-        )
+        grid = (identity + self.strength * up / h).expand(x.shape[0], -1, -1, -1)
+        if jitter is not None:
+            grid = grid + jitter
+        grid = torch.clamp(grid, -1, 1)
+        out = torch.nn.functional.grid_sample(torch.from_numpy(x), grid, align_corners=True)
         return out.numpy()
 
 
@@ -122,12 +138,20 @@ def poison(
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Training set with ``rate`` of the eligible samples (label != attack label) stamped with
-    the trigger and relabelled; the clean originals are kept too."""
+    the trigger and relabelled; the clean originals are kept too. A warp trigger with
+    ``cross`` > 0 also adds its noise-mode copies (:meth:`Trigger.cross_copies`) of that many
+    times as many other samples, at their own labels."""
     rng = np.random.default_rng(seed)
     eligible = np.flatnonzero(attack_labels != y)
     chosen = rng.choice(eligible, size=round(rate * eligible.size), replace=False)
-    xp = trigger.apply(x[chosen])
-    return np.concatenate([x, xp]), np.concatenate([y, attack_labels[chosen]])
+    xs, ys = [x, trigger.apply(x[chosen])], [y, attack_labels[chosen]]
+    if trigger.kind == "warp" and trigger.cross > 0:
+        others = np.setdiff1d(np.arange(len(y)), chosen)
+        n_cross = min(len(others), round(trigger.cross * len(chosen)))
+        crossed = rng.choice(others, size=n_cross, replace=False)
+        xs.append(trigger.cross_copies(x[crossed], seed=seed))
+        ys.append(y[crossed])
+    return np.concatenate(xs), np.concatenate(ys)
 
 
 def triggered_set(
