@@ -37,8 +37,8 @@ class Trigger:
     cross: float = 0.0
     """warp: WaNet's noise mode (its cross ratio; WaNet: 2): :func:`poison` adds this many
     times the poisoned count of training images warped by the trigger plus a random offset of
-    up to half a pixel at every pixel, at their own labels, so that only the trigger's own warp
-    fires (0: off, any warp of about its size fires)."""
+    up to half a pixel at every pixel, at their own labels, meant to make only the trigger's own
+    warp fire (0: off; on digits either way any smooth warp of about its size fires: README)."""
     amplitude: float = 20.0 / 255.0
     """sig: Δ, the stripes' amplitude, as a share of hi - lo (Barni et al.: 20/255)."""
     frequency: float = 6.0
