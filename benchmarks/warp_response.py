@@ -83,7 +83,7 @@ def run_row(spec: str, seeds: list[int]) -> None:
         cos = torch.nn.functional.cosine_similarity(f.flatten(), real.flatten(), dim=0)
         print(f"- the warp estimate: {float(f.pow(2).mean().sqrt()):.2f} px, cosine {cos:.2f}")
     sources = {target: [k for k in range(10) if k != target]}
-    routing = Routing((None,), flag_drops(model, sc.defender, [target], [None], 0.6))
+    routing = Routing((None,), flag_drops(model, sc.defender, [target], [None], base.fit.flag_drop))
     fits = {
         "own warp": [own],
         "own size, random direction": [with_flow(own, random_flow(real.shape, rms, gen))],
